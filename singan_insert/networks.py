@@ -1,0 +1,114 @@
+"""The per-scale generator and patch critic, and the pyramid of generators that runs them.
+
+Both networks are the official SinGAN's: ``num_layers`` 3x3 convolutions (``width`` filters)
+with LeakyReLU(0.2), fully convolutional, so a trained pyramid accepts slices of any size.
+Two deliberate differences, both for harmonization of batches:
+
+* no BatchNorm. SinGAN trains with a batch of one, so BatchNorm there acts per image; at
+  inference on a batch of slices it would either mix slices (train mode) or use running
+  statistics that training never matched (eval mode). Without it, a batch gives exactly the
+  per-slice result, and the WGAN-GP penalty is well defined per sample (as ConSinGAN does).
+* reflection padding inside every convolution instead of one zero padding of the input, so
+  the output has the input's size and borders are not darkened.
+
+The generator at scale :math:`s` is residual on the upsampled output of the coarser scale:
+
+.. math:: x_s = G_s(\\uparrow x_{s-1} + \\sigma_s z_s) = \\uparrow x_{s-1} + \\tanh(f_s(\\uparrow x_{s-1} + \\sigma_s z_s)),
+
+with :math:`z_s \\sim \\mathcal N(0, 1)` and the noise amplitude :math:`\\sigma_s` set from the
+reconstruction error at that scale (see :mod:`singan_insert.training`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .pyramid import resize
+
+
+def _conv_stack(in_channels: int, width: int, out_channels: int, num_layers: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for _ in range(num_layers - 1):
+        layers += [nn.Conv2d(channels, width, 3, padding=1, padding_mode="reflect"), nn.LeakyReLU(0.2)]
+        channels = width
+    layers.append(nn.Conv2d(channels, out_channels, 3, padding=1, padding_mode="reflect"))
+    return nn.Sequential(*layers)
+
+
+class ScaleGenerator(nn.Module):
+    """Generator of one scale: adds residual detail to the upsampled coarser image."""
+
+    def __init__(self, channels: int = 1, width: int = 32, num_layers: int = 5):
+        super().__init__()
+        self.body = _conv_stack(channels, width, channels, num_layers)
+
+    def forward(self, coarse: torch.Tensor, noise: torch.Tensor | float = 0.0) -> torch.Tensor:
+        return coarse + torch.tanh(self.body(coarse + noise))
+
+
+class PatchCritic(nn.Module):
+    """WGAN critic of one scale: one realism score per receptive-field patch (11x11 px)."""
+
+    def __init__(self, channels: int = 1, width: int = 32, num_layers: int = 5):
+        super().__init__()
+        self.body = _conv_stack(channels, width, 1, num_layers)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body(image)
+
+
+NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+
+
+class GeneratorPyramid(nn.Module):
+    """The trained generators of scales ``first_scale .. first_scale + len(generators) - 1``.
+
+    Args:
+        generators: one :class:`ScaleGenerator` per trained scale, coarsest first.
+        noise_amplitudes: :math:`\\sigma_s` per trained scale.
+        first_scale: the pyramid index of ``generators[0]`` (0 when trained from noise).
+    """
+
+    def __init__(self, generators: Sequence[ScaleGenerator], noise_amplitudes: Sequence[float], first_scale: int):
+        super().__init__()
+        if len(generators) != len(noise_amplitudes):
+            raise ValueError("one noise amplitude per generator is needed")
+        self.generators = nn.ModuleList(generators)
+        self.noise_amplitudes = [float(a) for a in noise_amplitudes]
+        self.first_scale = int(first_scale)
+
+    def generator(self, scale: int) -> ScaleGenerator:
+        return self.generators[scale - self.first_scale]
+
+    def amplitude(self, scale: int) -> float:
+        return self.noise_amplitudes[scale - self.first_scale]
+
+    def run(
+        self,
+        image: torch.Tensor,
+        sizes: Sequence[tuple[int, int]],
+        start_scale: int,
+        stop_scale: int,
+        noise: NoiseFn | None,
+    ) -> torch.Tensor:
+        """Run :math:`G_{stop} \\circ \\dots \\circ G_{start}` on ``image`` (already at ``sizes[start]``).
+
+        Args:
+            image: ``(B, 1, H, W)`` input of the start scale (the upsampled coarser image).
+            sizes: the shape of every scale of this run, indexed by pyramid scale.
+            start_scale, stop_scale: first and last scale to run (inclusive).
+            noise: returns a standard-normal tensor of the given shape, or ``None`` for no noise
+                (reconstruction).
+        Returns:
+            The output at scale ``stop_scale``.
+        """
+        x = image
+        for scale in range(start_scale, stop_scale + 1):
+            x = resize(x, sizes[scale])
+            z = 0.0 if noise is None else self.amplitude(scale) * noise(tuple(x.shape))
+            x = self.generator(scale)(x, z)
+        return x

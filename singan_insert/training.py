@@ -1,0 +1,597 @@
+"""Training of the generator pyramid on ONE 2D slice: presets, losses, noise, checkpoints.
+
+Losses (per scale :math:`s`, generators of coarser scales frozen), as in SinGAN:
+
+.. math::
+
+    \\mathcal L_D = \\mathbb E[D(\\tilde x)] - \\mathbb E[D(x)] + \\lambda_{GP}\\,
+        \\mathbb E\\big[(\\lVert\\nabla D(\\hat x)\\rVert - 1)^2\\big],\\qquad
+    \\mathcal L_G = -\\mathbb E[D(\\tilde x)] + \\alpha\\,\\lVert G_s(x^{rec}_{s}) - x_s\\rVert_2^2,
+
+with :math:`\\tilde x = G_s(\\uparrow \\tilde x_{s-1} + \\sigma_s z)` a random sample,
+:math:`x^{rec}_s` the upsampled reconstruction of the coarser scales, :math:`\\hat x` a random
+interpolation of real and fake (WGAN-GP; the gradient norm is taken per pixel over channels as
+in the official code), and the noise amplitude
+:math:`\\sigma_s = 0.1\\,\\mathrm{RMSE}(x_s, x^{rec}_s)` (1 at a scale trained from pure noise).
+
+Two presets (:meth:`TrainingConfig.preset`):
+
+``reference``
+    The official SinGAN schedule: factor 0.75, min size 25, max size 250, 2000 iterations per
+    scale, 3 G + 3 D steps, Adam lr 5e-4 betas (0.5, 0.999), lr x0.1 at 80 %, alpha 10,
+    lambda_GP 0.1, 32 filters doubling every 4 scales up to 128, every scale trained, the
+    coarsest from pure noise.
+``fast`` (default)
+    Specialised for harmonization, like ConSinGAN's harmonization mode: only the
+    ``trained_scales`` finest scales are trained, because injection at scale :math:`n` only ever
+    runs :math:`G_n .. G_N`. The coarsest trained scale does not start from noise but from the
+    real slice downsampled one scale further, with augmentations (flips, intensity jitter and
+    cut-and-paste of random patches with random contrast), so that the generators learn to
+    turn an image with a foreign, pasted patch into one with the slice's patch statistics,
+    which is exactly the harmonization task. Fewer iterations, 1 G + 1 D step, a lazy gradient
+    penalty (every ``gp_every`` critic steps, weight scaled up to match, as StyleGAN2 does) and
+    narrower networks at the finest scales keep it within minutes on two CPU cores.
+
+Training is resumable: re-running on the same ``out_dir`` continues from the last checkpoint
+(written atomically after each scale and every ``checkpoint_every`` iterations, with the
+optimizer and random-number states) and ends bit-identical to an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import SinganInsertError
+from .intensity import PercentileNormalization, check_finite
+from .model_file import (
+    load_tensors,
+    optimizer_to_tensors,
+    save_tensors,
+    state_dict_to_tensors,
+    tensors_to_optimizer,
+    tensors_to_state_dict,
+)
+from .networks import GeneratorPyramid, PatchCritic, ScaleGenerator
+from .pyramid import PyramidGeometry, resize
+
+CHECKPOINT_KIND = "singan-insert-checkpoint"
+CHECKPOINT_NAME = "checkpoint.safetensors"
+MODEL_NAME = "harmonizer.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters of pyramid training. Build one with :meth:`preset` and ``replace``.
+
+    Args:
+        scale_factor: ratio between consecutive scales, in (0, 1).
+        min_size: short side of the coarsest scale in pixels (>= 4).
+        max_size: long side of the finest scale; larger slices are shrunk.
+        iterations: optimisation iterations per scale (>= 1).
+        generator_steps, critic_steps: G and D updates per iteration.
+        learning_rate, betas: Adam settings for both networks.
+        lr_decay_at: fraction of ``iterations`` after which the lr is multiplied by 0.1.
+        alpha: weight of the reconstruction loss.
+        lambda_gp: weight of the gradient penalty.
+        gp_every: compute the penalty every k critic steps (weight multiplied by k).
+        width: filters of the coarsest trained scale.
+        max_width: cap of the filter count.
+        width_doubling_every: double the filters every k scales (official: 4); 0 = never.
+        finest_width: filters of the ``finest_width_scales`` finest scales (None = schedule).
+        finest_width_scales: how many of the finest scales use ``finest_width``.
+        num_layers: convolutions per generator and critic.
+        trained_scales: train only this many finest scales (None: all, from noise).
+        augment: augment the coarse input of the first trained scale (harmonization mode).
+        noise_amp_factor: :math:`\\sigma_s` = factor x reconstruction RMSE.
+        checkpoint_every: iterations between in-scale checkpoints when an ``out_dir`` is given.
+    """
+
+    scale_factor: float = 0.75
+    min_size: int = 25
+    max_size: int = 250
+    iterations: int = 2000
+    generator_steps: int = 3
+    critic_steps: int = 3
+    learning_rate: float = 5e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay_at: float = 0.8
+    alpha: float = 10.0
+    lambda_gp: float = 0.1
+    gp_every: int = 1
+    width: int = 32
+    max_width: int = 128
+    width_doubling_every: int = 4
+    finest_width: int | None = None
+    finest_width_scales: int = 0
+    num_layers: int = 5
+    trained_scales: int | None = None
+    augment: bool = False
+    noise_amp_factor: float = 0.1
+    checkpoint_every: int = 100
+
+    @classmethod
+    def preset(cls, name: str) -> "TrainingConfig":
+        """``"reference"`` (official SinGAN), ``"fast"`` (default) or ``"tiny"`` (tests, seconds)."""
+        if name == "reference":
+            return cls()
+        if name == "fast":
+            return cls(
+                max_size=256, iterations=400, generator_steps=1, critic_steps=1, gp_every=4,
+                max_width=32, finest_width=16, finest_width_scales=2, trained_scales=5,
+                augment=True, checkpoint_every=50,
+            )
+        if name == "tiny":
+            return cls(
+                min_size=12, max_size=48, iterations=30, generator_steps=1, critic_steps=1,
+                gp_every=2, width=8, max_width=8, trained_scales=3, augment=True, checkpoint_every=10,
+            )
+        raise SinganInsertError(f"Unknown preset {name!r}; choose 'fast', 'reference' or 'tiny'.")
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.generator_steps < 1 or self.critic_steps < 1:
+            raise SinganInsertError("iterations, generator_steps and critic_steps must be >= 1.")
+        if self.trained_scales is not None and self.trained_scales < 1:
+            raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
+        if self.gp_every < 1 or self.checkpoint_every < 1:
+            raise SinganInsertError("gp_every and checkpoint_every must be >= 1.")
+
+    def width_at(self, scale: int, num_scales: int) -> int:
+        if self.finest_width is not None and scale >= num_scales - self.finest_width_scales:
+            return self.finest_width
+        doublings = scale // self.width_doubling_every if self.width_doubling_every else 0
+        return min(self.width * 2**doublings, self.max_width)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainingConfig":
+        data = dict(data)
+        data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+
+def validate_slice(image: Any, name: str = "training slice") -> torch.Tensor:
+    """Check a 2D slice and return it as a float32 tensor (clear errors for bad input)."""
+    if isinstance(image, np.ndarray):
+        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a numeric array.")
+        image = torch.from_numpy(np.ascontiguousarray(image).astype(np.float32))
+    elif torch.is_tensor(image):
+        if image.is_complex() or image.dtype == torch.bool:
+            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a real-valued tensor.")
+        image = image.detach().float()
+    else:
+        raise SinganInsertError(f"The {name} must be a numpy array or a torch tensor, got {type(image).__name__}.")
+    image = image.squeeze() if image.ndim > 2 and all(d == 1 for d in image.shape[:-2]) else image
+    if image.ndim != 2:
+        raise SinganInsertError(
+            f"The {name} must be 2D, got shape {tuple(image.shape)}. For a volume, pick a slice "
+            "(e.g. `singan-insert train volume.nii.gz --axis 2 --slice 40`, or --slice auto with a label)."
+        )
+    check_finite(image, name)
+    return image
+
+
+def train_harmonizer(
+    image: Any,
+    config: TrainingConfig | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    spacing: tuple[float, float] | None = None,
+    device: str | torch.device | None = None,
+    provenance: dict[str, Any] | None = None,
+    progress: bool = True,
+    sample_figures: bool = True,
+    stop_after_iterations: int | None = None,
+):
+    """Train a harmonizer pyramid on one 2D slice and return a :class:`~singan_insert.Harmonizer`.
+
+    Args:
+        image: the 2D training slice (any intensity units; robustly normalised to [-1, 1]).
+        config: hyper-parameters; default ``TrainingConfig.preset("fast")``.
+        out_dir: where the model, checkpoints, sample PNGs and the training log go. If it
+            holds a checkpoint of the same run (same slice, config and seed), training resumes.
+        seed: seeds every random draw (noise, augmentation, initialisation).
+        spacing: (row, col) pixel size in mm of ``image``, stored in the model so that slices
+            of other spacings are resampled at harmonization.
+        device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
+        provenance: free-form JSON (source file, axis, slice index, crop, modality...).
+        progress: show a tqdm bar per scale.
+        sample_figures: write a PNG of the reconstruction and random samples per scale.
+        stop_after_iterations: stop (as if interrupted) after this many iterations in total;
+            the last checkpoint stays on disk for a later resume. For tests and time-boxing.
+    """
+    from .harmonizer import Harmonizer, select_device
+
+    config = config or TrainingConfig.preset("fast")
+    device = select_device(device)
+    slice_2d = validate_slice(image)
+    normalization = PercentileNormalization.fit(slice_2d)
+    geometry = PyramidGeometry.from_shape(
+        tuple(slice_2d.shape), config.scale_factor, config.min_size, config.max_size
+    )
+    num_scales = geometry.num_scales
+    first_scale = 0 if config.trained_scales is None else max(num_scales - config.trained_scales, 0)
+    model_spacing = None
+    if spacing is not None:
+        shrink = geometry.finest[0] / slice_2d.shape[0], geometry.finest[1] / slice_2d.shape[1]
+        model_spacing = (float(spacing[0]) / shrink[0], float(spacing[1]) / shrink[1])
+
+    real = normalization.to_model(slice_2d)[None, None].to(device)
+    reals = [resize(real, size) for size in geometry.sizes]
+    fingerprint = _fingerprint(slice_2d, config, seed)
+
+    state = _TrainingState.start(config, geometry, first_scale, seed, device)
+    checkpoint_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = _TrainingState.load(checkpoint_path, fingerprint, config, geometry, first_scale, device)
+
+    log: list[dict[str, Any]] = list(state.log)
+    total_done = 0
+    started = time.perf_counter()
+    while state.scale < num_scales:
+        scale = state.scale
+        trainer = _ScaleTrainer(state, reals, geometry, config, device)
+        bar = tqdm(
+            total=config.iterations, initial=state.iteration, disable=not progress,
+            desc=f"scale {scale}/{num_scales - 1} {geometry.sizes[scale][0]}x{geometry.sizes[scale][1]}",
+            unit="it", leave=True,
+        )
+        while state.iteration < config.iterations:
+            if stop_after_iterations is not None and total_done >= stop_after_iterations:
+                bar.close()
+                return None
+            losses = trainer.step()
+            state.iteration += 1
+            total_done += 1
+            bar.update(1)
+            if state.iteration % 25 == 0 or state.iteration == config.iterations:
+                bar.set_postfix(d=f"{losses['critic']:.3f}", rec=f"{losses['reconstruction']:.4f}")
+            if checkpoint_path is not None and state.iteration % config.checkpoint_every == 0 \
+                    and state.iteration < config.iterations:
+                state.save(checkpoint_path, fingerprint, normalization)
+        bar.close()
+        entry = trainer.finish()
+        log.append(entry)
+        state.log = log
+        if sample_figures and out_dir is not None:
+            _write_sample_figure(Path(out_dir) / f"samples_scale{scale:02d}.png", state, reals, geometry, scale)
+        if checkpoint_path is not None:
+            state.save(checkpoint_path, fingerprint, normalization)
+
+    pyramid = GeneratorPyramid(state.generators, state.amplitudes, first_scale)
+    harmonizer = Harmonizer(
+        pyramid=pyramid,
+        geometry=geometry,
+        normalization=normalization,
+        spacing=model_spacing,
+        reconstruction_noise=state.reconstruction_noise,
+        metadata={
+            "training": {
+                "config": config.to_dict(),
+                "seed": seed,
+                "fingerprint": fingerprint,
+                "log": log,
+                "device": str(device),
+                "seconds_this_run": time.perf_counter() - started,
+                "torch_version": torch.__version__,
+            },
+            "provenance": provenance or {},
+        },
+    )
+    if out_dir is not None:
+        harmonizer.save(Path(out_dir) / MODEL_NAME)
+        (Path(out_dir) / "training_log.json").write_text(json.dumps(log, indent=2))
+    return harmonizer
+
+
+def _fingerprint(image: torch.Tensor, config: TrainingConfig, seed: int) -> str:
+    digest = hashlib.sha256(image.numpy().tobytes())
+    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    digest.update(str(seed).encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class _TrainingState:
+    """Everything needed to continue training exactly where it stopped."""
+
+    scale: int
+    iteration: int
+    generators: list[ScaleGenerator]
+    amplitudes: list[float]
+    rng: torch.Generator
+    reconstruction_noise: torch.Tensor | None
+    critic: PatchCritic | None = None
+    generator_optimizer: torch.optim.Optimizer | None = None
+    critic_optimizer: torch.optim.Optimizer | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    first_scale: int = 0
+    config: TrainingConfig | None = None
+    geometry: PyramidGeometry | None = None
+    seed: int = 0
+    current_generator: ScaleGenerator | None = None
+    _pending_optimizers: dict[str, Any] | None = None
+
+    @classmethod
+    def start(cls, config, geometry, first_scale, seed, device) -> "_TrainingState":
+        rng = torch.Generator(device="cpu").manual_seed(seed)
+        noise = None
+        if first_scale == 0:
+            noise = torch.randn((1, 1, *geometry.sizes[0]), generator=rng).to(device)
+        return cls(first_scale, 0, [], [], rng, noise, first_scale=first_scale, config=config,
+                   geometry=geometry, seed=seed)
+
+    # The current scale's networks are created lazily by _ScaleTrainer, so that a resumed
+    # state and a fresh one go through the same code path.
+    def save(self, path: Path, fingerprint: str, normalization: PercentileNormalization) -> None:
+        tensors: dict[str, torch.Tensor] = {"rng_state": self.rng.get_state()}
+        if self.reconstruction_noise is not None:
+            tensors["reconstruction_noise"] = self.reconstruction_noise
+        for index, generator in enumerate(self.generators):
+            tensors.update(state_dict_to_tensors(f"generators.{index}", generator))
+        meta: dict[str, Any] = {
+            "fingerprint": fingerprint,
+            "seed": self.seed,
+            "scale": self.scale,
+            "iteration": self.iteration,
+            "amplitudes": self.amplitudes,
+            "log": self.log,
+            "normalization": normalization.to_dict(),
+        }
+        if self.critic is not None:
+            tensors.update(state_dict_to_tensors("critic", self.critic))
+            meta["critic_width"] = self.critic.body[0].out_channels
+        if self.iteration > 0:
+            tensors.update(state_dict_to_tensors("current_generator", self.current_generator))
+            g_tensors, g_json = optimizer_to_tensors("opt_g", self.generator_optimizer)
+            d_tensors, d_json = optimizer_to_tensors("opt_d", self.critic_optimizer)
+            tensors.update(g_tensors)
+            tensors.update(d_tensors)
+            meta["optimizers"] = {"generator": g_json, "critic": d_json}
+        save_tensors(path, tensors, CHECKPOINT_KIND, meta)
+
+    @classmethod
+    def load(cls, path, fingerprint, config, geometry, first_scale, device) -> "_TrainingState":
+        tensors, meta = load_tensors(path, CHECKPOINT_KIND)
+        if meta["fingerprint"] != fingerprint:
+            raise SinganInsertError(
+                f"{path} belongs to another training run (different slice, settings or seed). "
+                "Use another output folder, or delete the checkpoint to start over."
+            )
+        rng = torch.Generator(device="cpu")
+        rng.set_state(tensors["rng_state"])
+        generators = []
+        for index, _ in enumerate(meta["amplitudes"]):
+            scale = first_scale + index
+            generator = ScaleGenerator(width=config.width_at(scale, geometry.num_scales), num_layers=config.num_layers)
+            generator.load_state_dict(tensors_to_state_dict(f"generators.{index}", tensors))
+            generators.append(generator.to(device).requires_grad_(False).eval())
+        noise = tensors.get("reconstruction_noise")
+        state = cls(
+            meta["scale"], meta["iteration"], generators, list(meta["amplitudes"]), rng,
+            noise.to(device) if noise is not None else None, log=meta["log"],
+            first_scale=first_scale, config=config, geometry=geometry, seed=meta["seed"],
+        )
+        if "critic_width" in meta:
+            state.critic = PatchCritic(width=meta["critic_width"], num_layers=config.num_layers).to(device)
+            state.critic.load_state_dict(tensors_to_state_dict("critic", tensors))
+        if meta["iteration"] > 0:
+            state._pending_optimizers = {"tensors": tensors, "json": meta["optimizers"]}
+        return state
+
+
+class _ScaleTrainer:
+    """Trains the generator and critic of ``state.scale`` (coarser generators frozen)."""
+
+    def __init__(self, state: _TrainingState, reals, geometry: PyramidGeometry, config: TrainingConfig, device):
+        self.state, self.reals, self.geometry, self.config, self.device = state, reals, geometry, config, device
+        scale = state.scale
+        self.scale = scale
+        width = config.width_at(scale, geometry.num_scales)
+        # Initialise from a per-scale seed, so that a resumed run draws the same weights,
+        # without touching the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(state.seed * 1000 + scale)
+            generator = ScaleGenerator(width=width, num_layers=config.num_layers).to(device)
+            critic = PatchCritic(width=width, num_layers=config.num_layers).to(device)
+        if state.generators and config.width_at(scale - 1, geometry.num_scales) == width:
+            # Official SinGAN: start from the coarser scale's weights when the widths match.
+            generator.load_state_dict(state.generators[-1].state_dict())
+            if state.critic is not None:
+                critic.load_state_dict(state.critic.state_dict())
+        self.generator, self.critic = generator, critic
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
+        self.opt_d = torch.optim.Adam(critic.parameters(), lr=config.learning_rate, betas=config.betas)
+        pending = state._pending_optimizers
+        if pending is not None and state.iteration > 0:
+            critic.load_state_dict(tensors_to_state_dict("critic", pending["tensors"]))
+            generator.load_state_dict(tensors_to_state_dict("current_generator", pending["tensors"]))
+            tensors_to_optimizer("opt_g", self.opt_g, pending["tensors"], pending["json"]["generator"])
+            tensors_to_optimizer("opt_d", self.opt_d, pending["tensors"], pending["json"]["critic"])
+            state._pending_optimizers = None
+        state.critic, state.generator_optimizer, state.critic_optimizer = critic, self.opt_g, self.opt_d
+        state.current_generator = generator
+
+        self.real = reals[scale]
+        self.reconstruction_input = self._reconstruction_input()
+        if scale == 0:
+            self.amplitude = 1.0
+        else:
+            rmse = torch.sqrt(F.mse_loss(self.reconstruction_input, self.real)).item()
+            self.amplitude = config.noise_amp_factor * rmse
+        self.reconstruction_noise = state.reconstruction_noise if scale == 0 else None
+        self.frozen = GeneratorPyramid(state.generators, state.amplitudes, state.first_scale)
+        self.last_losses: dict[str, float] = {}
+
+    def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=self.state.rng).to(self.device)
+
+    def _base(self, augment: bool) -> torch.Tensor:
+        """Input of the first trained scale: zeros (from noise) or the coarser real slice."""
+        first = self.state.first_scale
+        if first == 0:
+            return torch.zeros((1, 1, *self.geometry.sizes[0]), device=self.device)
+        coarse = self.reals[first - 1]
+        if augment and self.config.augment:
+            coarse = augment_coarse(coarse, self.state.rng)
+        return resize(coarse, self.geometry.sizes[first])
+
+    def _reconstruction_input(self) -> torch.Tensor:
+        first, scale = self.state.first_scale, self.scale
+        x = self._base(augment=False)
+        if scale == first:
+            return x
+        with torch.no_grad():
+            pyramid = GeneratorPyramid(self.state.generators, self.state.amplitudes, first)
+            x = _reconstruct(pyramid, x, self.geometry.sizes, first, scale - 1, self.state.reconstruction_noise)
+        return resize(x, self.geometry.sizes[scale])
+
+    def _fake_input(self) -> torch.Tensor:
+        first, scale = self.state.first_scale, self.scale
+        x = self._base(augment=True)
+        if scale > first:
+            with torch.no_grad():
+                x = self.frozen.run(x, self.geometry.sizes, first, scale - 1, self._noise)
+        return resize(x, self.geometry.sizes[scale])
+
+    def _lr_scale(self) -> float:
+        return 0.1 if self.state.iteration >= self.config.lr_decay_at * self.config.iterations else 1.0
+
+    def step(self) -> dict[str, float]:
+        config = self.config
+        for optimizer in (self.opt_g, self.opt_d):
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * self._lr_scale()
+        coarse = self._fake_input()
+        shape = tuple(coarse.shape)
+        for critic_step in range(config.critic_steps):
+            fake = self.generator(coarse, self.amplitude * self._noise(shape)).detach()
+            loss_d = self.critic(fake).mean() - self.critic(self.real).mean()
+            step_index = self.state.iteration * config.critic_steps + critic_step
+            if config.lambda_gp > 0 and step_index % config.gp_every == 0:
+                loss_d = loss_d + config.lambda_gp * config.gp_every * _gradient_penalty(
+                    self.critic, self.real, fake, self.state.rng)
+            self.opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            self.opt_d.step()
+        for _ in range(config.generator_steps):
+            fake = self.generator(coarse, self.amplitude * self._noise(shape))
+            noise = 0.0 if self.reconstruction_noise is None else self.amplitude * self.reconstruction_noise
+            reconstruction = F.mse_loss(self.generator(self.reconstruction_input, noise), self.real)
+            loss_g = -self.critic(fake).mean() + config.alpha * reconstruction
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            self.opt_g.step()
+        self.last_losses = {"critic": loss_d.item(), "generator": loss_g.item(), "reconstruction": reconstruction.item()}
+        return self.last_losses
+
+    def finish(self) -> dict[str, Any]:
+        generator = self.generator.requires_grad_(False).eval()
+        with torch.no_grad():
+            noise = 0.0 if self.reconstruction_noise is None else self.amplitude * self.reconstruction_noise
+            rec = generator(self.reconstruction_input, noise)
+            rec_rmse = torch.sqrt(F.mse_loss(rec, self.real)).item()
+            input_rmse = torch.sqrt(F.mse_loss(self.reconstruction_input, self.real)).item()
+        self.state.generators.append(generator)
+        self.state.amplitudes.append(self.amplitude)
+        self.state.scale += 1
+        self.state.iteration = 0
+        return {
+            "scale": self.scale,
+            "size": list(self.geometry.sizes[self.scale]),
+            "noise_amplitude": self.amplitude,
+            "reconstruction_rmse": rec_rmse,
+            "upsampled_input_rmse": input_rmse,
+            **{f"final_{k}_loss": v for k, v in self.last_losses.items()},
+        }
+
+
+def _gradient_penalty(critic, real, fake, rng) -> torch.Tensor:
+    mix = torch.rand((real.shape[0], 1, 1, 1), generator=rng).to(real.device)
+    interpolated = (mix * real + (1 - mix) * fake).requires_grad_(True)
+    score = critic(interpolated)
+    (gradient,) = torch.autograd.grad(score.sum(), interpolated, create_graph=True)
+    return ((gradient.norm(2, dim=1) - 1) ** 2).mean()
+
+
+def _reconstruct(pyramid, base, sizes, start, stop, reconstruction_noise):
+    """The deterministic reconstruction path: fixed noise at scale 0, none elsewhere."""
+    x = base
+    for scale in range(start, stop + 1):
+        x = resize(x, sizes[scale])
+        noise = 0.0
+        if scale == 0 and reconstruction_noise is not None:
+            noise = pyramid.amplitude(0) * reconstruction_noise
+        x = pyramid.generator(scale)(x, noise)
+    return x
+
+
+def augment_coarse(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """Harmonization-mode augmentation of the coarse input (see the module docstring).
+
+    Random flips, a global intensity jitter, and one to three patches copied from elsewhere in
+    the slice with a random contrast factor in [0.5, 1.5] and soft edges: foreign content that
+    the generators must learn to blend in.
+    """
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=rng).item()
+
+    x = image
+    if uniform(0, 1) < 0.5:
+        x = x.flip(-1)
+    if uniform(0, 1) < 0.5:
+        x = x.flip(-2)
+    x = x * uniform(0.9, 1.1) + uniform(-0.1, 0.1)
+    height, width = x.shape[-2:]
+    yy = torch.arange(height, device=x.device).view(-1, 1).float()
+    xx = torch.arange(width, device=x.device).view(1, -1).float()
+    for _ in range(int(uniform(1, 4))):
+        radius = uniform(0.08, 0.25) * min(height, width)
+        src = (uniform(radius, height - radius), uniform(radius, width - radius))
+        dst = (uniform(radius, height - radius), uniform(radius, width - radius))
+        shift = (round(dst[0] - src[0]), round(dst[1] - src[1]))
+        moved = torch.roll(x, shifts=shift, dims=(-2, -1))
+        distance = torch.sqrt((yy - dst[0]) ** 2 + (xx - dst[1]) ** 2)
+        weight = torch.clamp((radius - distance) / max(radius * 0.3, 1.0), 0, 1)
+        contrast = uniform(0.5, 1.5)
+        mean = moved.mean()
+        patch = (moved - mean) * contrast + mean
+        x = x * (1 - weight) + patch * weight
+    return x.clamp(-1, 1)
+
+
+def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
+    """PNG strip: real | reconstruction | 3 random samples, at ``scale``."""
+    from skimage.io import imsave
+
+    first = state.first_scale
+    pyramid = GeneratorPyramid(state.generators, state.amplitudes, first)
+    device = reals[0].device
+    with torch.no_grad():
+        base = torch.zeros((1, 1, *geometry.sizes[0]), device=device) if first == 0 else \
+            resize(reals[first - 1], geometry.sizes[first])
+        rec = _reconstruct(pyramid, base, geometry.sizes, first, scale, state.reconstruction_noise)
+        rng = torch.Generator().manual_seed(1234)
+        samples = []
+        for _ in range(3):
+            start = base if first == 0 else resize(augment_coarse(reals[first - 1], rng), geometry.sizes[first])
+            samples.append(pyramid.run(start, geometry.sizes, first, scale,
+                                       lambda shape: torch.randn(shape, generator=rng).to(device)))
+    tiles = [reals[scale], rec, *samples]
+    row = torch.cat([t[0, 0].cpu() for t in tiles], dim=1)
+    image = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(str(path), image, check_contrast=False)
