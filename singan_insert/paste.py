@@ -63,9 +63,9 @@ LocationUnits = Literal["voxel", "mm"]
 DEFAULT_MAX_ANISOTROPY = 8.0
 
 #: Number of evenly spaced quantiles kept of a whole image (see :func:`intensity_quantiles`).
-NUM_QUANTILES = 2049
+NUM_QUANTILES = 8193
 #: At most this many voxels (a regular stride through the volume) are used for the quantiles.
-MAX_QUANTILE_SAMPLES = 2**21
+MAX_QUANTILE_SAMPLES = 2**18
 
 _AFFINE_MAX_CONDITION = 1e8
 
@@ -619,9 +619,15 @@ def paste_tumor(
         raise _outside_error(lows, highs, target_shape)
     start = inside_low
     offset = linear @ start + target_to_source[:3, 3]
-    image = ndimage.affine_transform(
-        source.image, linear, offset, output_shape=mask.shape, order=1, mode="nearest",
-    ).astype(np.float32)
+    shift = np.round(offset)
+    if np.allclose(linear, np.eye(3), atol=1e-9) and np.allclose(offset, shift, atol=1e-6):
+        # Same grid up to a whole-voxel shift (e.g. a tumor re-inserted in place): copy the
+        # voxels exactly instead of interpolating them (interpolation would add ~1e-7 noise).
+        image = _shifted_copy(source.image, shift.astype(int), mask.shape)
+    else:
+        image = ndimage.affine_transform(
+            source.image, linear, offset, output_shape=mask.shape, order=1, mode="nearest",
+        ).astype(np.float32)
     return PastedTumor(
         image=image,
         mask=mask,
@@ -641,6 +647,12 @@ def _outside_error(low, high, target_shape, partly: bool = False) -> SinganInser
         f"(shape {tuple(target_shape)}). Choose a location inside the volume, check the units "
         "('voxel' vs 'mm') and the affines" + (", or pass clip_to_fov=True." if partly else ".")
     )
+
+
+def _shifted_copy(image: np.ndarray, start: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """``image[start : start + shape]`` with out-of-range indices clamped (like mode='nearest')."""
+    indices = [np.clip(np.arange(s, s + n), 0, dim - 1) for s, n, dim in zip(start, shape, image.shape)]
+    return np.ascontiguousarray(image[np.ix_(*indices)], dtype=np.float32)
 
 
 def _mask_bounds(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,286 @@
+"""TorchIO transforms (singan_insert.transforms): TorchIO 1.x conventions end to end."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+from scipy import ndimage
+from torchio.transforms.transform import Transform
+from torchio.utils import get_subclasses
+
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer import Harmonizer
+from singan_insert.paste import SourceTumor
+from singan_insert.transforms import RandomTumorInsertion, TumorInsertion, load_harmonizer
+
+SHAPE = (48, 48, 16)
+SPACING = (0.5, 0.5, 1.5)
+AFFINE = np.diag([*SPACING, 1.0])
+TUMOR = ((24, 24, 8), (7, 5, 3))
+
+
+def ellipsoid(shape, center, radii):
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, center, radii)) <= 1
+
+
+def synthetic_volume(seed, tumor=None):
+    rng = np.random.default_rng(seed)
+    image = 100 + ndimage.gaussian_filter(rng.normal(size=SHAPE), (2, 2, 0.7)) * 60
+    label = np.zeros(SHAPE, np.uint8)
+    if tumor is not None:
+        mask = ellipsoid(SHAPE, *tumor)
+        image = np.where(mask, 55 + 10 * rng.normal(size=SHAPE), image)
+        label[mask] = 1
+    return image.astype(np.float32), label
+
+
+def target_subject(seed=2, **extra) -> tio.Subject:
+    image, _ = synthetic_volume(seed)
+    return tio.Subject(image=tio.ScalarImage(tensor=image[None], affine=AFFINE), **extra)
+
+
+@pytest.fixture(scope="module")
+def source_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sources")
+    image, label = synthetic_volume(1, tumor=TUMOR)
+    nib.save(nib.Nifti1Image(image, AFFINE), folder / "src_ceT1.nii.gz")
+    nib.save(nib.Nifti1Image(label, AFFINE), folder / "src_Label.nii.gz")
+    return str(folder / "src_ceT1.nii.gz"), str(folder / "src_Label.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return str(tiny_model_dir / "harmonizer.safetensors")
+
+
+def same(a: tio.Subject, b: tio.Subject) -> bool:
+    return all(torch.equal(a[k].data, b[k].data) for k in a.get_images_dict(intensity_only=False))
+
+
+# ---------------------------------------------------------------- deterministic twin & history
+def test_tumor_insertion_adds_label_records_history_and_replays(model, source_files):
+    subject = target_subject()
+    transform = TumorInsertion(model, source_files, (22, 25, 8), contrast=0.8, seed=5)
+    out = transform(subject)
+    assert "label" not in subject and subject.applied_transforms == []  # copy=True
+    assert isinstance(out["label"], tio.LabelMap)
+    assert out["label"].data.sum() == ellipsoid(SHAPE, *TUMOR).sum()
+    assert not torch.equal(out["image"].data, subject["image"].data)
+    assert [t.name for t in out.history] == ["TumorInsertion"]
+    replayed = out.get_composed_history()(subject)
+    assert same(out, replayed)
+
+
+def test_random_insertion_reproduces_with_manual_seed_and_replays_bit_for_bit(model, source_files):
+    subject = target_subject()
+    transform = RandomTumorInsertion(model, [source_files], start_scale=(-3, -1), contrast=(0.5, 1.5))
+    torch.manual_seed(42)
+    first = transform(subject)
+    torch.manual_seed(42)
+    second = transform(subject)
+    assert same(first, second)
+    torch.manual_seed(43)
+    third = transform(subject)
+    assert not torch.equal(first["image"].data, third["image"].data)
+    (twin,) = first.history
+    assert isinstance(twin, TumorInsertion) and -3 <= twin.start_scale <= -1
+    assert 0.5 <= twin.contrast <= 1.5
+    assert same(first, first.get_composed_history()(subject))
+
+
+def test_args_names_are_attributes_and_init_arguments(model, source_files):
+    transform = TumorInsertion(model, source_files, (22, 25, 8))
+    rebuilt = TumorInsertion(**transform._get_reproducing_arguments())
+    assert rebuilt._get_named_arguments() == transform._get_named_arguments()
+
+
+def test_class_names_do_not_collide_with_torchio():
+    names = [cls.__name__ for cls in get_subclasses(Transform)]
+    assert names.count("TumorInsertion") == 1 and names.count("RandomTumorInsertion") == 1
+
+
+# ---------------------------------------------------------------- probability and label key
+def test_label_key_is_present_when_p_skips(model, source_files):
+    subject = target_subject()
+    for transform in (RandomTumorInsertion(model, [source_files], p=0),
+                      TumorInsertion(model, source_files, (22, 25, 8), p=0)):
+        out = transform(subject)
+        assert out["label"].data.dtype == torch.uint8 and out["label"].data.sum() == 0
+        assert torch.equal(out["image"].data, subject["image"].data)
+        assert out.history[-1].source is None  # the skip is recorded...
+        assert same(out, out.get_composed_history()(subject))  # ...and replays
+
+
+def test_inserted_and_skipped_samples_collate_together(model, source_files):
+    subjects = [target_subject(seed) for seed in (2, 3)]
+    inserted = TumorInsertion(model, source_files, (22, 25, 8))(subjects[0])
+    skipped = TumorInsertion(model, source_files, (22, 25, 8), p=0)(subjects[1])
+    batch = tio.SubjectsLoader([inserted, skipped], batch_size=2).collate_fn([inserted, skipped])
+    assert batch["label"][tio.DATA].shape == (2, 1, *SHAPE)
+
+
+# ---------------------------------------------------------------- sources and placement
+def test_bank_of_subjects_is_stored_compactly(model):
+    image, label = synthetic_volume(1, tumor=TUMOR)
+    bank_subject = tio.Subject(t1=tio.ScalarImage(tensor=image[None], affine=AFFINE),
+                               label=tio.LabelMap(tensor=label[None], affine=AFFINE))
+    transform = RandomTumorInsertion(model, [bank_subject], degrees=0, scales=0, flip_axes=())
+    assert isinstance(transform.sources[0], SourceTumor)
+    assert len(pickle.dumps(transform)) < 150_000
+    out = transform(target_subject())
+    assert out["label"].data.sum() == label.sum()
+
+
+def test_same_subject_source_in_place_like_gba(model):
+    """The subject's own tumor, re-inserted where it is with a contrast factor."""
+    image, label = synthetic_volume(5, tumor=TUMOR)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image[None], affine=AFFINE),
+                          label=tio.LabelMap(tensor=label[None], affine=AFFINE))
+    means = {}
+    for contrast in (0.5, 1.5):
+        transform = RandomTumorInsertion(model, "image", placement_key="label", placement_values=(1,),
+                                         placement_mode="centroid", contrast=contrast, degrees=0,
+                                         scales=0, flip_axes=(), start_scale=-1)
+        out = transform(subject)
+        assert torch.equal(out["label"].data, subject["label"].data)  # exactly in place
+        means[contrast] = out["image"].data[label[None] > 0].mean()
+        assert same(out, out.get_composed_history()(subject))
+    assert means[0.5] < means[1.5]
+
+
+def test_placement_from_a_label_region_and_a_probability_map(model, source_files):
+    region = np.zeros(SHAPE, np.uint8)
+    region[18:30, 18:30, 6:10] = 4
+    region[0:4, 0:4, 0:4] = 7  # a region the tumor cannot fit in
+    probability = np.zeros(SHAPE, np.float32)
+    probability[26, 20, 8] = 1.0
+    subject = target_subject(brain=tio.LabelMap(tensor=region[None], affine=AFFINE),
+                             prior=tio.ScalarImage(tensor=probability[None], affine=AFFINE))
+    common = dict(degrees=0, scales=0, flip_axes=(), include=["image"])
+    out = RandomTumorInsertion(model, [source_files], placement_key="brain", placement_values=(4,),
+                               **common)(subject)
+    assert region[tuple(np.array(out.history[-1].location, int))] == 4
+    out = RandomTumorInsertion(model, [source_files], placement_key="prior", **common)(subject)
+    assert out.history[-1].location == (26.0, 20.0, 8.0)
+    centroid = np.argwhere(out["label"].data[0].numpy()).mean(axis=0)
+    assert np.allclose(centroid, (26, 20, 8), atol=0.5)
+    with pytest.raises(SinganInsertError, match="Could not place"):
+        RandomTumorInsertion(model, [source_files], placement_key="brain", placement_values=(7,),
+                             max_attempts=3, **common)(subject)
+    with pytest.raises(SinganInsertError, match="empty"):
+        RandomTumorInsertion(model, [source_files], placement_key="brain", placement_values=(9,),
+                             **common)(subject)
+
+
+# ---------------------------------------------------------------- TorchIO machinery
+def test_works_inside_compose_and_oneof(model, source_files):
+    insertion = RandomTumorInsertion(model, [source_files], degrees=0, scales=0)
+    pipeline = tio.Compose([tio.RandomFlip(axes=(0,)), tio.OneOf([insertion, insertion]),
+                            tio.RescaleIntensity((0, 1))])
+    out = pipeline(target_subject())
+    assert [t.name for t in out.history] == ["Flip", "TumorInsertion", "RescaleIntensity"]
+    assert out["label"].data.sum() > 0
+    assert same(out, out.get_composed_history()(target_subject()))
+
+
+def test_not_invertible_and_compose_inverse_warns(model, source_files):
+    out = tio.Compose([TumorInsertion(model, source_files, (22, 25, 8))])(target_subject())
+    assert not out.history[0].is_invertible()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inverse = out.get_inverse_transform()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "Skipping TumorInsertion as it is not invertible" in messages
+    assert len(inverse) == 0
+
+
+def test_include_exclude_copy_keep(model, source_files):
+    image, _ = synthetic_volume(7)
+    two = target_subject(other=tio.ScalarImage(tensor=image[None], affine=AFFINE))
+    with pytest.raises(SinganInsertError, match="Exactly one target image"):
+        TumorInsertion(model, source_files, (22, 25, 8))(two)
+    out = TumorInsertion(model, source_files, (22, 25, 8), exclude=["other"],
+                         keep={"image": "image_original"})(two)
+    assert torch.equal(out["other"].data, two["other"].data)
+    assert torch.equal(out["image_original"].data, two["image"].data)
+    assert not torch.equal(out["image"].data, two["image"].data)
+    in_place = TumorInsertion(model, source_files, (22, 25, 8), include=["image"], copy=False)
+    returned = in_place(two)
+    assert returned is two and "label" in two
+
+
+def test_model_is_not_carried_and_transforms_are_cheap_to_copy(model, source_files):
+    transform = RandomTumorInsertion(model, [source_files])
+    out = transform(target_subject())
+    for obj in (transform, out.history[0]):
+        blob = pickle.dumps(obj)
+        assert len(blob) < 5_000 and b"Harmonizer" not in blob
+        assert copy.deepcopy(obj)._get_named_arguments().keys() == obj._get_named_arguments().keys()
+    assert load_harmonizer(model) is load_harmonizer(model)  # loaded once per process
+    assert isinstance(load_harmonizer(model), Harmonizer)
+    with pytest.raises(SinganInsertError, match="does not exist"):
+        TumorInsertion(model + ".missing", source_files, (22, 25, 8))(target_subject())
+
+
+def test_dictionary_input_like_monai(model, source_files):
+    image, _ = synthetic_volume(2)
+    transform = TumorInsertion(model, source_files, (22, 25, 8), include=["image", "label"],
+                               label_keys=["label"])
+    data = {"image": torch.from_numpy(image[None]), "label": torch.zeros((1, *SHAPE), dtype=torch.uint8),
+            "subject_id": "case_001"}
+    out = transform(data)
+    assert isinstance(out, dict) and out["subject_id"] == "case_001"
+    assert isinstance(out["image"], torch.Tensor) and isinstance(out["label"], torch.Tensor)
+    assert out["label"].sum() > 0 and not torch.equal(out["image"], data["image"])
+    missing = transform({"image": torch.from_numpy(image[None])})  # the label key is added
+    assert torch.equal(missing["label"], out["label"])
+    with pytest.raises(SinganInsertError, match="label_keys"):
+        TumorInsertion(model, source_files, (22, 25, 8), include=["image", "label"])(data)
+
+
+def test_declared_modality_and_bad_arguments(model, source_files):
+    with pytest.raises(SinganInsertError, match="trained on 'hrT2'"):
+        TumorInsertion(model, source_files, (22, 25, 8), modality="ceT1")(target_subject())
+    with pytest.raises(SinganInsertError, match="contrast"):
+        RandomTumorInsertion(model, [source_files], contrast=(0.0, 1.0))
+    with pytest.raises(SinganInsertError, match="start_scale"):
+        RandomTumorInsertion(model, [source_files], start_scale=(-2, 3))
+    with pytest.raises(SinganInsertError, match="label_value"):
+        TumorInsertion(model, source_files, label_value=0)
+    with pytest.raises(SinganInsertError, match="label map"):
+        TumorInsertion(model, source_files, (22, 25, 8))(
+            target_subject(label=tio.ScalarImage(tensor=np.zeros((1, *SHAPE), np.float32), affine=AFFINE)))
+
+
+# ---------------------------------------------------------------- loaders and queues
+def _dataset(model, source_files, p=1.0):
+    transform = RandomTumorInsertion(model, [source_files], degrees=0, scales=0, p=p, border_margin=4)
+    return tio.SubjectsDataset([target_subject(2), target_subject(3)], transform=transform)
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_subjects_loader_with_two_workers(model, source_files, context):
+    loader = tio.SubjectsLoader(_dataset(model, source_files), batch_size=1, num_workers=2,
+                                multiprocessing_context=context)
+    batches = list(loader)
+    labels = torch.cat([b["label"][tio.DATA] for b in batches])
+    assert labels.shape == (2, 1, *SHAPE) and labels.dtype == torch.uint8
+    assert all(label.sum() > 0 for label in labels)  # each worker loaded the model and inserted
+
+
+def test_queue_with_label_sampler_on_the_inserted_label(model, source_files):
+    sampler = tio.LabelSampler(patch_size=(16, 16, 6), label_name="label")
+    queue = tio.Queue(_dataset(model, source_files), max_length=4, samples_per_volume=2,
+                      sampler=sampler, num_workers=0, shuffle_subjects=False, shuffle_patches=False)
+    patches = [queue[i] for i in range(len(queue))]
+    assert len(patches) == 4
+    for patch in patches:
+        assert patch["label"].data[0, 8, 8, 3] > 0  # LabelSampler centres patches on the tumor
