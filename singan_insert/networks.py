@@ -45,6 +45,10 @@ class ScaleGenerator(nn.Module):
     def __init__(self, channels: int = 1, width: int = 32, num_layers: int = 5):
         super().__init__()
         self.body = _conv_stack(channels, width, channels, num_layers)
+        # Start as the identity (zero residual): a fresh scale then reproduces the upsampled
+        # coarser image instead of adding random structure that training must first undo.
+        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(self.body[-1].bias)
 
     def forward(self, coarse: torch.Tensor, noise: torch.Tensor | float = 0.0) -> torch.Tensor:
         return coarse + torch.tanh(self.body(coarse + noise))

@@ -93,6 +93,9 @@ class TrainingConfig:
         num_layers: convolutions per generator and critic.
         trained_scales: train only this many finest scales (None: all, from noise).
         augment: augment the coarse input of the first trained scale (harmonization mode).
+        crop_size: train G and D of scales larger than this on a random square crop of this
+            size per iteration (None: whole scale). Both networks are fully convolutional with
+            an 11 px receptive field, so a crop is a smaller bag of the same patches.
         noise_amp_factor: :math:`\\sigma_s` = factor x reconstruction RMSE.
         checkpoint_every: iterations between in-scale checkpoints when an ``out_dir`` is given.
     """
@@ -117,6 +120,7 @@ class TrainingConfig:
     num_layers: int = 5
     trained_scales: int | None = None
     augment: bool = False
+    crop_size: int | None = None
     noise_amp_factor: float = 0.1
     checkpoint_every: int = 100
 
@@ -129,7 +133,7 @@ class TrainingConfig:
             return cls(
                 max_size=256, iterations=400, generator_steps=1, critic_steps=1, gp_every=4,
                 max_width=32, finest_width=16, finest_width_scales=2, trained_scales=5,
-                augment=True, checkpoint_every=50,
+                augment=True, crop_size=64, checkpoint_every=50,
             )
         if name == "tiny":
             return cls(
@@ -435,6 +439,13 @@ class _ScaleTrainer:
         self.reconstruction_noise = state.reconstruction_noise if scale == 0 else None
         self.frozen = GeneratorPyramid(state.generators, state.amplitudes, state.first_scale)
         self.last_losses: dict[str, float] = {}
+        self.initial_rmse = self._reconstruction_rmse()
+
+    def _reconstruction_rmse(self) -> float:
+        with torch.no_grad():
+            noise = 0.0 if self.reconstruction_noise is None else self.amplitude * self.reconstruction_noise
+            rec = self.generator(self.reconstruction_input, noise)
+            return torch.sqrt(F.mse_loss(rec, self.real)).item()
 
     def _noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch.randn(shape, generator=self.state.rng).to(self.device)
@@ -470,27 +481,41 @@ class _ScaleTrainer:
     def _lr_scale(self) -> float:
         return 0.1 if self.state.iteration >= self.config.lr_decay_at * self.config.iterations else 1.0
 
+    def _crop_window(self) -> tuple[slice, ...]:
+        height, width = self.real.shape[-2:]
+        size = self.config.crop_size
+        if size is None or (height <= size and width <= size):
+            return (slice(None),) * 4
+        top = int(torch.randint(0, max(height - size, 0) + 1, (), generator=self.state.rng))
+        left = int(torch.randint(0, max(width - size, 0) + 1, (), generator=self.state.rng))
+        return (slice(None), slice(None), slice(top, top + size), slice(left, left + size))
+
     def step(self) -> dict[str, float]:
         config = self.config
         for optimizer in (self.opt_g, self.opt_d):
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * self._lr_scale()
         coarse = self._fake_input()
+        window = self._crop_window()
+        coarse, real = coarse[window], self.real[window]
+        reconstruction_input = self.reconstruction_input[window]
+        reconstruction_noise = 0.0
+        if self.reconstruction_noise is not None:
+            reconstruction_noise = self.amplitude * self.reconstruction_noise[window]
         shape = tuple(coarse.shape)
         for critic_step in range(config.critic_steps):
             fake = self.generator(coarse, self.amplitude * self._noise(shape)).detach()
-            loss_d = self.critic(fake).mean() - self.critic(self.real).mean()
+            loss_d = self.critic(fake).mean() - self.critic(real).mean()
             step_index = self.state.iteration * config.critic_steps + critic_step
             if config.lambda_gp > 0 and step_index % config.gp_every == 0:
                 loss_d = loss_d + config.lambda_gp * config.gp_every * _gradient_penalty(
-                    self.critic, self.real, fake, self.state.rng)
+                    self.critic, real, fake, self.state.rng)
             self.opt_d.zero_grad(set_to_none=True)
             loss_d.backward()
             self.opt_d.step()
         for _ in range(config.generator_steps):
             fake = self.generator(coarse, self.amplitude * self._noise(shape))
-            noise = 0.0 if self.reconstruction_noise is None else self.amplitude * self.reconstruction_noise
-            reconstruction = F.mse_loss(self.generator(self.reconstruction_input, noise), self.real)
+            reconstruction = F.mse_loss(self.generator(reconstruction_input, reconstruction_noise), real)
             loss_g = -self.critic(fake).mean() + config.alpha * reconstruction
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -500,10 +525,8 @@ class _ScaleTrainer:
 
     def finish(self) -> dict[str, Any]:
         generator = self.generator.requires_grad_(False).eval()
+        rec_rmse = self._reconstruction_rmse()
         with torch.no_grad():
-            noise = 0.0 if self.reconstruction_noise is None else self.amplitude * self.reconstruction_noise
-            rec = generator(self.reconstruction_input, noise)
-            rec_rmse = torch.sqrt(F.mse_loss(rec, self.real)).item()
             input_rmse = torch.sqrt(F.mse_loss(self.reconstruction_input, self.real)).item()
         self.state.generators.append(generator)
         self.state.amplitudes.append(self.amplitude)
@@ -514,6 +537,7 @@ class _ScaleTrainer:
             "size": list(self.geometry.sizes[self.scale]),
             "noise_amplitude": self.amplitude,
             "reconstruction_rmse": rec_rmse,
+            "initial_reconstruction_rmse": self.initial_rmse,
             "upsampled_input_rmse": input_rmse,
             **{f"final_{k}_loss": v for k, v in self.last_losses.items()},
         }

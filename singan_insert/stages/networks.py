@@ -324,10 +324,10 @@ class PatchDiscriminator(nn.Module):
             field = (field - 1) * stride + 4
         return field
 
-    def output_size(self, input_size: int) -> int:
-        """Side of the logit map for a square input of ``input_size`` pixels."""
+    @staticmethod
+    def output_size(input_size: int, n_layers: int = 3) -> int:
+        """Side of the logit map for a square input of ``input_size`` pixels (< 1: too small)."""
         size = input_size
-        for layer in self.model:
-            if isinstance(layer, nn.Conv2d):
-                size = (size + 2 * layer.padding[0] - layer.kernel_size[0]) // layer.stride[0] + 1
+        for stride in [2] * n_layers + [1, 1]:
+            size = (size + 2 - 4) // stride + 1
         return size

@@ -1,0 +1,108 @@
+"""Choosing the ONE 2D training slice: from an array, or from a NIfTI volume by axis and index.
+
+With ``index="auto"`` and a label volume, the slice with the largest label area is taken, so
+that the slice shows the tumor (every crossMoDA hrT2 scan contains one, unlabelled in the
+target modality; a label from another source, e.g. a rough manual one, is enough).
+An optional crop box ``(row_start, row_stop, col_start, col_stop)`` in slice pixels limits
+training to a region (e.g. around the cerebellopontine angle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import SinganInsertError
+
+
+@dataclass(frozen=True)
+class TrainingSlice:
+    """A 2D slice ready for :func:`~singan_insert.training.train_harmonizer`.
+
+    Attributes:
+        image: the slice, ``float32`` of shape ``(H, W)``.
+        spacing: ``(row, col)`` pixel size in mm, or ``None`` when unknown.
+        provenance: where it came from (file, axis, index, crop), stored in the model.
+    """
+
+    image: np.ndarray
+    spacing: tuple[float, float] | None
+    provenance: dict[str, Any]
+
+
+def load_training_slice(
+    path: str | os.PathLike,
+    axis: int = 2,
+    index: int | str = "auto",
+    label_path: str | os.PathLike | None = None,
+    crop: tuple[int, int, int, int] | None = None,
+    modality: str | None = None,
+) -> TrainingSlice:
+    """Cut one slice out of a NIfTI volume.
+
+    Args:
+        path: the modality-B volume (``.nii`` / ``.nii.gz``).
+        axis: voxel axis the slice is perpendicular to (0, 1 or 2; 2 = axial in RAS-ish files).
+        index: slice index along ``axis``, or ``"auto"`` (largest label area; needs ``label_path``,
+            otherwise the middle slice).
+        label_path: a label volume on the same grid, used by ``"auto"``.
+        crop: ``(row_start, row_stop, col_start, col_stop)`` in the slice's pixels.
+        modality: a name stored in the model (e.g. ``"hrT2"``).
+    """
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SinganInsertError(f"{path} has shape {data.shape}; a 3D volume is expected.")
+    if axis not in (0, 1, 2):
+        raise SinganInsertError(f"axis must be 0, 1 or 2, got {axis}.")
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    label = None
+    if label_path is not None:
+        label_image = nib.load(str(label_path))
+        label = np.asarray(label_image.dataobj)
+        if label.shape[:3] != data.shape or not np.allclose(label_image.affine, image.affine, atol=1e-3):
+            raise SinganInsertError(
+                f"The label {label_path} is not on the grid of {path} (shape {label.shape} vs "
+                f"{data.shape}, or different affines). Resample it to the image first.")
+    if index == "auto":
+        if label is not None:
+            areas = (label > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+            if areas.max() == 0:
+                raise SinganInsertError(f"The label {label_path} is empty; pass --slice explicitly.")
+            index = int(np.argmax(areas))
+        else:
+            index = data.shape[axis] // 2
+    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        raise SinganInsertError(f"slice index must be an integer or 'auto', got {index!r}.")
+    if not 0 <= index < data.shape[axis]:
+        raise SinganInsertError(
+            f"Slice index {index} is out of range for axis {axis} of {path} "
+            f"(0..{data.shape[axis] - 1}).")
+    slice_2d = np.take(data, int(index), axis=axis)
+    spacing = tuple(z for a, z in enumerate(zooms) if a != axis)
+    slice_2d = apply_crop(slice_2d, crop)
+    provenance = {"source": os.path.basename(str(path)), "axis": axis, "slice_index": int(index),
+                  "crop": list(crop) if crop else None, "modality": modality}
+    return TrainingSlice(slice_2d.astype(np.float32), (float(spacing[0]), float(spacing[1])), provenance)
+
+
+def apply_crop(image: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.ndarray:
+    """Crop ``(row_start, row_stop, col_start, col_stop)``; a clear error when outside the image."""
+    if crop is None:
+        return image
+    if len(crop) != 4:
+        raise SinganInsertError(f"A crop box has 4 numbers (row_start, row_stop, col_start, col_stop), got {crop}.")
+    r0, r1, c0, c1 = (int(v) for v in crop)
+    height, width = image.shape
+    if not (0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width):
+        raise SinganInsertError(
+            f"The crop box {crop} is outside the {height}x{width} slice; rows must satisfy "
+            f"0 <= start < stop <= {height} and columns 0 <= start < stop <= {width}.")
+    return image[r0:r1, c0:c1]

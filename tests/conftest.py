@@ -1,0 +1,33 @@
+"""Shared fixtures: small deterministic images and a harmonizer trained in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import textured_slice
+
+from singan_insert import TrainingConfig, train_harmonizer
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Output folder of a 'tiny' training run (about 2 s)."""
+    out = tmp_path_factory.mktemp("tiny_model")
+    train_harmonizer(textured_slice(), TrainingConfig.preset("tiny"), out_dir=out, seed=0,
+                     spacing=(0.5, 0.5), progress=False, provenance={"axis": 2, "modality": "hrT2"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_harmonizer(tiny_model_dir):
+    from singan_insert import Harmonizer
+
+    return Harmonizer.load(tiny_model_dir)
