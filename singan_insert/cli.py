@@ -1,0 +1,253 @@
+"""The ``singan-insert`` command line: thin wrappers around the public API.
+
+::
+
+    singan-insert train VOLUME.nii.gz --slice auto --label LABEL.nii.gz --out model/
+    singan-insert harmonize --model model/ --background bg.png --composite comp.png --mask m.png --out out.png
+    singan-insert insert --model model/ --data-root DIR --out augmented/ --num 2
+    singan-insert demo --out demo_output/
+
+Run ``singan-insert COMMAND --help`` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import SinganInsertError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (the docs' CLI reference is generated from it)."""
+    parser = argparse.ArgumentParser(
+        prog="singan-insert",
+        description="Realistic tumor insertion with a one-shot SinGAN harmonizer.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"singan-insert {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a harmonizer on ONE 2D slice",
+                                description="Train a harmonizer pyramid on one 2D slice of the target modality.")
+    train.add_argument("input", help="NIfTI volume (.nii/.nii.gz), or a 2D image (.png/.npy)")
+    train.add_argument("--axis", type=int, default=2, help="slice axis of a volume (default: 2)")
+    train.add_argument("--slice", default="auto",
+                       help="slice index, or 'auto' = largest label area with --label, else the middle slice")
+    train.add_argument("--label", help="label volume on the same grid, for --slice auto")
+    train.add_argument("--crop", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
+                       help="crop box in slice pixels")
+    train.add_argument("--modality", help="modality name stored in the model (e.g. hrT2)")
+    train.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"])
+    train.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
+    train.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
+    train.add_argument("--no-samples", action="store_true", help="do not write the per-scale sample PNGs")
+
+    harmonize = commands.add_parser("harmonize", help="harmonize one 2D composite + mask",
+                                    description="Harmonize one pasted tumor in a 2D slice (PNG, NPY or 2D NIfTI).")
+    harmonize.add_argument("--model", required=True, help="model file or training output folder")
+    harmonize.add_argument("--background", required=True, help="the slice without the paste")
+    harmonize.add_argument("--composite", required=True, help="the slice with the pasted tumor")
+    harmonize.add_argument("--mask", required=True, help="mask of the paste (non-zero = tumor)")
+    harmonize.add_argument("--out", required=True, help="output file (.png, .npy or .nii.gz)")
+    harmonize.add_argument("--start-scale", type=int, help="injection scale (negative: from the finest)")
+    harmonize.add_argument("--spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"))
+    harmonize.add_argument("--dilation-mm", type=float, default=1.0)
+    harmonize.add_argument("--feather-mm", type=float, default=2.0)
+    harmonize.add_argument("--seed", type=int, default=0)
+    harmonize.add_argument("--device", default="auto")
+
+    from .batch import add_insert_arguments
+
+    insert = commands.add_parser("insert", help="insert harmonized tumors into volumes (offline augmentation)",
+                                 description="Write tumor-augmented copies of target volumes.")
+    add_insert_arguments(insert)
+
+    demo = commands.add_parser("demo", help="the whole job on built-in simulated data",
+                               description="Simulate subjects, train a harmonizer, insert tumors, write "
+                                           "NIfTI files, a Fig.-2-style panel and a metrics summary.")
+    demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    demo.add_argument("--subjects", type=int, default=3, help="simulated subjects to augment")
+    demo.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"])
+    demo.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "harmonize":
+            return _harmonize(args)
+        if args.command == "insert":
+            from .batch import run_insert
+
+            return run_insert(args)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            run_demo(out_dir=args.out, num_subjects=args.subjects, preset=args.preset,
+                     iterations=args.iterations, seed=args.seed, device=args.device)
+            return 0
+    except SinganInsertError as error:
+        print(f"singan-insert {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nsingan-insert {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _training_config(preset: str, iterations: int | None):
+    from dataclasses import replace
+
+    from .training import TrainingConfig
+
+    config = TrainingConfig.preset(preset)
+    return replace(config, iterations=iterations) if iterations else config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import train_harmonizer
+    from .training_slice import TrainingSlice, apply_crop, load_training_slice
+
+    path = Path(args.input)
+    if not path.exists():
+        raise SinganInsertError(f"Input {path} does not exist.")
+    if path.name.endswith((".nii", ".nii.gz")):
+        index = args.slice if args.slice == "auto" else _int(args.slice, "--slice")
+        chosen = load_training_slice(path, args.axis, index, args.label, tuple(args.crop) if args.crop else None,
+                                     args.modality)
+    else:
+        image = apply_crop(read_2d(path), tuple(args.crop) if args.crop else None)
+        chosen = TrainingSlice(image, None, {"source": path.name, "modality": args.modality,
+                                             "crop": args.crop})
+    out = Path(args.out)
+    _check_writable(out)
+    print(f"Training on {chosen.provenance} ({chosen.image.shape[0]}x{chosen.image.shape[1]} px, "
+          f"spacing {chosen.spacing}) -> {out}")
+    model = train_harmonizer(chosen.image, _training_config(args.preset, args.iterations), out_dir=out,
+                             seed=args.seed, spacing=chosen.spacing, device=args.device,
+                             provenance=chosen.provenance, sample_figures=not args.no_samples)
+    print(f"Saved {model!r} to {out / 'harmonizer.safetensors'}")
+    return 0
+
+
+def _harmonize(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .harmonizer import Harmonizer
+
+    model = Harmonizer.load(args.model, device=args.device)
+    background, composite = read_2d(Path(args.background)), read_2d(Path(args.composite))
+    mask = (read_2d(Path(args.mask)) > 0).astype(np.float32)
+    out = model.harmonize(background, composite, mask, args.start_scale, spacing=args.spacing,
+                          dilation_mm=args.dilation_mm, feather_mm=args.feather_mm, seed=args.seed)
+    write_2d(Path(args.out), out, reference=Path(args.background))
+    print(f"Wrote {args.out}")
+    return 0
+
+
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise SinganInsertError(f"{name} must be an integer or 'auto', got {value!r}.") from None
+
+
+def _check_writable(folder: Path) -> None:
+    import os
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SinganInsertError(f"Cannot create the output folder {folder}: {error}.") from error
+    if not os.access(folder, os.W_OK):
+        raise SinganInsertError(f"The output folder {folder} is not writable.")
+
+
+def read_2d(path: Path):
+    """Read a 2D image from PNG/JPEG (grayscale), NPY or a 2D (or single-slice) NIfTI."""
+    import numpy as np
+
+    if not path.exists():
+        raise SinganInsertError(f"{path} does not exist.")
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        data = np.load(path, allow_pickle=False)
+    elif name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32).squeeze()
+    else:
+        from skimage.io import imread
+
+        data = imread(str(path))
+        if data.ndim == 3:
+            data = data[..., :3].mean(axis=-1)
+    if data.ndim != 2:
+        raise SinganInsertError(f"{path} holds shape {data.shape}; a 2D slice is expected.")
+    return data.astype(np.float32)
+
+
+def write_2d(path: Path, image, reference: Path | None = None) -> None:
+    """Write a 2D result as NPY, NIfTI (with the reference's affine if it is NIfTI) or 8-bit PNG."""
+    import numpy as np
+
+    from .model_file import atomic_write_bytes
+
+    name = path.name.lower()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".npy"):
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, image)
+        atomic_write_bytes(path, buffer.getvalue())
+    elif name.endswith((".nii", ".nii.gz")):
+        import nibabel as nib
+
+        affine = np.eye(4)
+        if reference is not None and reference.name.lower().endswith((".nii", ".nii.gz")):
+            affine = nib.load(str(reference)).affine
+        write_nifti(path, image, affine)
+    else:
+        from skimage.io import imsave
+
+        clipped = np.clip(np.round(image), 0, 255).astype(np.uint8)
+        imsave(str(path), clipped, check_contrast=False)
+
+
+def write_nifti(path: Path, data, affine) -> None:
+    """Atomic NIfTI write (temporary file in the same folder, then rename)."""
+    import os
+    import tempfile
+
+    import nibabel as nib
+
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(nib.Nifti1Image(data, affine), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
