@@ -153,12 +153,14 @@ class InsertionResult:
         record: JSON-serialisable description: ``record["parameters"]`` are the resolved
             :class:`InsertionParameters` (``InsertionParameters.from_dict`` of it replays the run
             bit for bit with the same data and model).
+        composite: the naive paste before harmonization (only with ``return_composite=True``).
     """
 
     image: np.ndarray
     label: np.ndarray
     mask: np.ndarray
     record: dict[str, Any]
+    composite: np.ndarray | None = None
 
 
 def default_label_dtype(label_value: int) -> np.dtype:
@@ -204,6 +206,7 @@ def insert_tumor(
     target_label: np.ndarray | None = None,
     modality: str | None = None,
     normalization: PercentileNormalization | None = None,
+    return_composite: bool = False,
 ) -> InsertionResult:
     """Insert one source tumor into a target volume (see the module docstring).
 
@@ -218,6 +221,7 @@ def insert_tumor(
         modality: the target's modality, checked against the model's when both are known.
             The axis is checked likewise when ``parameters.axis`` is given.
         normalization: intensity normalisation of the target; default: fitted on the volume.
+        return_composite: also return the naive paste (the composite before harmonization).
 
     Returns:
         An :class:`InsertionResult` (new arrays; the inputs are not modified).
@@ -340,7 +344,12 @@ def insert_tumor(
             "mapped_intensity_mean": float(np.mean(mapped)),
         },
     }
-    return InsertionResult(image=out, label=new_label, mask=full_mask, record=record)
+    composite_volume = None
+    if return_composite:
+        composite_volume = image.astype(work_dtype, copy=True)
+        composite_volume[crop] = composite_crop
+    return InsertionResult(image=out, label=new_label, mask=full_mask, record=record,
+                           composite=composite_volume)
 
 
 def _map_intensities(values, source_quantiles, target_quantiles, mode, contrast) -> np.ndarray:
