@@ -248,6 +248,7 @@ def train_harmonizer(
     while state.scale < num_scales:
         scale = state.scale
         trainer = _ScaleTrainer(state, reals, geometry, config, device)
+        scale_started, iterations_before = time.perf_counter(), state.iteration
         bar = tqdm(
             total=config.iterations, initial=state.iteration, disable=not progress,
             desc=f"scale {scale}/{num_scales - 1} {geometry.sizes[scale][0]}x{geometry.sizes[scale][1]}",
@@ -268,6 +269,9 @@ def train_harmonizer(
                 state.save(checkpoint_path, fingerprint, normalization)
         bar.close()
         entry = trainer.finish()
+        ran = config.iterations - iterations_before
+        entry["seconds"] = time.perf_counter() - scale_started
+        entry["seconds_per_iteration"] = entry["seconds"] / ran if ran else None
         log.append(entry)
         state.log = log
         if sample_figures and out_dir is not None:

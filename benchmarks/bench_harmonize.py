@@ -1,0 +1,78 @@
+"""Harmonization speed: a batch of 30 slices of 128^2 (target <= 0.3 s on CPU).
+
+The timing depends on the architecture, not the weights, so the model is a ``fast``-preset
+pyramid trained for a few iterations on a simulated 128^2 hrT2 slice. Reports the median of
+repeated calls per start scale, on the CPU and (when available) on CUDA. Writes
+benchmarks/results/bench_harmonize.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import table, write_results  # noqa: E402
+
+TARGET_S = 0.3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=30)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    from singan_insert import TrainingConfig, train_harmonizer
+    from singan_insert.evaluation import training_slice_from_subject
+    from singan_insert.simulation import simulate_subject
+
+    subject = simulate_subject(0)
+    image, spacing, index = training_slice_from_subject(subject)
+    model = train_harmonizer(image, replace(TrainingConfig.preset("fast"), iterations=2), seed=0,
+                             spacing=spacing, device="cpu", progress=False, sample_figures=False)
+    # 30 consecutive 128^2 slices around the tumor, with a pasted disk as the "tumor".
+    volume = subject.render_b_washed_out()
+    k0 = max(0, min(index - args.batch // 2, volume.shape[2] - args.batch))
+    background = np.stack([volume[:args.size, :args.size, k] for k in range(k0, k0 + args.batch)]).astype(np.float32)
+    yy, xx = np.mgrid[:args.size, :args.size]
+    disk = ((yy - args.size / 2) ** 2 + (xx - args.size / 2) ** 2 < (args.size / 6) ** 2).astype(np.float32)
+    mask = np.repeat(disk[None], args.batch, 0)
+    composite = np.where(mask > 0, np.percentile(background, 60), background).astype(np.float32)
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        model.to(device)
+        for scale in sorted({model.default_start_scale, model.num_scales - 2, model.num_scales - 1}):
+            model.harmonize(background, composite, mask, scale, seed=0)  # warm-up
+            times = []
+            for repeat in range(args.repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                model.harmonize(background, composite, mask, scale, seed=repeat)
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            median = statistics.median(times)
+            rows.append({"device": device, "batch": f"{args.batch}x{args.size}^2", "start_scale": scale,
+                         "generators run": model.num_scales - scale, "median (s)": median,
+                         "min (s)": min(times), "target (s)": TARGET_S,
+                         "meets target": median <= TARGET_S if device == "cpu" else "-"})
+            print(rows[-1], flush=True)
+    markdown = table(rows, list(rows[0]))
+    print(markdown)
+    write_results("bench_harmonize", {"rows": rows, "num_scales": model.num_scales,
+                                       "default_start_scale": model.default_start_scale}, markdown)
+
+
+if __name__ == "__main__":
+    main()
