@@ -33,7 +33,7 @@ def one_run(size: int, preset: str, iterations: int | None, device: str) -> dict
     from singan_insert.evaluation import training_slice_from_subject
     from singan_insert.simulation import simulate_subject
 
-    subject = simulate_subject(0, shape=(size, size, 24))
+    subject = simulate_subject(0, shape=(size, size, 32))
     image, spacing, _ = training_slice_from_subject(subject)
     config = TrainingConfig.preset(preset)
     if iterations:

@@ -53,7 +53,7 @@ class InsertSettings:
     start_scale: tuple[int, ...] | None = None
     intensity_mode: str = "normalized"
     label_value: int = 1
-    source_label_value: int | None = None
+    source_label_value: int | None = 1
     axis: int | None = None
     context_mm: float = 20.0
     seed: int = 0
@@ -79,7 +79,8 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start scales to draw from (default: the model's default)")
     parser.add_argument("--intensity-mode", choices=["normalized", "matched"], default="normalized")
     parser.add_argument("--label-value", type=int, default=1, help="label written for the tumor")
-    parser.add_argument("--source-label-value", type=int, help="tumor value in a multi-label source label")
+    parser.add_argument("--source-label-value", type=int, default=1,
+                        help="tumor value in the source label (default: 1, crossMoDA's schwannoma)")
     parser.add_argument("--axis", type=int, choices=[0, 1, 2], help="slicing axis (default: through-plane)")
     parser.add_argument("--context-mm", type=float, default=20.0, help="in-plane context around the tumor")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
@@ -170,6 +171,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     write_nifti(paths["image"], result.image.astype(np.float32), target.affine)
     write_nifti(paths["label"], result.label, target.affine)
     record = {"case": {k: str(v) for k, v in case.__dict__.items()}, "augmentation": index,
+              "source_label_value": settings.source_label_value,
               "model": str(model), **result.record}
     if settings.panels:
         from .figures import before_after_panel

@@ -1,0 +1,116 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import textured_slice
+
+from singan_insert import Harmonizer
+from singan_insert.cli import main
+from singan_insert.simulation import simulate_subject, write_crossmoda
+
+
+@pytest.fixture(scope="module")
+def crossmoda_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crossmoda")
+    for i in range(2):
+        write_crossmoda(simulate_subject(10 + i, shape=(96, 96, 32)), folder, f"crossmoda2021_ldn_{i + 1}")
+    return folder
+
+
+def test_train_from_npy_then_rerun_resumes(tmp_path, capsys):
+    np.save(tmp_path / "slice.npy", textured_slice())
+    out = tmp_path / "model"
+    assert main(["train", str(tmp_path / "slice.npy"), "--preset", "tiny", "--out", str(out), "--no-samples"]) == 0
+    first = (out / "harmonizer.safetensors").read_bytes()
+    assert not list(out.glob("samples_*.png"))
+    assert main(["train", str(tmp_path / "slice.npy"), "--preset", "tiny", "--out", str(out), "--no-samples"]) == 0
+    again = Harmonizer.load(out)
+    assert again.metadata["training"]["fingerprint"] == Harmonizer.load(out).metadata["training"]["fingerprint"]
+    assert len(first) == len((out / "harmonizer.safetensors").read_bytes())
+
+
+def test_train_from_nifti_auto_slice(crossmoda_folder, tmp_path):
+    out = tmp_path / "model"
+    code = main(["train", str(crossmoda_folder / "crossmoda2021_ldn_1_ceT1.nii.gz"), "--label",
+                 str(crossmoda_folder / "crossmoda2021_ldn_1_Label.nii.gz"), "--slice", "auto", "--axis", "2",
+                 "--preset", "tiny", "--iterations", "3", "--modality", "ceT1", "--out", str(out)])
+    assert code == 0
+    model = Harmonizer.load(out)
+    label = nib.load(str(crossmoda_folder / "crossmoda2021_ldn_1_Label.nii.gz")).get_fdata()
+    assert model.provenance["slice_index"] == int(np.argmax((label > 0).sum(axis=(0, 1))))
+    assert model.modality == "ceT1" and model.spacing is not None
+
+
+def test_harmonize_npy(tiny_model_dir, tmp_path):
+    background = textured_slice(seed=5)
+    mask = np.zeros_like(background)
+    mask[20:28, 20:28] = 1
+    composite = np.where(mask > 0, 200, background).astype(np.float32)
+    for name, array in (("bg", background), ("comp", composite), ("mask", mask)):
+        np.save(tmp_path / f"{name}.npy", array)
+    out = tmp_path / "out.npy"
+    assert main(["harmonize", "--model", str(tiny_model_dir), "--background", str(tmp_path / "bg.npy"),
+                 "--composite", str(tmp_path / "comp.npy"), "--mask", str(tmp_path / "mask.npy"),
+                 "--out", str(out), "--start-scale", "-1"]) == 0
+    result = np.load(out)
+    assert result.shape == background.shape
+    assert np.array_equal(result[:5], background[:5]) and not np.array_equal(result[mask > 0], composite[mask > 0])
+
+
+def test_insert_folder_resume_and_replay(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
+    out = tmp_path / "augmented"
+    args = ["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--out", str(out),
+            "--num", "2", "--contrast", "0.5", "0.8", "--seed", "3"]
+    assert main(args) == 0
+    records = sorted(out.glob("*.json"))
+    assert len(records) == 4
+    assert len(list(out.glob("*_image.nii.gz"))) == 4 and len(list(out.glob("*_label.nii.gz"))) == 4
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert main(args) == 0
+    assert "4 finished output(s) skipped" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    # The JSON record replays the output bit for bit.
+    from singan_insert.paste import SourceTumor
+    from singan_insert.volume import InsertionParameters, insert_tumor
+
+    record = json.loads(records[0].read_text())
+    case = record["case"]
+    target = nib.load(case["target"])
+    source = SourceTumor.from_files(case["source_image"], case["source_label"],
+                                    label_value=record["source_label_value"])
+    replay = insert_tumor(np.asarray(target.dataobj, dtype=np.float32), target.affine, source,
+                          Harmonizer.load(tiny_model_dir), InsertionParameters.from_dict(record["parameters"]))
+    written = nib.load(str(records[0]).replace(".json", "_image.nii.gz")).get_fdata(dtype=np.float32)
+    np.testing.assert_array_equal(written, replay.image)
+    label = nib.load(str(records[0]).replace(".json", "_label.nii.gz")).get_fdata()
+    assert label.max() == 1 and label.sum() == replay.mask.sum()
+
+
+def test_insert_with_two_workers_matches_one(tiny_model_dir, crossmoda_folder, tmp_path):
+    common = ["--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--seed", "1"]
+    assert main(["insert", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["insert", *common, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    for path in (tmp_path / "one").glob("*_image.nii.gz"):
+        a = nib.load(str(path)).get_fdata()
+        b = nib.load(str(tmp_path / "two" / path.name)).get_fdata()
+        np.testing.assert_array_equal(a, b)
+
+
+def test_errors_are_clear(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder),
+                 "--out", str(blocker / "sub")]) == 2
+    assert "Cannot create the output folder" in capsys.readouterr().err
+    bad_model = tmp_path / "bad.safetensors"
+    bad_model.write_bytes(b"\x80\x04not a model")
+    assert main(["insert", "--model", str(bad_model), "--data-root", str(crossmoda_folder),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not a safetensors file" in capsys.readouterr().err
+    assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "No complete case" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "m")]) == 2
+    assert "does not exist" in capsys.readouterr().err
