@@ -5,11 +5,15 @@ Scale indices
 Our scale index ``s`` runs from ``0`` (coarsest) to ``N - 1`` (finest), like the official
 SinGAN code. The paper writes the generators :math:`G_1 \\dots G_N` (finest :math:`G_N`) and
 harmonizes with :math:`G_N \\circ \\dots \\circ G_n`; our ``start_scale = s`` is the paper's
-:math:`n = s + 1`. The official ``--harmonization_start_scale`` (used by GBA's code) is the same
-0-based index as ours. GBA writes it as :math:`K - k^*` levels below the finest, with :math:`K`
-scales: ``start_scale = K - k*`` ... i.e. :math:`k^* = N - s` (so GBA's "scale 13 of 17"
-starts 4 levels below the finest and runs 4 generators). A negative ``start_scale`` counts from
-the finest, as Python indices do: ``-1`` is the finest scale only.
+:math:`n = s + 1`, and runs :math:`N - s` generators. The official code's
+``--harmonization_start_scale``, which GBA's code uses, is the same 0-based index as ours:
+with :math:`K` scales, GBA's start scale :math:`K - k^*` runs the :math:`k^*` finest generators
+(GBA: 17 scales, start 13-15, so 4 to 2 generators). A negative ``start_scale`` counts from
+the finest, as Python indices do: ``-1`` runs the finest generator only, ``-3`` the three finest.
+
+| our ``start_scale`` | paper's :math:`n` | generators run | official / GBA index |
+|---|---|---|---|
+| ``s`` (or ``s - N``) | ``s + 1`` | :math:`G_{s+1}..G_N` (``N - s`` of them) | ``s`` |
 
 Geometry
 --------
