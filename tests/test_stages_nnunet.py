@@ -7,6 +7,7 @@ The export and environment tests need only nibabel. The end-to-end test runs the
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -216,12 +217,46 @@ def test_predict_input_folder_groups_channels(tmp_path):
         nnunet_stage._prediction_inputs(tmp_path / "missing", ".nii.gz")
 
 
+def test_shipped_trainers_need_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)  # makes `import nnunetv2...` fail
+    monkeypatch.delitem(sys.modules, "singan_insert.stages.nnunet_trainers", raising=False)
+    with pytest.raises(MissingExtraError, match=r"singan-insert\[nnunet\]"):
+        importlib.import_module("singan_insert.stages.nnunet_trainers")
+
+
 # ---------------------------------------------------------------------- the real nnU-Net
-@pytest.mark.skipif(
+needs_nnunet = pytest.mark.skipif(
     not nnunet_available(),
     reason="nnunetv2 is not installed (optional extra: pip install 'singan-insert[nnunet]'; "
     "see ci/nnunet-requirements.txt)",
 )
+
+
+@needs_nnunet
+def test_trainer_resolution_avoids_the_by_name_lookup():
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from singan_insert.stages.nnunet_trainers import SHIPPED_TRAINERS
+
+    resolve = nnunet_stage._resolve_trainer
+    assert resolve(SMOKE_TRAINER) is SHIPPED_TRAINERS[SMOKE_TRAINER]
+    assert resolve("nnUNetTrainer") is nnUNetTrainer
+    dotted = "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs"
+    assert resolve(f"{dotted}.nnUNetTrainer_1epoch").__name__ == "nnUNetTrainer_1epoch"
+    with pytest.raises(RuntimeError, match="not a subclass of nnUNetTrainer"):
+        resolve("singan_insert.errors.SinganInsertError")
+    # A bare name goes through nnU-Net's lookup, which imports torchvision (via timm): it
+    # works with a healthy torch/torchvision pair and fails with our advice beside a CPU torch.
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - PyPI torchvision beside a local torch raises RuntimeError
+        with pytest.raises(RuntimeError, match="dotted path"):
+            resolve("nnUNetTrainer_5epochs")
+    else:
+        assert resolve("nnUNetTrainer_5epochs").__name__ == "nnUNetTrainer_5epochs"
+
+
+@needs_nnunet
 def test_real_nnunet_end_to_end(tmp_path):
     """Export -> plan and preprocess -> 5-iteration smoke training -> prediction, for real."""
     before = dict(os.environ)

@@ -41,7 +41,7 @@ __all__ = [
 
 
 class nnUNetTrainer_SinganInsertSmoke(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
-    """One epoch of 5 training and 2 validation iterations: proves the pipeline runs (~1 min on CPU)."""
+    """One epoch of 5 training and 2 validation iterations: proves that the pipeline runs."""
 
     def __init__(
         self,
@@ -58,7 +58,7 @@ class nnUNetTrainer_SinganInsertSmoke(nnUNetTrainer):  # noqa: N801 - nnU-Net's 
 
 
 class nnUNetTrainer_SinganInsertShort(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
-    """20 epochs of 25 iterations (500 in all, 1/500 of the default): a usable CPU model on small data."""
+    """20 epochs of 25 iterations (500 in all, 1/500 of the default), for small CPU runs."""
 
     def __init__(
         self,
