@@ -136,6 +136,7 @@ class Harmonizer:
         seed: int | None = None,
         generator: torch.Generator | None = None,
         shared_noise: bool = True,
+        precision: str = "auto",
     ) -> np.ndarray | torch.Tensor:
         """Harmonize a batch of pasted tumors (see the module docstring for the maths).
 
@@ -153,6 +154,11 @@ class Harmonizer:
             seed, generator: noise source (``generator`` wins); default: a fresh random seed.
             shared_noise: the same noise field for every slice of the batch (no stripes
                 across the slices of a volume; also makes a batch equal to one-by-one calls).
+            precision: ``"float32"``, ``"bfloat16"`` (convolutions in bfloat16, the rest in
+                float32), or ``"auto"``: bfloat16 where the processor has native bfloat16
+                units (CPUs with AVX512-BF16/AMX, CUDA GPUs that support it), else float32.
+                bfloat16 changes the generated values by about 1e-3 of the model range and
+                runs 2x faster on such CPUs.
 
         Returns:
             The harmonized slices, same type, shape and units as ``background``.
@@ -171,7 +177,8 @@ class Harmonizer:
 
         weight = blend_weight(m.numpy(), slice_spacing or (1.0, 1.0), dilation_mm, feather_mm)
         weight = torch.from_numpy(weight)
-        generated = self._generate(normalization.to_model(comp), scale, slice_spacing, generator, shared_noise)
+        generated = self._generate(normalization.to_model(comp), scale, slice_spacing, generator, shared_noise,
+                                   self._autocast_dtype(precision))
         generated = normalization.from_model(generated)
         blended = bg * (1 - weight) + generated * weight
         # Pixels with zero weight are copied from the caller's array, in its own dtype, so
@@ -186,8 +193,22 @@ class Harmonizer:
         out = torch.where(weight > 0, blended.to(dtype), original.to(dtype))
         return out.to(background.device)
 
+    def _autocast_dtype(self, precision: str) -> torch.dtype | None:
+        if precision == "float32":
+            return None
+        if precision == "bfloat16":
+            return torch.bfloat16
+        if precision != "auto":
+            raise SinganInsertError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+        if self.device.type == "cpu":
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return None
+
     @torch.inference_mode()
-    def _generate(self, composite: torch.Tensor, scale: int, spacing, generator, shared_noise) -> torch.Tensor:
+    def _generate(self, composite: torch.Tensor, scale: int, spacing, generator, shared_noise,
+                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
         batch, height, width = composite.shape
         x = composite[:, None].to(self.device)
         working_shape = (height, width)
@@ -211,7 +232,9 @@ class Harmonizer:
             z = torch.randn(noise_shape, generator=generator).to(self.device)
             return z.expand(shape) if shared_noise else z
 
-        y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise)
+        with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise)
         y = resize(y, (height, width))
         return y[:, 0].float().cpu().contiguous()
 

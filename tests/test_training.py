@@ -16,7 +16,7 @@ def _weights(harmonizer):
     return {k: v.clone() for k, v in harmonizer.pyramid.state_dict().items()}
 
 
-FROM_NOISE = TrainingConfig(min_size=12, max_size=32, iterations=40, generator_steps=1, critic_steps=1,
+FROM_NOISE = TrainingConfig(min_size=12, max_size=32, iterations=100, generator_steps=1, critic_steps=1,
                             width=8, max_width=8, checkpoint_every=10)
 
 
