@@ -1,1 +1,22 @@
-"""Thin wrappers for the other stages of the method: CycleGAN, pix2pix and nnU-Net."""
+"""Thin wrappers for the other stages of the method (the paper's Fig. 1).
+
+* :mod:`~singan_insert.stages.cyclegan`: unpaired A -> B translation (tumors vanish);
+* :mod:`~singan_insert.stages.pix2pix`: paired B' -> A translation with a pixel loss;
+* :mod:`~singan_insert.stages.nnunet`: nnU-Net v2 (optional extra ``[nnunet]``) for S_A;
+* :mod:`~singan_insert.stages.segmenter`: a small Dice+CE U-Net for CPU runs;
+* :mod:`~singan_insert.stages.slices`: slice datasets and ``translate_volume``.
+
+The stages depend on the core, never the other way round.
+"""
+
+from .cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
+from .pix2pix import Pix2Pix, Pix2PixConfig, train_pix2pix
+from .segmenter import Segmenter, SegmenterConfig
+from .slices import PairedSliceDataset, SliceDataset, translate_volume
+
+__all__ = [
+    "CycleGAN", "CycleGANConfig", "train_cyclegan",
+    "Pix2Pix", "Pix2PixConfig", "train_pix2pix",
+    "Segmenter", "SegmenterConfig",
+    "PairedSliceDataset", "SliceDataset", "translate_volume",
+]
