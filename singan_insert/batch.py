@@ -170,9 +170,8 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     result = insert_tumor(target_data, target.affine, source, harmonizer, parameters)
     write_nifti(paths["image"], result.image.astype(np.float32), target.affine)
     write_nifti(paths["label"], result.label, target.affine)
-    record = {"case": {k: str(v) for k, v in case.__dict__.items()}, "augmentation": index,
-              "source_label_value": settings.source_label_value,
-              "model": str(model), **result.record}
+    record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()}, "augmentation": index,
+              "source_label_value": settings.source_label_value, "model_file": str(model)}
     if settings.panels:
         from .figures import before_after_panel
 

@@ -42,10 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
                        help="crop box in slice pixels")
     train.add_argument("--modality", help="modality name stored in the model (e.g. hrT2)")
-    train.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"])
+    train.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"],
+                       help="fast (default: minutes on a CPU), reference (the official SinGAN schedule), "
+                            "tiny (seconds, for tests)")
     train.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
     train.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
     train.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
     train.add_argument("--no-samples", action="store_true", help="do not write the per-scale sample PNGs")
 
@@ -57,11 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     harmonize.add_argument("--mask", required=True, help="mask of the paste (non-zero = tumor)")
     harmonize.add_argument("--out", required=True, help="output file (.png, .npy or .nii.gz)")
     harmonize.add_argument("--start-scale", type=int, help="injection scale (negative: from the finest)")
-    harmonize.add_argument("--spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"))
-    harmonize.add_argument("--dilation-mm", type=float, default=1.0)
-    harmonize.add_argument("--feather-mm", type=float, default=2.0)
-    harmonize.add_argument("--seed", type=int, default=0)
-    harmonize.add_argument("--device", default="auto")
+    harmonize.add_argument("--spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"),
+                           help="pixel size of the slice (default: read from NIfTI, else the model's)")
+    harmonize.add_argument("--dilation-mm", type=float, default=1.0,
+                           help="blend weight is 1 up to this distance from the mask (default: 1.0)")
+    harmonize.add_argument("--feather-mm", type=float, default=2.0,
+                           help="width of the smooth fall-off of the blend weight (default: 2.0)")
+    harmonize.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    harmonize.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
 
     from .batch import add_insert_arguments
 
@@ -74,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                                            "NIfTI files, a Fig.-2-style panel and a metrics summary.")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--subjects", type=int, default=3, help="simulated subjects to augment")
-    demo.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"])
+    demo.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"],
+                      help="training preset of the harmonizer (default: fast)")
     demo.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the simulation and training (default: 0)")
+    demo.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
     return parser
 
 
@@ -151,12 +157,24 @@ def _harmonize(args: argparse.Namespace) -> int:
 
     model = Harmonizer.load(args.model, device=args.device)
     background, composite = read_2d(Path(args.background)), read_2d(Path(args.composite))
+    spacing = args.spacing or _nifti_spacing(Path(args.background))
     mask = (read_2d(Path(args.mask)) > 0).astype(np.float32)
-    out = model.harmonize(background, composite, mask, args.start_scale, spacing=args.spacing,
+    out = model.harmonize(background, composite, mask, args.start_scale, spacing=spacing,
                           dilation_mm=args.dilation_mm, feather_mm=args.feather_mm, seed=args.seed)
     write_2d(Path(args.out), out, reference=Path(args.background))
     print(f"Wrote {args.out}")
     return 0
+
+
+def _nifti_spacing(path: Path):
+    """In-plane pixel size of a 2D (or single-slice) NIfTI, else None."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    zooms = [float(z) for z, n in zip(image.header.get_zooms(), image.shape) if n > 1]
+    return tuple(zooms[:2]) if len(zooms) >= 2 else None
 
 
 def _int(value: str, name: str) -> int:
@@ -225,6 +243,12 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
     else:
         from skimage.io import imsave
 
+        if image.min() < 0 or image.max() > 255:
+            # 8-bit PNG cannot hold these values: rescale (and say so) rather than saturate.
+            low, high = float(image.min()), float(image.max())
+            print(f"note: values {low:g}..{high:g} rescaled to 0..255 for the PNG; "
+                  "write .npy or .nii.gz to keep the intensities.", file=sys.stderr)
+            image = (image - low) / max(high - low, 1e-12) * 255
         clipped = np.clip(np.round(image), 0, 255).astype(np.uint8)
         imsave(str(path), clipped, check_contrast=False)
 

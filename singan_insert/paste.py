@@ -183,8 +183,9 @@ def binary_tumor_mask(
             if present.size > 1:
                 shown = ", ".join(f"{v:g}" for v in present[:10].astype(float))
                 raise SinganInsertError(
-                    f"The {name} holds several labels ({shown}); pass label_value to choose "
-                    "the tumor's (e.g. label_value=1 for the schwannoma in crossMoDA)."
+                    f"The {name} holds several labels ({shown}); choose the tumor's value: "
+                    "label_value= here, source_label_value= in the transforms, "
+                    "--source-label-value in the CLI (1 for the schwannoma in crossMoDA)."
                 )
             mask = values != 0
         else:
