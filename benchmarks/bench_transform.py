@@ -4,7 +4,8 @@ In the same run, on the same subject: per-call time of ``RandomTumorInsertion`` 
 architecture), ``tio.RandomAffine``, ``tio.RandomMotion`` and ``tio.RandomBiasField``
 (target: no slower than RandomMotion); the throughput of a ``tio.SubjectsLoader`` with 2
 workers; and the time of one 30-slice tumor's batched harmonization (target <= 0.3 s).
-Writes benchmarks/results/bench_transform.{json,md}.
+Timings depend on the architecture, not the weights: the model is a ``fast``-preset pyramid
+trained for 2 iterations per scale. Writes benchmarks/results/bench_transform.{json,md}.
 """
 
 from __future__ import annotations
