@@ -11,6 +11,11 @@ from helpers import textured_slice
 from singan_insert import TrainingConfig, train_harmonizer
 
 
+# The test tensors are small: one thread is as fast as two and immune to oversubscription
+# when other processes share the cores (parallel DataLoader workers, a busy CI machine).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
