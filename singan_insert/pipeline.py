@@ -39,6 +39,7 @@ which keeps outlines smooth.
     <work>/bprime/{harmonized,naive}/       <name>_aug<k>_image / _label .nii.gz and .json
     <work>/pix2pix/{harmonized,naive}/      the pix2pix models
     <work>/translated/<method>/             validation images translated to A (working grid)
+    <work>/predictions_grid/<method>/       S_A's label maps on the working grid
     <work>/predictions/<method>/            <name>_Label.nii.gz on each validation scan's grid
     <work>/evaluation/                      table1.md, table1.json
     <work>/timings.json                     seconds per step
