@@ -88,6 +88,18 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--panels", action="store_true", help="write before/after PNG panels (needs matplotlib)")
 
 
+def check_writable_folder(folder: Path) -> None:
+    """Create ``folder`` if needed; a clear error when that fails or it is not writable."""
+    import os
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SinganInsertError(f"Cannot create the output folder {folder}: {error}.") from error
+    if not os.access(folder, os.W_OK):
+        raise SinganInsertError(f"The output folder {folder} is not writable.")
+
+
 def find_crossmoda_cases(data_root: str | os.PathLike, target_suffix: str = "hrT2") -> list[Case]:
     """Cases of a crossMoDA-layout folder: every ``<name>_Label.nii.gz`` with its ceT1 and target."""
     root = Path(data_root)
@@ -146,7 +158,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     import nibabel as nib
     import torch
 
-    from .cli import write_nifti
+    from .model_file import write_nifti
     from .model_file import atomic_write_bytes
     from .paste import SourceTumor
     from .transforms import load_harmonizer
@@ -185,8 +197,6 @@ def run_insert(args: argparse.Namespace) -> int:
     """``singan-insert insert``: augment every case, skipping finished outputs."""
     from tqdm.auto import tqdm
 
-    from .cli import _check_writable
-
     if args.target:
         if not (args.source_image and args.source_label):
             raise SinganInsertError("--target needs --source-image and --source-label.")
@@ -204,7 +214,7 @@ def run_insert(args: argparse.Namespace) -> int:
     if any(c <= 0 for c in args.contrast):
         raise SinganInsertError("--contrast factors must be > 0.")
     out_dir = Path(args.out)
-    _check_writable(out_dir)
+    check_writable_folder(out_dir)
     from .harmonizer import Harmonizer
 
     Harmonizer.load(args.model)  # fail early, in the main process, on a bad model file

@@ -139,8 +139,10 @@ def _train(args: argparse.Namespace) -> int:
         image = apply_crop(read_2d(path), tuple(args.crop) if args.crop else None)
         chosen = TrainingSlice(image, None, {"source": path.name, "modality": args.modality,
                                              "crop": args.crop})
+    from .batch import check_writable_folder
+
     out = Path(args.out)
-    _check_writable(out)
+    check_writable_folder(out)
     print(f"Training on {chosen.provenance} ({chosen.image.shape[0]}x{chosen.image.shape[1]} px, "
           f"spacing {chosen.spacing}) -> {out}")
     model = train_harmonizer(chosen.image, _training_config(args.preset, args.iterations), out_dir=out,
@@ -184,17 +186,6 @@ def _int(value: str, name: str) -> int:
         raise SinganInsertError(f"{name} must be an integer or 'auto', got {value!r}.") from None
 
 
-def _check_writable(folder: Path) -> None:
-    import os
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SinganInsertError(f"Cannot create the output folder {folder}: {error}.") from error
-    if not os.access(folder, os.W_OK):
-        raise SinganInsertError(f"The output folder {folder} is not writable.")
-
-
 def read_2d(path: Path):
     """Read a 2D image from PNG/JPEG (grayscale), NPY or a 2D (or single-slice) NIfTI."""
     import numpy as np
@@ -223,7 +214,7 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
     """Write a 2D result as NPY, NIfTI (with the reference's affine if it is NIfTI) or 8-bit PNG."""
     import numpy as np
 
-    from .model_file import atomic_write_bytes
+    from .model_file import atomic_write_bytes, write_nifti
 
     name = path.name.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,26 +242,6 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
             image = (image - low) / max(high - low, 1e-12) * 255
         clipped = np.clip(np.round(image), 0, 255).astype(np.uint8)
         imsave(str(path), clipped, check_contrast=False)
-
-
-def write_nifti(path: Path, data, affine) -> None:
-    """Atomic NIfTI write (temporary file in the same folder, then rename)."""
-    import os
-    import tempfile
-
-    import nibabel as nib
-
-    path = Path(path)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(data, affine), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import write_nifti
+from .model_file import write_nifti
 from .evaluation import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
 from .harmonizer import select_device
 from .simulation import simulate_subject, write_crossmoda

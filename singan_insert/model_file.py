@@ -47,6 +47,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def write_nifti(path: str | os.PathLike, data, affine) -> Path:
+    """Write a NIfTI volume atomically (creating its folder; gzip for ``.gz``); returns the path.
+
+    Atomic (temporary file + rename), so a run killed mid-write leaves no truncated volume for
+    a resumed run to trust.
+    """
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    path = Path(path)
+    payload = nib.Nifti1Image(np.asarray(data), np.asarray(affine, float)).to_bytes()
+    if path.name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1, mtime=0)
+    atomic_write_bytes(path, payload)
+    return path
+
+
 def save_tensors(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],

@@ -547,23 +547,10 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI volume atomically (creating its folder; gzip for ``.gz``); returns the path.
+    """Write a NIfTI volume atomically (see :func:`singan_insert.model_file.write_nifti`)."""
+    from .model_file import write_nifti
 
-    Atomic (temporary file + rename), so a run killed mid-write leaves no truncated volume for
-    a resumed run to trust.
-    """
-    import gzip
-
-    import nibabel as nib
-
-    from .model_file import atomic_write_bytes
-
-    path = Path(path)
-    payload = nib.Nifti1Image(np.asarray(data), np.asarray(affine, float)).to_bytes()
-    if path.name.endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=1, mtime=0)
-    atomic_write_bytes(path, payload)
-    return path
+    return write_nifti(path, data, affine)
 
 
 class CrossModaPipeline:
