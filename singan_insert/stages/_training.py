@@ -235,23 +235,11 @@ class DistributedContext:
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """Resolve ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"`` to a device.
+    """Resolve ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"`` (a bare ``"cuda"`` becomes
+    ``cuda:<local_rank>``); see :func:`singan_insert.harmonizer.select_device`."""
+    from ..harmonizer import select_device as resolve
 
-    ``"auto"`` picks ``cuda:<local_rank>`` when CUDA is available, else the CPU; a bare
-    ``"cuda"`` becomes ``cuda:<local_rank>`` so that each torchrun process uses its own GPU.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise SinganInsertError(f"Unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SinganInsertError(f"Device {name!r} was asked for, but CUDA is not available; use 'cpu'.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-    return device
+    return resolve(name, local_rank)
 
 
 @contextlib.contextmanager
