@@ -31,8 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from singan_insert import TrainingConfig, train_harmonizer
-    from singan_insert.evaluation import training_slice_from_subject
-    from singan_insert.simulation import simulate_subject
+    from singan_insert.evaluation.experiments import training_slice_from_subject
+    from singan_insert.datasets.phantom import simulate_subject
 
     subject = simulate_subject(0)
     image, spacing, index = training_slice_from_subject(subject)

@@ -1,10 +1,10 @@
 """The paper's Table 1 on simulated crossMoDA-like data: does tumor insertion help cross-modal
 segmentation?
 
-A simulated data set in the crossMoDA layout (:func:`singan_insert.pipeline.simulate_crossmoda`):
+A simulated data set in the crossMoDA layout (:func:`singan_insert.pipeline.workflow.simulate_crossmoda`):
 labelled ceT1-like scans (A), unlabelled hrT2-like scans of other subjects (B), and hrT2-like
 validation scans of yet other subjects with their true labels. The whole workflow of
-:class:`singan_insert.pipeline.CrossModaPipeline` runs once, and three ways of segmenting the
+:class:`singan_insert.pipeline.workflow.CrossModaPipeline` runs once, and three ways of segmenting the
 validation scans are scored on the tumor (label 1):
 
 * baseline: CycleGAN's B -> A generator, then S_A;
@@ -64,11 +64,11 @@ def main() -> None:
 
     import torch
 
-    from singan_insert.metrics import segmentation_scores, summarize, table1_report
-    from singan_insert.pipeline import (METHOD_TITLES, METHODS, CrossModaPipeline, PipelineSettings,
+    from singan_insert.evaluation.metrics import segmentation_scores, summarize, table1_report
+    from singan_insert.pipeline.workflow import (METHOD_TITLES, METHODS, CrossModaPipeline, PipelineSettings,
                                         read_volume, resample_image, resample_labels, simulate_crossmoda,
                                         write_volume)
-    from singan_insert.paste import spacing_from_affine
+    from singan_insert.insertion.placement import spacing_from_affine
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -200,8 +200,8 @@ def main() -> None:
 def _diagnostics(pipeline, num_fit: int = 8) -> dict[str, list[float]]:
     """Tumor contrast in the fake hrT2, the naive and the harmonized B' (and in real hrT2), and
     how well each pix2pix reproduces its own training pairs (S_A Dice on pix2pix(B'))."""
-    from singan_insert.metrics import dice
-    from singan_insert.pipeline import read_volume, write_volume
+    from singan_insert.evaluation.metrics import dice
+    from singan_insert.pipeline.workflow import read_volume, write_volume
 
     values: dict[str, list[float]] = {}
     records = sorted(pipeline.bprime_dir("harmonized").glob("*_aug*.json"))

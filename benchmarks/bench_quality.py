@@ -4,7 +4,7 @@ Over a fixed, seeded set of simulated subjects: ONE harmonizer (``fast`` preset)
 ONE modality-B slice of a separate training subject; each subject's modality-A tumor is pasted
 into its washed-out B volume (the CycleGAN stand-in) and every tumor slice is harmonized. Every
 method (naive paste, intensity-mapped paste, Poisson blending, the harmonizer from each start
-scale) is scored with :func:`singan_insert.metrics.harmonization_fidelity`. Prints a markdown
+scale) is scored with :func:`singan_insert.evaluation.metrics.harmonization_fidelity`. Prints a markdown
 table per contrast factor, writes benchmarks/results/bench_quality.{json,md} and a Fig.-2-style
 grid benchmarks/results/bench_quality_fig2.png.
 
@@ -37,11 +37,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from singan_insert import TrainingConfig, train_harmonizer
-    from singan_insert.evaluation import (fidelity_markdown, run_case, summarize_fidelity,
+    from singan_insert.evaluation.experiments import (fidelity_markdown, run_case, summarize_fidelity,
                                           training_slice_from_subject)
-    from singan_insert.figures import figure_grid
-    from singan_insert.simulation import simulate_subject
-    from singan_insert.volume import InsertionParameters
+    from singan_insert.evaluation.figures import figure_grid
+    from singan_insert.datasets.phantom import simulate_subject
+    from singan_insert.insertion.insert import InsertionParameters
 
     started = time.perf_counter()
     image, spacing, index = training_slice_from_subject(simulate_subject(0))

@@ -30,8 +30,8 @@ def one_run(size: int, preset: str, iterations: int | None, device: str) -> dict
     import numpy as np
 
     from singan_insert import TrainingConfig, train_harmonizer
-    from singan_insert.evaluation import training_slice_from_subject
-    from singan_insert.simulation import simulate_subject
+    from singan_insert.evaluation.experiments import training_slice_from_subject
+    from singan_insert.datasets.phantom import simulate_subject
 
     subject = simulate_subject(0, shape=(size, size, 32))
     image, spacing, _ = training_slice_from_subject(subject)

@@ -43,10 +43,10 @@ def main() -> None:
     import torchio as tio
 
     from singan_insert import TrainingConfig, train_harmonizer
-    from singan_insert.evaluation import training_slice_from_subject
-    from singan_insert.paste import SourceTumor
-    from singan_insert.simulation import simulate_subject
-    from singan_insert.transforms import RandomTumorInsertion
+    from singan_insert.evaluation.experiments import training_slice_from_subject
+    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.datasets.phantom import simulate_subject
+    from singan_insert.integrations.torchio import RandomTumorInsertion
 
     work = Path(tempfile.mkdtemp())
     image, spacing, _ = training_slice_from_subject(simulate_subject(0))
@@ -83,7 +83,7 @@ def main() -> None:
     loader_seconds = time.perf_counter() - started
 
     # One 30-slice tumor, harmonized in one batched call (the crop the volume code cuts).
-    from singan_insert.transforms import load_harmonizer
+    from singan_insert.integrations.torchio import load_harmonizer
 
     model = load_harmonizer(str(work / "model"))
     background = np.stack([target.render_b_washed_out()[64:192, 64:192, k] for k in range(17, 47)]).astype(np.float32)

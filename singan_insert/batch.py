@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 
 @dataclass(frozen=True)
@@ -158,11 +158,11 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     import nibabel as nib
     import torch
 
-    from .model_file import write_nifti
-    from .model_file import atomic_write_bytes
-    from .paste import SourceTumor
-    from .transforms import load_harmonizer
-    from .volume import InsertionParameters, insert_tumor
+    from singan_insert.io import write_nifti
+    from singan_insert.io import atomic_write_bytes
+    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.integrations.torchio import load_harmonizer
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -185,7 +185,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()}, "augmentation": index,
               "source_label_value": settings.source_label_value, "model_file": str(model)}
     if settings.panels:
-        from .figures import before_after_panel
+        from singan_insert.evaluation.figures import before_after_panel
 
         before_after_panel(target_data, result.image, result.mask, paths["panel"],
                            title=f"{case.name} aug {index} (lambda={parameters.contrast})")
@@ -215,7 +215,7 @@ def run_insert(args: argparse.Namespace) -> int:
         raise SinganInsertError("--contrast factors must be > 0.")
     out_dir = Path(args.out)
     check_writable_folder(out_dir)
-    from .harmonizer import Harmonizer
+    from singan_insert.harmonizer.model import Harmonizer
 
     Harmonizer.load(args.model)  # fail early, in the main process, on a bad model file
     settings = InsertSettings(
@@ -224,7 +224,7 @@ def run_insert(args: argparse.Namespace) -> int:
         source_label_value=args.source_label_value, axis=args.axis, context_mm=args.context_mm,
         seed=args.seed, panels=args.panels)
     if settings.panels:
-        from .figures import require_matplotlib
+        from singan_insert.evaluation.figures import require_matplotlib
 
         require_matplotlib()
     jobs = [(case, k) for case in cases for k in range(settings.num)

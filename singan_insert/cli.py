@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="singan-insert",
         description="Realistic tumor insertion with a one-shot SinGAN harmonizer.",
     )
-    from . import __version__
+    from singan_insert._version import __version__
 
     parser.add_argument("--version", action="version", version=f"singan-insert {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     harmonize.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     harmonize.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
 
-    from .batch import add_insert_arguments
+    from singan_insert.batch import add_insert_arguments
 
     insert = commands.add_parser("insert", help="insert harmonized tumors into volumes (offline augmentation)",
                                  description="Write tumor-augmented copies of target volumes.")
@@ -96,11 +96,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "harmonize":
             return _harmonize(args)
         if args.command == "insert":
-            from .batch import run_insert
+            from singan_insert.batch import run_insert
 
             return run_insert(args)
         if args.command == "demo":
-            from .demo import run_demo
+            from singan_insert.evaluation.demo import run_demo
 
             run_demo(out_dir=args.out, num_subjects=args.subjects, preset=args.preset,
                      iterations=args.iterations, seed=args.seed, device=args.device)
@@ -118,15 +118,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _training_config(preset: str, iterations: int | None):
     from dataclasses import replace
 
-    from .training import TrainingConfig
+    from singan_insert.harmonizer.training import TrainingConfig
 
     config = TrainingConfig.preset(preset)
     return replace(config, iterations=iterations) if iterations else config
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .training import train_harmonizer
-    from .training_slice import TrainingSlice, apply_crop, load_training_slice
+    from singan_insert.harmonizer.training import train_harmonizer
+    from singan_insert.harmonizer.training_slice import TrainingSlice, apply_crop, load_training_slice
 
     path = Path(args.input)
     if not path.exists():
@@ -139,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
         image = apply_crop(read_2d(path), tuple(args.crop) if args.crop else None)
         chosen = TrainingSlice(image, None, {"source": path.name, "modality": args.modality,
                                              "crop": args.crop})
-    from .batch import check_writable_folder
+    from singan_insert.batch import check_writable_folder
 
     out = Path(args.out)
     check_writable_folder(out)
@@ -155,7 +155,7 @@ def _train(args: argparse.Namespace) -> int:
 def _harmonize(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .harmonizer import Harmonizer
+    from singan_insert.harmonizer.model import Harmonizer
 
     model = Harmonizer.load(args.model, device=args.device)
     background, composite = read_2d(Path(args.background)), read_2d(Path(args.composite))
@@ -214,7 +214,7 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
     """Write a 2D result as NPY, NIfTI (with the reference's affine if it is NIfTI) or 8-bit PNG."""
     import numpy as np
 
-    from .model_file import atomic_write_bytes, write_nifti
+    from singan_insert.io import atomic_write_bytes, write_nifti
 
     name = path.name.lower()
     path.parent.mkdir(parents=True, exist_ok=True)

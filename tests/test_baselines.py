@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from singan_insert.baselines import intensity_matched_paste, naive_paste, poisson_blend
+from singan_insert.evaluation.baselines import intensity_matched_paste, naive_paste, poisson_blend
 from singan_insert.errors import SinganInsertError
-from singan_insert.intensity import map_tumor_intensities
+from singan_insert.insertion.intensity import map_tumor_intensities
 
 
 def _case(shape=(32, 36), seed=0):

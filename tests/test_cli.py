@@ -8,7 +8,7 @@ from helpers import textured_slice
 
 from singan_insert import Harmonizer
 from singan_insert.cli import main
-from singan_insert.simulation import simulate_subject, write_crossmoda
+from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_insert_folder_resume_and_replay(tiny_model_dir, crossmoda_folder, tmp_p
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
     # The JSON record replays the output bit for bit.
-    from singan_insert.paste import SourceTumor
-    from singan_insert.volume import InsertionParameters, insert_tumor
+    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
     record = json.loads(records[0].read_text())
     case = record["case"]

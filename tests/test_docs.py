@@ -191,7 +191,7 @@ def test_mkdocs_build_strict(tmp_path):
     cli = (site / "cli.html").read_text()
     assert "--data-root" in cli and "singan-insert demo" in cli
     api = (site / "api" / "insertion.html").read_text()
-    assert 'id="singan_insert.transforms.RandomTumorInsertion"' in api
+    assert 'id="singan_insert.integrations.torchio.RandomTumorInsertion"' in api
     assert (site / "javascripts" / "mathjax.js").is_file()
 
 

@@ -1,4 +1,4 @@
-"""The crossMoDA example scripts (examples/crossmoda/0*.py) and singan_insert.pipeline.
+"""The crossMoDA example scripts (examples/crossmoda/0*.py) and singan_insert.pipeline.workflow.
 
 The scripts run in this process (imported by path) on a tiny simulated data set with the
 ``tiny`` profile: the whole chain 01 -> 07 takes about 20-30 s on two busy cores. nnU-Net is
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.metrics import dice
-from singan_insert.pipeline import (
+from singan_insert.evaluation.metrics import dice
+from singan_insert.pipeline.workflow import (
     CrossModaData,
     CrossModaPipeline,
     PipelineSettings,

@@ -4,7 +4,7 @@ import torch
 from helpers import textured_slice
 
 from singan_insert import Harmonizer, SinganInsertError
-from singan_insert.harmonizer import blend_weight
+from singan_insert.harmonizer.model import blend_weight
 
 
 def _paste(seed=0, batch=3, shape=(48, 48)):

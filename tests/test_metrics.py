@@ -13,7 +13,7 @@ from skimage.metrics import hausdorff_distance
 from skimage.segmentation import find_boundaries
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.metrics import (
+from singan_insert.evaluation.metrics import (
     EMPTY_DISTANCE_MM,
     assd,
     dice,

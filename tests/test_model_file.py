@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from singan_insert import Harmonizer, ModelFileError
-from singan_insert.model_file import FORMAT_VERSION, load_tensors, save_tensors
+from singan_insert.harmonizer.model_file import FORMAT_VERSION, load_tensors, save_tensors
 
 
 def test_save_load_round_trip_is_bit_exact(tiny_harmonizer, tmp_path):
@@ -79,7 +79,7 @@ def test_missing_file(tmp_path):
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = save_tensors(tmp_path / "a.safetensors", {"x": torch.ones(2)}, "k")
-    import singan_insert.model_file as mf
+    import singan_insert.harmonizer.model_file as mf
 
     def boom(*args, **kwargs):
         raise OSError("disk full")

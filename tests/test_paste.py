@@ -1,4 +1,4 @@
-"""Source-to-target geometry (singan_insert.paste): no harmonizer involved."""
+"""Source-to-target geometry (singan_insert.insertion.placement): no harmonizer involved."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.paste import (
+from singan_insert.insertion.placement import (
     Placement,
     SourceTumor,
     binary_tumor_mask,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from singan_insert import PyramidGeometry, SinganInsertError
-from singan_insert.pyramid import resize
+from singan_insert.harmonizer.pyramid import resize
 
 
 def test_official_scale_count_and_sizes_128():

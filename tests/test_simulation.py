@@ -9,7 +9,7 @@ import torchio as tio
 from scipy import ndimage
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.simulation import (
+from singan_insert.datasets.phantom import (
     SimulatedSubject,
     Tissue,
     _Ellipsoid,

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from singan_insert.model_file import load_tensors
+from singan_insert.harmonizer.model_file import load_tensors
 from singan_insert.stages._training import CHECKPOINT_NAME
 from singan_insert.stages.cyclegan import CycleGAN, CycleGANConfig
 from singan_insert.stages.pix2pix import Pix2Pix, Pix2PixConfig

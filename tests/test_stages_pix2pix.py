@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from singan_insert.errors import ModelFileError, SinganInsertError
-from singan_insert.intensity import PercentileNormalization
+from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.stages.cyclegan import CycleGAN, CycleGANConfig
 from singan_insert.stages.networks import UnetGenerator
 from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix, Pix2PixConfig, train_pix2pix

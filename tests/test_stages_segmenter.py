@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from singan_insert.errors import ModelFileError, SinganInsertError
-from singan_insert.model_file import load_tensors, save_tensors
+from singan_insert.harmonizer.model_file import load_tensors, save_tensors
 from singan_insert.stages.segmenter import (
     SEGMENTER_KIND,
     Segmenter,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from singan_insert import Harmonizer, SinganInsertError, TrainingConfig, train_harmonizer
-from singan_insert.training import CHECKPOINT_NAME
+from singan_insert.harmonizer.training import CHECKPOINT_NAME
 
 from helpers import textured_slice
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from singan_insert import SinganInsertError
-from singan_insert.training_slice import load_training_slice
+from singan_insert.harmonizer.training_slice import load_training_slice
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""TorchIO transforms (singan_insert.transforms): TorchIO 1.x conventions end to end."""
+"""TorchIO transforms (singan_insert.integrations.torchio): TorchIO 1.x conventions end to end."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from torchio.transforms.transform import Transform
 from torchio.utils import get_subclasses
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.harmonizer import Harmonizer
-from singan_insert.paste import SourceTumor
-from singan_insert.transforms import RandomTumorInsertion, TumorInsertion, load_harmonizer
+from singan_insert.harmonizer.model import Harmonizer
+from singan_insert.insertion.placement import SourceTumor
+from singan_insert.integrations.torchio import RandomTumorInsertion, TumorInsertion, load_harmonizer
 
 SHAPE = (48, 48, 16)
 SPACING = (0.5, 0.5, 1.5)

@@ -1,4 +1,4 @@
-"""3D insertion (singan_insert.volume) with the session's tiny harmonizer (tests/conftest.py)."""
+"""3D insertion (singan_insert.insertion.insert) with the session's tiny harmonizer (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.intensity import map_tumor_intensities
-from singan_insert.paste import Placement, SourceTumor, intensity_quantiles
-from singan_insert.volume import (
+from singan_insert.insertion.intensity import map_tumor_intensities
+from singan_insert.insertion.placement import Placement, SourceTumor, intensity_quantiles
+from singan_insert.insertion.insert import (
     InsertionParameters,
     _map_intensities,
     insert_tumor,

@@ -1,6 +1,6 @@
 """Produce the quickstart's picture and metrics: the output of ``singan-insert demo``.
 
-Runs :func:`singan_insert.demo.run_demo` (the README's main-job command, same defaults: the
+Runs :func:`singan_insert.evaluation.demo.run_demo` (the README's main-job command, same defaults: the
 ``fast`` preset, 3 simulated subjects) in a temporary folder, then copies
 
 * ``fig2_panel.png``  -> ``docs/figures/demo_fig2_panel.png``
@@ -37,7 +37,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.from_output is None:
-            from singan_insert.demo import run_demo
+            from singan_insert.evaluation.demo import run_demo
 
             out = Path(scratch) / "demo_output"
             run_demo(out_dir=out, iterations=args.iterations, device="cpu")

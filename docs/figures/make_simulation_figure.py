@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from singan_insert.simulation import simulate_subject  # noqa: E402
+from singan_insert.datasets.phantom import simulate_subject  # noqa: E402
 
 SEEDS = (0, 1, 3, 6)
 OUTPUT = Path(__file__).with_name("simulation.png")
@@ -62,7 +62,7 @@ def main() -> None:
             if column == 0:
                 title += f" (seed {seed}, {subject.tumor_volume_cm3:.2f} cm³)"
             _show(axes[row, column], image, label, spacing, title, window)
-    figure.suptitle("singan_insert.simulation: one anatomy, two contrasts (red: tumor, label 1)", fontsize=10)
+    figure.suptitle("singan_insert.datasets.phantom: one anatomy, two contrasts (red: tumor, label 1)", fontsize=10)
     figure.tight_layout()
     figure.savefig(OUTPUT, dpi=110)
     print(f"wrote {OUTPUT}")

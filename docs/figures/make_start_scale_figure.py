@@ -4,10 +4,10 @@ On the built-in simulator (ground truth known): a harmonizer is trained on the h
 of subject 0 that shows the most tumor (the ``fast`` preset shortened to 100 iterations per
 scale, about a minute on 2 CPU cores), then subject 1's ceT1 tumor is pasted into its washed-out
 hrT2 volume (contrast factor 0.5) and harmonized from every start scale the model offers, with
-:func:`singan_insert.evaluation.run_case`. Columns: the ceT1 source, the washed-out target, the
+:func:`singan_insert.evaluation.experiments.run_case`. Columns: the ceT1 source, the washed-out target, the
 naive paste, one column per start scale, and the simulator's truth; the second row zooms on the
 tumor. It also writes ``start_scales.md``, the fidelity of each column against the truth
-(:func:`singan_insert.evaluation.fidelity_markdown`), which ``docs/concepts.md`` includes.
+(:func:`singan_insert.evaluation.experiments.fidelity_markdown`), which ``docs/concepts.md`` includes.
 
 Run from the repository root::
 
@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from singan_insert import TrainingConfig, train_harmonizer
-from singan_insert.evaluation import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
-from singan_insert.figures import figure_grid
-from singan_insert.simulation import simulate_subject
-from singan_insert.volume import InsertionParameters
+from singan_insert.evaluation.experiments import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
+from singan_insert.evaluation.figures import figure_grid
+from singan_insert.datasets.phantom import simulate_subject
+from singan_insert.insertion.insert import InsertionParameters
 
 HERE = Path(__file__).resolve().parent
 ITERATIONS = 100

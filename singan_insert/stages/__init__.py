@@ -9,10 +9,10 @@
 The stages depend on the core, never the other way round.
 """
 
-from .cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
-from .pix2pix import Pix2Pix, Pix2PixConfig, train_pix2pix
-from .segmenter import Segmenter, SegmenterConfig
-from .slices import PairedSliceDataset, SliceDataset, translate_volume
+from singan_insert.stages.cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
+from singan_insert.stages.pix2pix import Pix2Pix, Pix2PixConfig, train_pix2pix
+from singan_insert.stages.segmenter import Segmenter, SegmenterConfig
+from singan_insert.stages.slices import PairedSliceDataset, SliceDataset, translate_volume
 
 __all__ = [
     "CycleGAN", "CycleGANConfig", "train_cyclegan",

@@ -40,8 +40,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from ..errors import ModelFileError, SinganInsertError
-from ..model_file import (
+from singan_insert.errors import ModelFileError, SinganInsertError
+from singan_insert.harmonizer.model_file import (
     load_tensors,
     optimizer_to_tensors,
     save_tensors,
@@ -236,8 +236,8 @@ class DistributedContext:
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """Resolve ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"`` (a bare ``"cuda"`` becomes
-    ``cuda:<local_rank>``); see :func:`singan_insert.harmonizer.select_device`."""
-    from ..harmonizer import select_device as resolve
+    ``cuda:<local_rank>``); see :func:`singan_insert.devices.select_device`."""
+    from singan_insert.devices import select_device as resolve
 
     return resolve(name, local_rank)
 

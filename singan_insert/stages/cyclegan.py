@@ -36,9 +36,9 @@ import nibabel as nib
 import torch
 from torch import nn
 
-from ..errors import SinganInsertError
-from ..intensity import PercentileNormalization
-from ._training import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.stages._training import (
     DistributedContext,
     GANLoss,
     StageModel,
@@ -51,8 +51,8 @@ from ._training import (
     seeded,
     set_requires_grad,
 )
-from .networks import NormName, PatchDiscriminator, ResnetGenerator
-from .slices import SliceDataset, VolumeLike, VolumeSource, translate_volume
+from singan_insert.stages.networks import NormName, PatchDiscriminator, ResnetGenerator
+from singan_insert.stages.slices import SliceDataset, VolumeLike, VolumeSource, translate_volume
 
 __all__ = ["CycleGAN", "CycleGANConfig", "ImagePool", "train_cyclegan"]
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 NormName = Literal["instance", "batch"]
 

@@ -81,7 +81,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import MissingExtraError, SinganInsertError
+from singan_insert.errors import MissingExtraError, SinganInsertError
 
 __all__ = [
     "CROSSMODA_LABELS",

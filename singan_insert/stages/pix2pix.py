@@ -34,9 +34,9 @@ import nibabel as nib
 import torch
 from torch import nn
 
-from ..errors import SinganInsertError
-from ..intensity import PercentileNormalization
-from ._training import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.stages._training import (
     DistributedContext,
     GANLoss,
     StageModel,
@@ -49,8 +49,8 @@ from ._training import (
     seeded,
     set_requires_grad,
 )
-from .networks import NormName, PatchDiscriminator, UnetGenerator
-from .slices import PairedSliceDataset, VolumeLike, translate_volume
+from singan_insert.stages.networks import NormName, PatchDiscriminator, UnetGenerator
+from singan_insert.stages.slices import PairedSliceDataset, VolumeLike, translate_volume
 
 __all__ = ["Pix2Pix", "Pix2PixConfig", "train_pix2pix"]
 

@@ -25,7 +25,7 @@ Summing over the batch ("batch Dice", as nnU-Net does for small structures) keep
 term defined when a patch misses a class.
 
 **Data.** Every volume is mapped to :math:`[-1, 1]` by its own robust percentiles
-(:class:`~singan_insert.intensity.PercentileNormalization`, 0.5/99.5), at training and at
+(:class:`~singan_insert.harmonizer.normalization.PercentileNormalization`, 0.5/99.5), at training and at
 prediction time, so no intensity statistics are stored. A ``foreground_fraction`` of the
 patches is centred on a random labelled voxel (nnU-Net uses 1/3); augmentation is random
 flips along every axis and a random intensity scale/shift (x s + b, s in [0.9, 1.1],
@@ -35,7 +35,7 @@ b in [-0.1, 0.1]). Spacing is ignored: train and predict on volumes of the same 
 probabilities averaged with a Gaussian weight (sigma = 1/8 of the patch, as nnU-Net), argmax.
 
 **Files.** :meth:`Segmenter.save` writes one safetensors file through
-:mod:`singan_insert.model_file` (kind ``"singan-insert-segmenter"``, the config in JSON);
+:mod:`singan_insert.harmonizer.model_file` (kind ``"singan-insert-segmenter"``, the config in JSON);
 :meth:`Segmenter.load` never unpickles anything.
 """
 
@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SinganInsertError
-from ..intensity import PercentileNormalization, check_finite
-from ..model_file import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.checks import check_finite
+from singan_insert.harmonizer.model_file import (
     load_tensors,
     save_tensors,
     state_dict_to_tensors,
@@ -457,7 +458,7 @@ class Segmenter:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as one safetensors file (atomic; see :mod:`singan_insert.model_file`)."""
+        """Write the model as one safetensors file (atomic; see :mod:`singan_insert.harmonizer.model_file`)."""
         return save_tensors(
             path,
             state_dict_to_tensors("network", self.network),

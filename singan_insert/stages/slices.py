@@ -1,7 +1,7 @@
 """2D slices of NIfTI volumes, for the slice-wise stages (CycleGAN, pix2pix), and back to 3D.
 
 Each volume is normalised on its own to the networks' range :math:`[-1, 1]` with
-:class:`~singan_insert.intensity.PercentileNormalization` (robust percentiles, default
+:class:`~singan_insert.harmonizer.normalization.PercentileNormalization` (robust percentiles, default
 ``(0.5, 99.5)``), cut into slices perpendicular to ``axis`` and, when ``size`` is given,
 resampled to ``size x size`` pixels (bilinear, antialiased when shrinking). Slices are held in
 memory as one ``float32`` tensor: about ``4 * size**2`` bytes per slice (256 px: 256 KiB).
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..errors import SinganInsertError
-from ..intensity import PercentileNormalization, check_finite
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.checks import check_finite
 
 VolumeLike = str | os.PathLike | nib.spatialimages.SpatialImage
 VolumeSource = VolumeLike | Sequence[VolumeLike]

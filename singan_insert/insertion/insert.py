@@ -2,12 +2,12 @@
 
 For one tumor, :func:`insert_tumor`
 
-1. places the source tumor on the target grid (:func:`singan_insert.paste.paste_tumor`);
+1. places the source tumor on the target grid (:func:`singan_insert.insertion.placement.paste_tumor`);
 2. maps its intensities into the target's units with
-   :func:`singan_insert.intensity.map_tumor_intensities` (``"normalized"`` or ``"matched"``,
+   :func:`singan_insert.insertion.intensity.map_tumor_intensities` (``"normalized"`` or ``"matched"``,
    then the contrast factor :math:`\\lambda`). Both mappings are monotone functions of the
    intensity that depend on the two images only through their distributions, so they are built
-   once on compact quantile tables (:func:`singan_insert.paste.intensity_quantiles`) and applied
+   once on compact quantile tables (:func:`singan_insert.insertion.placement.intensity_quantiles`) and applied
    to the tumor voxels by linear interpolation: the cost does not grow with the volume. On
    test volumes the result agrees with the whole-volume mapping within 1 % of the target's
    robust range for 99 % of the tumor voxels; only the few most extreme values of the tails
@@ -16,7 +16,7 @@ For one tumor, :func:`insert_tumor`
 4. cuts every slice that intersects the tumor along ``axis`` (default: the through-plane axis,
    the one with the largest voxel size) out of a crop that extends ``context_mm`` beyond the
    tumor in the slice plane, and harmonizes all of them in ONE batched
-   :meth:`~singan_insert.harmonizer.Harmonizer.harmonize` call with the same noise field for
+   :meth:`~singan_insert.harmonizer.model.Harmonizer.harmonize` call with the same noise field for
    every slice (``shared_noise=True``: neighbouring slices, whose composites differ little,
    receive the same noise, so no stripes appear in the through-plane view), normalised with
    the whole volume's percentiles;
@@ -47,10 +47,12 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from .errors import SinganInsertError
-from .harmonizer import Harmonizer
-from .intensity import IntensityMode, PercentileNormalization, check_finite, map_tumor_intensities
-from .paste import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.model import Harmonizer
+from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.checks import check_finite
+from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
     SourceTumor,
@@ -72,9 +74,9 @@ class InsertionParameters:
     """Everything that decides the result of :func:`insert_tumor`, besides the data and model.
 
     Args:
-        placement: where and how the source tumor goes (:class:`~singan_insert.paste.Placement`);
+        placement: where and how the source tumor goes (:class:`~singan_insert.insertion.placement.Placement`);
             ``None`` keeps its physical position.
-        intensity_mode: ``"normalized"`` or ``"matched"`` (see :mod:`singan_insert.intensity`).
+        intensity_mode: ``"normalized"`` or ``"matched"`` (see :mod:`singan_insert.insertion.intensity`).
         contrast: the factor :math:`\\lambda > 0` (GBA uses 0.5, 0.8, 1.5).
         start_scale: harmonizer injection scale (negative counts from the finest); ``None``:
             the model's default.
@@ -86,7 +88,7 @@ class InsertionParameters:
         label_value: value written in the label map (> 0).
         overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see the module docstring).
         dilation_mm, feather_mm: blend weight of the harmonizer; ``None``: its defaults.
-        border_margin, clip_to_fov, max_anisotropy: see :func:`~singan_insert.paste.paste_tumor`.
+        border_margin, clip_to_fov, max_anisotropy: see :func:`~singan_insert.insertion.placement.paste_tumor`.
     """
 
     placement: Placement | None = None
@@ -123,7 +125,7 @@ class InsertionParameters:
         if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed):
             raise SinganInsertError(f"seed must be an integer or None, got {self.seed!r}.")
         if self.placement is not None and not isinstance(self.placement, Placement):
-            raise SinganInsertError("placement must be a singan_insert.paste.Placement or None.")
+            raise SinganInsertError("placement must be a singan_insert.insertion.placement.Placement or None.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form (the inverse of :meth:`from_dict`)."""
@@ -213,8 +215,8 @@ def insert_tumor(
     Args:
         target_image: the target volume, 3D ``(X, Y, Z)``, finite.
         target_affine: its voxel-to-world affine (mm).
-        source: the tumor to insert (:class:`~singan_insert.paste.SourceTumor`).
-        harmonizer: a trained :class:`~singan_insert.harmonizer.Harmonizer` of the target's
+        source: the tumor to insert (:class:`~singan_insert.insertion.placement.SourceTumor`).
+        harmonizer: a trained :class:`~singan_insert.harmonizer.model.Harmonizer` of the target's
             modality.
         parameters: see :class:`InsertionParameters` (default: all defaults).
         target_label: existing label map on the target grid, or ``None`` for an empty one.

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import MissingExtraError
+from singan_insert.errors import MissingExtraError
 
 
 def require_matplotlib():

@@ -51,17 +51,18 @@ import torchio as tio
 from torchio.transforms.augmentation import RandomTransform
 from torchio.transforms.transform import Transform
 
-from .errors import SinganInsertError
-from .harmonizer import Harmonizer, select_device
-from .intensity import IntensityMode
-from .paste import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.model import Harmonizer
+from singan_insert.devices import select_device
+from singan_insert.insertion.intensity import IntensityMode
+from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
     SourceTumor,
     check_same_grid,
     placed_bounds,
 )
-from .volume import InsertionParameters, default_label_dtype, insert_tumor
+from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 
 __all__ = ["RandomTumorInsertion", "TumorInsertion", "load_harmonizer"]
 
@@ -159,14 +160,14 @@ class TumorInsertion(Transform):
     are mapped into the target's units (``intensity_mode``, then the contrast factor
     :math:`\lambda`), pasted at ``location`` (or where it physically is) and harmonized slice by
     slice along ``axis``; ``label_value`` is written into the label map ``label_key`` (created
-    when missing). See :func:`singan_insert.volume.insert_tumor` for the method.
+    when missing). See :func:`singan_insert.insertion.insert.insert_tumor` for the method.
 
     Args:
         model: path of the harmonizer model file (or training folder). Loaded lazily, once per
             process (:func:`load_harmonizer`); the transform carries only the path.
         source: the tumor: the key of a scalar image of the same subject (its label is
             ``source_label_key``), an ``(image_path, label_path)`` pair of files, a
-            :class:`~singan_insert.paste.SourceTumor`, or a ``torchio.Subject`` (converted
+            :class:`~singan_insert.insertion.placement.SourceTumor`, or a ``torchio.Subject`` (converted
             to a compact ``SourceTumor`` at construction). ``None`` inserts nothing but still
             creates the label map: this is what :class:`RandomTumorInsertion` records when it
             is skipped.
@@ -188,12 +189,12 @@ class TumorInsertion(Transform):
             (``None``: its only scalar image).
         axis: slicing axis for the harmonization; ``None``: the through-plane axis.
         context_mm: in-plane context kept around the tumor for the harmonizer.
-        overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see :mod:`singan_insert.volume`).
+        overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see :mod:`singan_insert.insertion.insert`).
         border_margin: minimum voxels between the tumor and the border of the volume.
         clip_to_fov: cut the tumor at the border instead of raising.
         modality: declared modality of the target, checked against the model's.
         device: where the harmonizer runs (default ``"cpu"``: right for DataLoader workers).
-        max_anisotropy: see :func:`singan_insert.paste.check_anisotropy`.
+        max_anisotropy: see :func:`singan_insert.insertion.placement.check_anisotropy`.
         **kwargs: see :class:`torchio.transforms.Transform` (``p``, ``include``, ``exclude``,
             ``copy``, ``keep``, ``label_keys``). When ``p`` skips the insertion, the label map is
             still created.
@@ -273,7 +274,7 @@ class TumorInsertion(Transform):
         return super().__call__(data)
 
     def insertion_parameters(self) -> InsertionParameters:
-        """The :class:`~singan_insert.volume.InsertionParameters` this transform applies."""
+        """The :class:`~singan_insert.insertion.insert.InsertionParameters` this transform applies."""
         placement = Placement(
             location=self.location, units=self.location_units, flips=self.flip,
             rotation_degrees=self.rotation, scale=self.scale,
@@ -308,7 +309,7 @@ class TumorInsertion(Transform):
         return subject
 
     def resolve_source(self, subject: tio.Subject) -> SourceTumor:
-        """The :class:`~singan_insert.paste.SourceTumor` this transform inserts into ``subject``."""
+        """The :class:`~singan_insert.insertion.placement.SourceTumor` this transform inserts into ``subject``."""
         if isinstance(self.source, SourceTumor):
             return self.source
         if isinstance(self.source, tuple):
@@ -332,7 +333,7 @@ class RandomTumorInsertion(RandomTransform):
         sources: the bank: the key of a scalar image of the same subject (the tumor is the
             subject's own, label ``source_label_key``); or a sequence of
             ``(image_path, label_path)`` pairs, ``torchio.Subject`` instances (converted to
-            compact :class:`~singan_insert.paste.SourceTumor` crops at construction) or
+            compact :class:`~singan_insert.insertion.placement.SourceTumor` crops at construction) or
             ``SourceTumor`` instances; one is drawn uniformly per subject.
         placement_key: where the tumor's centroid may go: the name of a label map of the
             subject (voxels whose value is in ``placement_values``, default any non-zero), or

@@ -43,8 +43,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
-from .errors import SinganInsertError
-from .intensity import check_finite
+from singan_insert.errors import SinganInsertError
+from singan_insert.checks import check_finite
 
 __all__ = [
     "EMPTY_DISTANCE_MM",

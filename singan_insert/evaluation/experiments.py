@@ -6,9 +6,9 @@ One experiment case follows the paper's Fig. 2 on a simulated subject:
 washed out (the stand-in for a CycleGAN translation in which tumors vanish); (c) the A tumor
 naively pasted into (b); (d) the paste harmonized by the SinGAN pyramid; and the truth: the
 simulator's rendering of modality B with that very tumor (same mask, same noise realisation).
-Every method is scored against the truth with :func:`singan_insert.metrics.harmonization_fidelity`.
+Every method is scored against the truth with :func:`singan_insert.evaluation.metrics.harmonization_fidelity`.
 
-Methods (all through the same paste geometry, :func:`singan_insert.paste.paste_tumor`):
+Methods (all through the same paste geometry, :func:`singan_insert.insertion.placement.paste_tumor`):
 
 ``naive_raw``        the source's own normalised intensities pasted (``contrast=1``);
 ``naive_mapped``     the intensity-mapped paste (``intensity_mode`` and ``contrast``), i.e. the
@@ -24,13 +24,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .baselines import poisson_blend
-from .harmonizer import Harmonizer
-from .intensity import map_tumor_intensities
-from .metrics import harmonization_fidelity
-from .paste import SourceTumor
-from .simulation import SimulatedSubject
-from .volume import InsertionParameters, insert_tumor, through_plane_axis
+from singan_insert.evaluation.baselines import poisson_blend
+from singan_insert.harmonizer.model import Harmonizer
+from singan_insert.insertion.intensity import map_tumor_intensities
+from singan_insert.evaluation.metrics import harmonization_fidelity
+from singan_insert.insertion.placement import SourceTumor
+from singan_insert.datasets.phantom import SimulatedSubject
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor, through_plane_axis
 
 
 @dataclass
@@ -48,7 +48,7 @@ class InsertionCase:
     label: np.ndarray | None = None
 
     def fidelity(self) -> dict[str, dict[str, float]]:
-        """Fidelity of every method against the truth (see :mod:`singan_insert.metrics`)."""
+        """Fidelity of every method against the truth (see :mod:`singan_insert.evaluation.metrics`)."""
         return {method: harmonization_fidelity(volume, self.truth, self.mask, self.spacing).to_dict()
                 for method, volume in self.outputs.items()}
 

@@ -31,40 +31,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import SinganInsertError
-from .intensity import PercentileNormalization, check_finite
-from .model_file import load_tensors, save_tensors, state_dict_to_tensors, tensors_to_state_dict
-from .networks import GeneratorPyramid, ScaleGenerator
-from .pyramid import PyramidGeometry, resize
+from singan_insert.devices import select_device
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.checks import check_finite
+from singan_insert.harmonizer.model_file import load_tensors, save_tensors, state_dict_to_tensors, tensors_to_state_dict
+from singan_insert.harmonizer.networks import GeneratorPyramid, ScaleGenerator
+from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 
 MODEL_KIND = "singan-insert-harmonizer"
 MODEL_FILE_NAME = "harmonizer.safetensors"
 
 
-def select_device(device: str | torch.device | None = None, local_rank: int | None = None) -> torch.device:
-    """Resolve a device name: ``None``/``"auto"`` = CUDA when available, else the CPU.
-
-    With ``local_rank`` (torchrun), a bare ``"cuda"`` becomes ``cuda:<local_rank>`` so that each
-    process uses its own GPU. The one device resolver of the package (the stages use it too).
-    """
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError as error:
-        raise SinganInsertError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from error
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SinganInsertError("CUDA was requested but is not available; use --device cpu.")
-        if device.index is None and local_rank is not None:
-            device = torch.device("cuda", local_rank)
-    return device
-
-
 class Harmonizer:
     """A trained generator pyramid plus everything needed to apply it to new slices.
 
-    Build one with :func:`singan_insert.training.train_harmonizer` or :meth:`load`.
+    Build one with :func:`singan_insert.harmonizer.training.train_harmonizer` or :meth:`load`.
     """
 
     def __init__(
@@ -266,7 +248,7 @@ class Harmonizer:
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model as one safetensors file (atomic; see :mod:`singan_insert.model_file`)."""
+        """Write the model as one safetensors file (atomic; see :mod:`singan_insert.harmonizer.model_file`)."""
         tensors: dict[str, torch.Tensor] = {}
         widths = []
         for index, generator in enumerate(self.pyramid.generators):
@@ -303,7 +285,7 @@ class Harmonizer:
             geometry = PyramidGeometry.from_dict(meta["geometry"])
             normalization = PercentileNormalization.from_dict(meta["normalization"])
         except (KeyError, RuntimeError, TypeError) as error:
-            from .errors import ModelFileError
+            from singan_insert.errors import ModelFileError
 
             raise ModelFileError(f"{str(path)!r} is an inconsistent harmonizer file ({error}).") from error
         own_keys = {"geometry", "first_trained_scale", "noise_amplitudes", "widths", "num_layers",
@@ -361,7 +343,7 @@ def _prepare_batch(background, composite, mask):
     if bg.ndim not in (2, 3):
         raise SinganInsertError(
             f"Expected 2D slices of shape (H, W) or a batch (B, H, W); got shape {tuple(bg.shape)}. "
-            "For a volume, use singan_insert.volume.insert_tumor, which harmonizes every tumor slice.")
+            "For a volume, use singan_insert.insertion.insert.insert_tumor, which harmonizes every tumor slice.")
     if comp.shape != bg.shape or m.shape != bg.shape:
         raise SinganInsertError(
             f"background {tuple(bg.shape)}, composite {tuple(comp.shape)} and mask {tuple(m.shape)} "

@@ -16,12 +16,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .model_file import write_nifti
-from .evaluation import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
-from .harmonizer import select_device
-from .simulation import simulate_subject, write_crossmoda
-from .training import TrainingConfig, train_harmonizer
-from .volume import InsertionParameters
+from singan_insert.io import write_nifti
+from singan_insert.evaluation.experiments import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
+from singan_insert.devices import select_device
+from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
+from singan_insert.harmonizer.training import TrainingConfig, train_harmonizer
+from singan_insert.insertion.insert import InsertionParameters
 
 DEMO_CONTRAST = 0.5  # GBA's dimming factor: a ceT1 tumor is brighter than an hrT2 one (NOTES)
 
@@ -73,7 +73,7 @@ def run_demo(
     table = fidelity_markdown(summary)
     methods = ["naive_mapped", f"singan_s{harmonizer.default_start_scale}"]
     try:
-        from .figures import figure_grid
+        from singan_insert.evaluation.figures import figure_grid
 
         figure_grid([case.panel_row(methods) for case in cases], out / "fig2_panel.png",
                     ["A source (ceT1)", "B washed out", "naive paste", "harmonized", "truth (hrT2)"],

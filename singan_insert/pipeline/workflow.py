@@ -63,8 +63,8 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import SinganInsertError
-from .paste import spacing_from_affine
+from singan_insert.errors import SinganInsertError
+from singan_insert.insertion.placement import spacing_from_affine
 
 __all__ = [
     "METHODS",
@@ -331,27 +331,27 @@ class PipelineSettings:
 
     # -- stage configurations --------------------------------------------------------------
     def cyclegan_config(self, progress: bool = False):
-        from .stages.cyclegan import CycleGANConfig
+        from singan_insert.stages.cyclegan import CycleGANConfig
 
         return CycleGANConfig.preset(self.cyclegan_preset, image_size=None, seed=self.seed,
                                      device=self.device, progress=progress,
                                      **_schedule(self.cyclegan_iterations))
 
     def pix2pix_config(self, progress: bool = False):
-        from .stages.pix2pix import Pix2PixConfig
+        from singan_insert.stages.pix2pix import Pix2PixConfig
 
         return Pix2PixConfig.preset(self.pix2pix_preset, image_size=None, seed=self.seed,
                                     device=self.device, progress=progress,
                                     **_schedule(self.pix2pix_iterations))
 
     def segmenter_config(self):
-        from .stages.segmenter import SegmenterConfig
+        from singan_insert.stages.segmenter import SegmenterConfig
 
         extra = {} if self.segmenter_iterations is None else {"iterations": self.segmenter_iterations}
         return SegmenterConfig.preset(self.segmenter_preset, num_classes=NUM_CLASSES, **extra)
 
     def harmonizer_config(self):
-        from .training import TrainingConfig
+        from singan_insert.harmonizer.training import TrainingConfig
 
         config = TrainingConfig.preset(self.harmonizer_preset)
         return config if self.harmonizer_iterations is None else replace(config, iterations=self.harmonizer_iterations)
@@ -476,7 +476,7 @@ def simulate_crossmoda(
     tumor_volume_cm3: tuple[float, float] = (0.1, 5.0),
     source_validation: bool = False,
 ) -> CrossModaData:
-    """Write a simulated crossMoDA-like data set (:func:`singan_insert.simulation.simulate_subject`).
+    """Write a simulated crossMoDA-like data set (:func:`singan_insert.datasets.phantom.simulate_subject`).
 
     Subjects are distinct per split, as in crossMoDA (unpaired): case ``N`` is simulated from
     seed ``1000 * seed + N`` and named ``crossmoda2021_ldn_<N>``; sources are
@@ -489,7 +489,7 @@ def simulate_crossmoda(
     written to ``source_validation/`` (not part of crossMoDA; they measure S_A in its own domain).
     A finished data set (``simulation.json`` present with the same arguments) is reused.
     """
-    from .simulation import simulate_subject, write_crossmoda
+    from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
 
     data = CrossModaData(Path(root))
     counts = (num_source, num_target, num_validation)
@@ -547,8 +547,8 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI volume atomically (see :func:`singan_insert.model_file.write_nifti`)."""
-    from .model_file import write_nifti
+    """Write a NIfTI volume atomically (see :func:`singan_insert.io.write_nifti`)."""
+    from singan_insert.io import write_nifti
 
     return write_nifti(path, data, affine)
 
@@ -658,7 +658,7 @@ class CrossModaPipeline:
         return self.work / "segmenter" / "segmenter.safetensors"
 
     def _nnunet_workspace(self):
-        from .stages.nnunet import NnUNetWorkspace
+        from singan_insert.stages.nnunet import NnUNetWorkspace
 
         return NnUNetWorkspace(self.work / "segmenter" / "nnunet")
 
@@ -679,13 +679,13 @@ class CrossModaPipeline:
         """
         settings = self.settings
         if settings.segmenter == "nnunet":
-            from .stages.nnunet import require_nnunet
+            from singan_insert.stages.nnunet import require_nnunet
 
             require_nnunet("Training S_A with nnU-Net (--segmenter nnunet)")
         self.prepare()
         cases = self.data.source_cases()
         if settings.segmenter == "nnunet":
-            from .stages.nnunet import NnUNetCase
+            from singan_insert.stages.nnunet import NnUNetCase
 
             if self._nnunet_done():
                 return self._nnunet_fold()
@@ -702,7 +702,7 @@ class CrossModaPipeline:
                                        device="cuda" if settings.device.startswith("cuda") else "cpu")
         if self.segmenter_path.is_file():
             return self.segmenter_path
-        from .stages.segmenter import Segmenter
+        from singan_insert.stages.segmenter import Segmenter
 
         with self._timed("1_segmenter"):
             images = [read_volume(self.grid_source(c.name))[0] for c in cases]
@@ -719,7 +719,7 @@ class CrossModaPipeline:
         stems = [p.name.split(".nii")[0] for p in grid_images]
         outputs = [out_dir / f"{stem}{_NIFTI}" for stem in stems]
         if self.settings.segmenter == "nnunet":
-            from .stages.nnunet import NnUNetCase
+            from singan_insert.stages.nnunet import NnUNetCase
 
             if not self._nnunet_done():
                 raise SinganInsertError("S_A is not trained yet: run step 1 (01_train_source_segmenter.py).")
@@ -735,7 +735,7 @@ class CrossModaPipeline:
             return outputs
         if not self.segmenter_path.is_file():
             raise SinganInsertError("S_A is not trained yet: run step 1 (01_train_source_segmenter.py).")
-        from .stages.segmenter import Segmenter
+        from singan_insert.stages.segmenter import Segmenter
 
         segmenter = Segmenter.load(self.segmenter_path, device=_torch_device(self.settings.device))
         for path, output in zip(grid_images, outputs):
@@ -746,13 +746,13 @@ class CrossModaPipeline:
     # -- 2. CycleGAN ----------------------------------------------------------------------
     @property
     def cyclegan_path(self) -> Path:
-        from .stages.cyclegan import MODEL_NAME
+        from singan_insert.stages.cyclegan import MODEL_NAME
 
         return self.work / "cyclegan" / MODEL_NAME
 
     def train_cyclegan(self):
         """Step 2a: CycleGAN between the ceT1 and the hrT2 training scans (unpaired)."""
-        from .stages.cyclegan import CycleGAN, train_cyclegan
+        from singan_insert.stages.cyclegan import CycleGAN, train_cyclegan
 
         self.prepare()
         if self.cyclegan_path.is_file():
@@ -765,7 +765,7 @@ class CrossModaPipeline:
 
     def translate_sources(self) -> list[Path]:
         """Step 2b: each ceT1 scan translated to hrT2 (``grid/source/<name>_fakehrT2``)."""
-        from .stages.cyclegan import CycleGAN
+        from singan_insert.stages.cyclegan import CycleGAN
 
         model = None
         outputs = []
@@ -797,9 +797,9 @@ class CrossModaPipeline:
             label: a (rough) tumor label on the scan's own grid; default the one in
                 ``target_training_labels/``, if any.
         """
-        from .harmonizer import Harmonizer
-        from .training import MODEL_NAME, train_harmonizer
-        from .training_slice import load_training_slice
+        from singan_insert.harmonizer.model import Harmonizer
+        from singan_insert.harmonizer.training import MODEL_NAME, train_harmonizer
+        from singan_insert.harmonizer.training_slice import load_training_slice
 
         self.prepare()
         model_file = self.harmonizer_dir / MODEL_NAME
@@ -854,11 +854,11 @@ class CrossModaPipeline:
         Returns:
             ``{"harmonized": [...], "naive": [...]}``: the written image paths.
         """
-        from .batch import InsertSettings, augment_case, find_crossmoda_cases, output_paths
-        from .model_file import atomic_write_bytes
-        from .paste import SourceTumor
-        from .transforms import load_harmonizer
-        from .volume import InsertionParameters, insert_tumor
+        from singan_insert.batch import InsertSettings, augment_case, find_crossmoda_cases, output_paths
+        from singan_insert.io import atomic_write_bytes
+        from singan_insert.insertion.placement import SourceTumor
+        from singan_insert.integrations.torchio import load_harmonizer
+        from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
         self.translate_sources()
         model = self.harmonizer_dir
@@ -902,13 +902,13 @@ class CrossModaPipeline:
 
     # -- 5. pix2pix -----------------------------------------------------------------------
     def pix2pix_path(self, variant: str) -> Path:
-        from .stages.pix2pix import MODEL_NAME
+        from singan_insert.stages.pix2pix import MODEL_NAME
 
         return self.work / "pix2pix" / variant / MODEL_NAME
 
     def train_pix2pix(self, variant: Literal["harmonized", "naive"] = "harmonized"):
         """Step 5: pix2pix :math:`B' \\to A` on the (B', ceT1) pairs of ``variant``."""
-        from .stages.pix2pix import Pix2Pix, train_pix2pix
+        from singan_insert.stages.pix2pix import Pix2Pix, train_pix2pix
 
         if variant not in ("harmonized", "naive"):
             raise SinganInsertError(f"variant must be 'harmonized' or 'naive', got {variant!r}.")
@@ -929,8 +929,8 @@ class CrossModaPipeline:
     # -- 6. translate + segment the validation scans --------------------------------------
     def translate_validation(self, method: Method) -> list[Path]:
         """Translate every validation hrT2 to ceT1 with ``method``'s generator (working grid)."""
-        from .stages.cyclegan import CycleGAN
-        from .stages.pix2pix import Pix2Pix
+        from singan_insert.stages.cyclegan import CycleGAN
+        from singan_insert.stages.pix2pix import Pix2Pix
 
         _check_method(method)
         self.prepare()
@@ -981,7 +981,7 @@ class CrossModaPipeline:
         Returns:
             ``{"table": table1_report(...), "per_case": {method: [{case, dice, assd}...]}}``.
         """
-        from .metrics import segmentation_scores, table1_report
+        from singan_insert.evaluation.metrics import segmentation_scores, table1_report
 
         validation = self.data.validation_images()
         truths = {name: self.data.truth(name) for name, _ in validation}
@@ -1027,7 +1027,7 @@ class CrossModaPipeline:
             methods: methods to show (their predictions must exist).
             cases: validation cases (rows); default the first four, in name order.
         """
-        from .figures import figure_grid
+        from singan_insert.evaluation.figures import figure_grid
 
         names = list(cases) if cases is not None else [n for n, _ in self.data.validation_images()][:4]
         rows, contours = [], []
@@ -1071,7 +1071,7 @@ def _check_method(method: str) -> None:
 
 def _torch_device(name: str) -> str:
     if name == "auto":
-        from .harmonizer import select_device
+        from singan_insert.devices import select_device
 
         return str(select_device("auto"))
     return name

@@ -52,9 +52,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import SinganInsertError
-from .intensity import PercentileNormalization, check_finite
-from .model_file import (
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.checks import check_finite
+from singan_insert.harmonizer.model_file import (
     load_tensors,
     optimizer_to_tensors,
     save_tensors,
@@ -62,8 +63,8 @@ from .model_file import (
     tensors_to_optimizer,
     tensors_to_state_dict,
 )
-from .networks import GeneratorPyramid, PatchCritic, ScaleGenerator
-from .pyramid import PyramidGeometry, resize
+from singan_insert.harmonizer.networks import GeneratorPyramid, PatchCritic, ScaleGenerator
+from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 
 CHECKPOINT_KIND = "singan-insert-checkpoint"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -217,7 +218,8 @@ def train_harmonizer(
         stop_after_iterations: stop (as if interrupted) after this many iterations in total;
             the last checkpoint stays on disk for a later resume. For tests and time-boxing.
     """
-    from .harmonizer import Harmonizer, select_device
+    from singan_insert.harmonizer.model import Harmonizer
+    from singan_insert.devices import select_device
 
     config = config or TrainingConfig.preset("fast")
     device = select_device(device)

@@ -1,4 +1,6 @@
-"""Intensity normalisation and the mapping of source-tumor intensities into a target modality.
+"""The mapping of source-tumor intensities into a target modality.
+
+The harmonizer's own normalisation is :mod:`singan_insert.harmonizer.normalization`.
 
 The harmonizer works in a fixed range, :math:`[-1, 1]`. Any image is mapped into it by robust
 percentile scaling,
@@ -28,73 +30,14 @@ target's dark reference :math:`p_{lo}^t`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 
-from .errors import SinganInsertError
+from singan_insert.checks import check_finite
+from singan_insert.errors import SinganInsertError
 
 IntensityMode = Literal["normalized", "matched"]
-ArrayLike = np.ndarray | torch.Tensor
-
-
-@dataclass(frozen=True)
-class PercentileNormalization:
-    """Robust affine map of intensities to :math:`[-1, 1]` (see the module docstring).
-
-    Args:
-        low: intensity mapped to -1 (the ``percentiles[0]`` percentile of the fitted data).
-        high: intensity mapped to +1; must be greater than ``low``.
-        percentiles: the percentiles ``low`` and ``high`` were fitted at, in [0, 100].
-    """
-
-    low: float
-    high: float
-    percentiles: tuple[float, float] = (0.5, 99.5)
-
-    def __post_init__(self) -> None:
-        if not (np.isfinite(self.low) and np.isfinite(self.high)):
-            raise SinganInsertError("Normalization bounds must be finite numbers.")
-        if self.high <= self.low:
-            raise SinganInsertError(
-                f"The image is constant over its robust range (p{self.percentiles[0]} = "
-                f"p{self.percentiles[1]} = {self.low:g}): there is nothing to learn or harmonize. "
-                "Check that you passed the right image or slice."
-            )
-
-    @classmethod
-    def fit(
-        cls,
-        image: ArrayLike,
-        mask: ArrayLike | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-    ) -> "PercentileNormalization":
-        """Fit the percentiles of ``image`` (restricted to ``mask`` when given)."""
-        values = _as_numpy(image)
-        check_finite(values, "image")
-        if mask is not None:
-            values = values[_as_numpy(mask) > 0]
-            if values.size == 0:
-                raise SinganInsertError("The mask used to fit the normalisation is empty.")
-        low, high = np.percentile(values, percentiles)
-        return cls(float(low), float(high), (float(percentiles[0]), float(percentiles[1])))
-
-    def to_model(self, x: torch.Tensor) -> torch.Tensor:
-        """Map intensities to the model's range :math:`[-1, 1]` (clipped)."""
-        return (2 * (x - self.low) / (self.high - self.low) - 1).clamp(-1, 1)
-
-    def from_model(self, y: torch.Tensor) -> torch.Tensor:
-        """Map model-range values back to intensities (inverse of :meth:`to_model`)."""
-        return (y + 1) / 2 * (self.high - self.low) + self.low
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PercentileNormalization":
-        return cls(float(data["low"]), float(data["high"]), tuple(data["percentiles"]))
 
 
 def map_tumor_intensities(
@@ -148,20 +91,3 @@ def _quantile_match(source: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return match_histograms(source, reference)
 
 
-def check_finite(values: ArrayLike, name: str) -> None:
-    """Raise a clear error when ``values`` holds NaN or infinity."""
-    # Fast path: a finite sum proves every value finite (one pass, no boolean temporary).
-    if torch.is_tensor(values):
-        finite = bool(torch.isfinite(values.sum())) or bool(torch.isfinite(values).all())
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = bool(np.isfinite(np.sum(values))) or bool(np.isfinite(values).all())
-    if not finite:
-        raise SinganInsertError(
-            f"The {name} contains NaN or infinite values; replace them (e.g. with "
-            "numpy.nan_to_num) before passing it to singan-insert."
-        )
-
-
-def _as_numpy(x: ArrayLike) -> np.ndarray:
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)

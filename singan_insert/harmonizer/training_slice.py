@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 
 @dataclass(frozen=True)
 class TrainingSlice:
-    """A 2D slice ready for :func:`~singan_insert.training.train_harmonizer`.
+    """A 2D slice ready for :func:`~singan_insert.harmonizer.training.train_harmonizer`.
 
     Attributes:
         image: the slice, ``float32`` of shape ``(H, W)``.

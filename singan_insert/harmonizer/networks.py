@@ -17,7 +17,7 @@ The generator at scale :math:`s` is residual on the upsampled output of the coar
 .. math:: x_s = G_s(\\uparrow x_{s-1} + \\sigma_s z_s) = \\uparrow x_{s-1} + \\tanh(f_s(\\uparrow x_{s-1} + \\sigma_s z_s)),
 
 with :math:`z_s \\sim \\mathcal N(0, 1)` and the noise amplitude :math:`\\sigma_s` set from the
-reconstruction error at that scale (see :mod:`singan_insert.training`).
+reconstruction error at that scale (see :mod:`singan_insert.harmonizer.training`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .pyramid import resize
+from singan_insert.harmonizer.pyramid import resize
 
 
 def _conv_stack(in_channels: int, width: int, out_channels: int, num_layers: int) -> nn.Sequential:

@@ -53,8 +53,8 @@ from typing import Literal, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import SinganInsertError
-from .intensity import check_finite
+from singan_insert.errors import SinganInsertError
+from singan_insert.checks import check_finite
 
 LocationUnits = Literal["voxel", "mm"]
 
@@ -207,7 +207,7 @@ def intensity_quantiles(image: np.ndarray, num: int = NUM_QUANTILES) -> np.ndarr
     """Evenly spaced quantiles (probabilities ``0, 1/(num-1), ..., 1``) of a whole image.
 
     This compact table stands in for the whole image when its intensities are mapped with
-    :func:`singan_insert.intensity.map_tumor_intensities`, whose mappings depend on the image
+    :func:`singan_insert.insertion.intensity.map_tumor_intensities`, whose mappings depend on the image
     only through its distribution. Volumes of more than ``MAX_QUANTILE_SAMPLES`` voxels are
     read with a regular stride, which keeps the cost bounded and deterministic; the minimum
     and maximum are always exact.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 
 @dataclass(frozen=True)

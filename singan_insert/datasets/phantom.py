@@ -74,7 +74,7 @@ import numpy as np
 from scipy import fft as scipy_fft
 from scipy import ndimage
 
-from .errors import SinganInsertError
+from singan_insert.errors import SinganInsertError
 
 if TYPE_CHECKING:  # torchio is a dependency, but importing it costs a second; do it lazily.
     import torchio as tio

@@ -8,7 +8,7 @@ point, else float32).
 
 * :func:`naive_paste`: the source's raw intensities inside the mask.
 * :func:`intensity_matched_paste`: the source mapped into the target's units first
-  (:func:`singan_insert.intensity.map_tumor_intensities`: percentile normalisation or histogram
+  (:func:`singan_insert.insertion.intensity.map_tumor_intensities`: percentile normalisation or histogram
   matching, then the contrast factor :math:`\\lambda`).
 * :func:`poisson_blend`: gradient-domain (seamless) cloning (Pérez, Gangnet & Blake, 2003).
   Inside the mask :math:`\\Omega` it solves
@@ -42,8 +42,9 @@ import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.linalg import LinearOperator, cg, spsolve
 
-from .errors import SinganInsertError
-from .intensity import IntensityMode, check_finite, map_tumor_intensities
+from singan_insert.errors import SinganInsertError
+from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
+from singan_insert.checks import check_finite
 
 __all__ = ["intensity_matched_paste", "naive_paste", "poisson_blend"]
 

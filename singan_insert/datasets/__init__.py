@@ -1,0 +1,1 @@
+"""Datasets: the two-contrast simulator (:mod:`.phantom`) with ground-truth renders."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, insertion baselines, the Fig.-2 experiment, the demo and figures."""
