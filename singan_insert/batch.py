@@ -102,17 +102,14 @@ def check_writable_folder(folder: Path) -> None:
 
 def find_crossmoda_cases(data_root: str | os.PathLike, target_suffix: str = "hrT2") -> list[Case]:
     """Cases of a crossMoDA-layout folder: every ``<name>_Label.nii.gz`` with its ceT1 and target."""
+    from singan_insert.datasets.crossmoda import LABEL, SOURCE_MODALITY, find_cases
+
     root = Path(data_root)
     if not root.is_dir():
         raise SinganInsertError(f"--data-root {root} is not a folder.")
-    cases = []
-    for label in sorted(root.glob("*_Label.nii*")):
-        name = label.name.split("_Label.nii")[0]
-        extension = label.name[len(name) + len("_Label"):]
-        source = root / f"{name}_ceT1{extension}"
-        target = root / f"{name}_{target_suffix}{extension}"
-        if source.exists() and target.exists():
-            cases.append(Case(name, target, source, label))
+    cases = [Case(name, files[target_suffix], files[SOURCE_MODALITY], files[LABEL])
+             for name, files in find_cases(root, LABEL, (SOURCE_MODALITY, target_suffix))
+             if files[SOURCE_MODALITY] and files[target_suffix]]
     if not cases:
         raise SinganInsertError(
             f"No complete case in {root}: each needs <name>_Label.nii.gz, <name>_ceT1.nii.gz and "

@@ -19,7 +19,7 @@ import torch
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.evaluation.metrics import dice
-from singan_insert.pipeline.workflow import (
+from singan_insert.pipeline import (
     CrossModaData,
     CrossModaPipeline,
     PipelineSettings,

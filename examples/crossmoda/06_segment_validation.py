@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import run_step  # noqa: E402
 
-from singan_insert.pipeline.workflow import METHOD_TITLES, METHODS  # noqa: E402
+from singan_insert.pipeline import METHOD_TITLES, METHODS  # noqa: E402
 
 
 def arguments(parser) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from singan_insert.errors import MissingExtraError, SinganInsertError
-from singan_insert.pipeline.workflow import CrossModaData, CrossModaPipeline, PipelineSettings, simulate_crossmoda
+from singan_insert.pipeline import CrossModaData, CrossModaPipeline, PipelineSettings, simulate_crossmoda
 
 #: Simulated data set per profile: (source, target, validation) subjects and the subject size.
 SYNTHETIC = {

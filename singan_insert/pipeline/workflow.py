@@ -16,17 +16,13 @@ Modality A (ceT1) is labelled, modality B (hrT2) is not; the goal is a segmenter
    for the baseline) and segment them with :math:`S_A`;
 7. score the predictions against the validation labels (Dice, ASSD; the paper's Table 1).
 
-**Working grid.** The slice-wise GANs see 2D slices at a fixed pixel count, so the millimetres
-per pixel must agree between the domains and the scans, or a network trained on one scale is
-applied to another (crossMoDA's ceT1 and hrT2 differ in voxel size and field of view). Every
-input volume is therefore first resampled, along its own voxel axes (no reorientation), onto a
-:class:`WorkingGrid`: voxel size :math:`(s_x, s_y, s_z)` mm, a fixed in-plane size centred on
-the volume's centre, and the volume's own extent along the slice axis (axis 2). All stages run
-on these grids; predictions are resampled back onto each validation scan's own grid before
-scoring. Images are interpolated linearly after a Gaussian anti-aliasing blur of
-:math:`\\sigma = \\max(0, (f - 1)/2)` source voxels when shrinking by :math:`f`; label maps
-are resampled by linear interpolation of their one-hot maps and an argmax (nnU-Net's way),
-which keeps outlines smooth.
+**Working grid.** The slice-wise GANs see 2D slices at a fixed pixel count, so every input
+volume is first resampled, along its own voxel axes, onto a
+:class:`~singan_insert.pipeline.resample.WorkingGrid` (:mod:`singan_insert.pipeline.resample`);
+all stages run on these grids, and predictions are resampled back onto each validation scan's
+own grid before scoring. The settings of a run are a
+:class:`~singan_insert.pipeline.settings.PipelineSettings`; the data set is a
+:class:`~singan_insert.datasets.crossmoda.CrossModaData`.
 
 **Work folder** (every step skips what is already there, so a re-run resumes)::
 
@@ -56,15 +52,27 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
-from scipy import ndimage
 
+from singan_insert.datasets.crossmoda import (
+    LABEL,
+    SOURCE_MODALITY,
+    TARGET_MODALITY,
+    TUMOR_LABEL,
+    CrossModaData,
+    SourceCase,
+    case_path,
+    natural_key,
+    simulate_crossmoda,
+)
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.placement import spacing_from_affine
+from singan_insert.io import write_nifti
+from singan_insert.pipeline.resample import WorkingGrid, resample_image, resample_labels
+from singan_insert.pipeline.settings import PipelineSettings
 
 __all__ = [
     "METHODS",
@@ -91,448 +99,12 @@ METHOD_TITLES: dict[str, str] = {
 #: The variant of B' each pix2pix method is trained on.
 _VARIANT = {"ours": "harmonized", "naive": "naive"}
 FAKE_TARGET_SUFFIX = "fakehrT2"
-TUMOR_LABEL = 1
-NUM_CLASSES = 3  # crossMoDA: background, vestibular schwannoma, cochlea
 NNUNET_DATASET_ID = 501
 NNUNET_DATASET_NAME = "SourceVS"
 _SLICE_AXIS = 2
 _NIFTI = ".nii.gz"
 
 
-# --------------------------------------------------------------------------------------------
-# Resampling
-# --------------------------------------------------------------------------------------------
-def _voxel_map(affine: np.ndarray, target_affine: np.ndarray) -> np.ndarray:
-    """The 4x4 map from target voxel indices to source voxel indices."""
-    return np.linalg.inv(np.asarray(affine, float)) @ np.asarray(target_affine, float)
-
-
-def resample_image(
-    data: np.ndarray,
-    affine: np.ndarray,
-    target_affine: np.ndarray,
-    target_shape: Sequence[int],
-    *,
-    order: int = 1,
-    cval: float | None = None,
-) -> np.ndarray:
-    """Resample an image onto another grid (same world space), with anti-aliasing.
-
-    Args:
-        data: the 3D image.
-        affine: its voxel-to-world affine (mm).
-        target_affine, target_shape: the grid to resample onto.
-        order: spline order (0 nearest, 1 linear).
-        cval: value outside the image; default its minimum (the background of an MR scan).
-
-    Returns:
-        ``float32`` array of ``target_shape``.
-    """
-    data = np.asarray(data, np.float32)
-    matrix = _voxel_map(affine, target_affine)
-    if order > 0:
-        # Source voxels travelled per target voxel, per source axis: blur when it exceeds 1.
-        step = np.abs(matrix[:3, :3]).max(axis=1)
-        sigma = np.maximum(0.0, (step - 1.0) / 2.0)
-        if np.any(sigma > 0.05):
-            data = ndimage.gaussian_filter(data, sigma, mode="nearest")
-    fill = float(data.min()) if cval is None else float(cval)
-    return ndimage.affine_transform(
-        data, matrix[:3, :3], matrix[:3, 3], output_shape=tuple(int(n) for n in target_shape),
-        order=order, mode="constant", cval=fill,
-    ).astype(np.float32)
-
-
-def resample_labels(
-    label: np.ndarray,
-    affine: np.ndarray,
-    target_affine: np.ndarray,
-    target_shape: Sequence[int],
-) -> np.ndarray:
-    """Resample a label map: linear interpolation of each value's one-hot map, then argmax.
-
-    Outside the source grid is background (0). Returns ``uint8`` (values must fit).
-    """
-    label = np.asarray(label)
-    values = np.unique(label)
-    if values.min() < 0 or values.max() > 255 or np.any(values != np.round(values)):
-        raise SinganInsertError(f"A label map must hold integers in [0, 255], found {values[:10]}.")
-    values = np.union1d(values.astype(np.int64), [0])
-    matrix = _voxel_map(affine, target_affine)
-    shape = tuple(int(n) for n in target_shape)
-    best = np.full(shape, -1.0, np.float32)
-    out = np.zeros(shape, np.uint8)
-    for value in values:
-        indicator = ndimage.affine_transform(
-            (label == value).astype(np.float32), matrix[:3, :3], matrix[:3, 3], output_shape=shape,
-            order=1, mode="constant", cval=1.0 if value == 0 else 0.0,
-        )
-        better = indicator > best
-        best[better] = indicator[better]
-        out[better] = value
-    return out
-
-
-@dataclass(frozen=True)
-class WorkingGrid:
-    """The common voxel grid the stages run on (see the module docstring).
-
-    Args:
-        spacing: voxel size in mm along the volume's axes 0, 1, 2 (> 0).
-        shape: voxels along each axis, or ``None`` to cover the volume's own extent along it.
-            Fixed in-plane sizes (axes 0 and 1) make every slice the same size; they must suit
-            the slice GANs (CycleGAN: multiples of 4; pix2pix: of :math:`2^{num\\_downs}`).
-    """
-
-    spacing: tuple[float, float, float] = (0.8, 0.8, 1.0)
-    shape: tuple[int | None, int | None, int | None] = (64, 64, None)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
-        object.__setattr__(self, "shape", tuple(None if n is None else int(n) for n in self.shape))
-        if len(self.spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in self.spacing):
-            raise SinganInsertError(f"The working grid's spacing must be 3 positive mm values, got {self.spacing}.")
-        if len(self.shape) != 3 or any(n is not None and n < 8 for n in self.shape):
-            raise SinganInsertError(f"The working grid's shape must be 3 sizes >= 8 (or None), got {self.shape}.")
-
-    def grid_for(self, shape: Sequence[int], affine: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray]:
-        """``(shape, affine)`` of the working grid of a volume: same axes and centre."""
-        affine = np.asarray(affine, float)
-        native = np.asarray(spacing_from_affine(affine))
-        extent = np.asarray(shape, float) * native
-        grid_shape = tuple(
-            int(n) if n is not None else max(1, int(round(extent[a] / self.spacing[a])))
-            for a, n in enumerate(self.shape)
-        )
-        directions = affine[:3, :3] / native
-        linear = directions * np.asarray(self.spacing)
-        centre = affine[:3, :3] @ ((np.asarray(shape, float) - 1) / 2) + affine[:3, 3]
-        grid_affine = np.eye(4)
-        grid_affine[:3, :3] = linear
-        grid_affine[:3, 3] = centre - linear @ ((np.asarray(grid_shape, float) - 1) / 2)
-        return grid_shape, grid_affine
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spacing": list(self.spacing), "shape": list(self.shape)}
-
-
-# --------------------------------------------------------------------------------------------
-# Settings
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PipelineSettings:
-    """Every knob of the pipeline; build one with :meth:`profile` and ``dataclasses.replace``.
-
-    Args:
-        grid: the :class:`WorkingGrid`.
-        segmenter: ``"small"`` (:class:`~singan_insert.stages.segmenter.Segmenter`) or
-            ``"nnunet"`` (:class:`~singan_insert.stages.nnunet.NnUNetWorkspace`, needs the
-            ``[nnunet]`` extra).
-        segmenter_preset: :meth:`SegmenterConfig.preset` name for ``"small"``.
-        segmenter_iterations: override the preset's steps (None: keep).
-        nnunet_trainer, nnunet_configuration: for ``"nnunet"`` (trained on fold ``"all"``).
-        cyclegan_preset, pix2pix_preset: the stages' presets; ``image_size`` is set to None
-            (the working grid already fixes the slice size).
-        cyclegan_iterations, pix2pix_iterations: total iterations :math:`T` (half constant,
-            half decay), or None for the preset's.
-        harmonizer_preset: ``"fast"``, ``"reference"`` or ``"tiny"``.
-        harmonizer_iterations: iterations per scale (None: the preset's).
-        contrast: contrast factors :math:`\\lambda` the insertion draws from (> 0).
-        augmentations: B' volumes per A case (>= 1).
-        seed: seeds every stage.
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
-    """
-
-    grid: WorkingGrid = field(default_factory=WorkingGrid)
-    segmenter: Literal["small", "nnunet"] = "small"
-    segmenter_preset: str = "cpu3d"
-    segmenter_iterations: int | None = None
-    nnunet_trainer: str = "nnUNetTrainer_SinganInsertShort"
-    nnunet_configuration: str = "3d_fullres"
-    cyclegan_preset: str = "cpu"
-    cyclegan_iterations: int | None = None
-    pix2pix_preset: str = "cpu"
-    pix2pix_iterations: int | None = None
-    harmonizer_preset: str = "fast"
-    harmonizer_iterations: int | None = None
-    contrast: tuple[float, ...] = (0.5,)
-    augmentations: int = 1
-    seed: int = 0
-    device: str = "cpu"
-
-    PROFILES = ("cpu", "tiny", "gpu")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.grid, dict):
-            object.__setattr__(self, "grid", WorkingGrid(**self.grid))
-        object.__setattr__(self, "contrast", tuple(float(c) for c in self.contrast))
-        if self.segmenter not in ("small", "nnunet"):
-            raise SinganInsertError(f"segmenter must be 'small' or 'nnunet', got {self.segmenter!r}.")
-        if not self.contrast or any(not (np.isfinite(c) and c > 0) for c in self.contrast):
-            raise SinganInsertError(f"contrast factors must be positive numbers, got {self.contrast}.")
-        if self.augmentations < 1:
-            raise SinganInsertError(f"augmentations must be >= 1, got {self.augmentations}.")
-        for name in ("segmenter_iterations", "cyclegan_iterations", "pix2pix_iterations",
-                     "harmonizer_iterations"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise SinganInsertError(f"{name} must be a positive integer or None, got {value!r}.")
-
-    @classmethod
-    def profile(cls, name: str, **overrides: Any) -> "PipelineSettings":
-        """A named set of settings, with any field overridden by keyword.
-
-        * ``"cpu"``: 64x64 px slices of 0.8 mm (1 mm apart), the CycleGAN and pix2pix ``cpu``
-          presets run for 16000 iterations each, the harmonizer's ``fast`` preset, the small 3D
-          segmenter (``cpu3d``); about 35 min on 2 CPU cores for ~70 small volumes. The
-          presets' own 4000 iterations (about 4 epochs of ~1000 slices) are too few here:
-          measured on the benchmark's data, pix2pix then does not even reproduce its training
-          pairs (S_A finds the tumor in pix2pix(B') of training volumes with Dice 0.03; 0.81
-          after 16000 iterations).
-        * ``"tiny"``: 32x32 px slices of 0.8 mm (2 mm apart) and every ``tiny`` preset: a
-          smoke run in about a minute (tests).
-        * ``"gpu"``: 256x256 px slices of 0.8 mm (1.5 mm apart), the reference CycleGAN and
-          pix2pix, nnU-Net's default trainer (``3d_fullres``) and the ``fast`` harmonizer, on
-          CUDA: the paper's setting for real crossMoDA data.
-        """
-        profiles: dict[str, dict[str, Any]] = {
-            "cpu": dict(cyclegan_iterations=16000, pix2pix_iterations=16000),
-            "tiny": dict(
-                grid=WorkingGrid((0.8, 0.8, 2.0), (32, 32, None)), segmenter_preset="tiny",
-                cyclegan_preset="tiny", cyclegan_iterations=8, pix2pix_preset="tiny",
-                pix2pix_iterations=8, harmonizer_preset="tiny", harmonizer_iterations=10,
-            ),
-            "gpu": dict(
-                grid=WorkingGrid((0.8, 0.8, 1.5), (256, 256, None)), segmenter="nnunet",
-                nnunet_trainer="nnUNetTrainer", cyclegan_preset="reference",
-                pix2pix_preset="reference", device="cuda",
-            ),
-        }
-        if name not in profiles:
-            raise SinganInsertError(f"Unknown profile {name!r}; choose one of {sorted(profiles)}.")
-        return cls(**{**profiles[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["grid"] = self.grid.to_dict()
-        data["contrast"] = list(self.contrast)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PipelineSettings":
-        data = dict(data)
-        grid = data.pop("grid", None)
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise SinganInsertError(f"Unknown pipeline settings {sorted(unknown)}.")
-        if grid is not None:
-            data["grid"] = WorkingGrid(tuple(grid["spacing"]), tuple(grid["shape"]))
-        return cls(**data)
-
-    # -- stage configurations --------------------------------------------------------------
-    def cyclegan_config(self, progress: bool = False):
-        from singan_insert.stages.cyclegan import CycleGANConfig
-
-        return CycleGANConfig.preset(self.cyclegan_preset, image_size=None, seed=self.seed,
-                                     device=self.device, progress=progress,
-                                     **_schedule(self.cyclegan_iterations))
-
-    def pix2pix_config(self, progress: bool = False):
-        from singan_insert.stages.pix2pix import Pix2PixConfig
-
-        return Pix2PixConfig.preset(self.pix2pix_preset, image_size=None, seed=self.seed,
-                                    device=self.device, progress=progress,
-                                    **_schedule(self.pix2pix_iterations))
-
-    def segmenter_config(self):
-        from singan_insert.stages.segmenter import SegmenterConfig
-
-        extra = {} if self.segmenter_iterations is None else {"iterations": self.segmenter_iterations}
-        return SegmenterConfig.preset(self.segmenter_preset, num_classes=NUM_CLASSES, **extra)
-
-    def harmonizer_config(self):
-        from singan_insert.harmonizer.training import TrainingConfig
-
-        config = TrainingConfig.preset(self.harmonizer_preset)
-        return config if self.harmonizer_iterations is None else replace(config, iterations=self.harmonizer_iterations)
-
-
-def _schedule(total: int | None) -> dict[str, int]:
-    if total is None:
-        return {}
-    # Keep checkpoints within the run: at most every 500 iterations, at least once at the end.
-    return {"iterations": total // 2, "decay_iterations": total - total // 2,
-            "checkpoint_every": max(1, min(500, total))}
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SourceCase:
-    """A labelled modality-A case: ``<name>_ceT1.nii.gz`` and ``<name>_Label.nii.gz``."""
-
-    name: str
-    image: Path
-    label: Path
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def _named(folder: Path, suffix: str) -> list[tuple[str, Path]]:
-    """``(name, path)`` of every ``<name>_<suffix>.nii[.gz]`` in ``folder``, naturally sorted."""
-    found = [p for p in folder.glob(f"*_{suffix}.nii*") if p.name.endswith((".nii", ".nii.gz"))]
-    return [(p.name.split(f"_{suffix}.nii")[0], p) for p in sorted(found, key=_natural_key)]
-
-
-@dataclass(frozen=True)
-class CrossModaData:
-    """A dataset in the crossMoDA layout (file names as in the challenge's release)::
-
-        <root>/source_training/crossmoda2021_ldn_<N>_ceT1.nii.gz, ..._Label.nii.gz
-        <root>/target_training/crossmoda2021_ldn_<N>_hrT2.nii.gz        (unlabelled)
-        <root>/target_validation/crossmoda2021_ldn_<N>_hrT2.nii.gz
-        <root>/target_validation_labels/crossmoda2021_ldn_<N>_Label.nii.gz   (for scoring)
-        <root>/target_training_labels/<name>_Label.nii.gz   (optional: a rough label of the
-                                                              harmonizer's training scan)
-
-    The folder names are arguments, so any arrangement works (the same folder may be given
-    twice, e.g. a flat folder as ``source_dir`` and ``target_dir``).
-    """
-
-    root: Path
-    source_dir: str = "source_training"
-    target_dir: str = "target_training"
-    validation_dir: str = "target_validation"
-    truth_dir: str = "target_validation_labels"
-    target_label_dir: str = "target_training_labels"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    def _folder(self, name: str, what: str) -> Path:
-        folder = self.root / name
-        if not folder.is_dir():
-            raise SinganInsertError(
-                f"{folder} does not exist: it should hold the {what}. Check --data-root (the "
-                "crossMoDA layout is source_training/, target_training/, target_validation/) or "
-                "name the folder explicitly.")
-        return folder
-
-    def source_cases(self) -> list[SourceCase]:
-        """The labelled ceT1 cases; a ceT1 without its ``_Label`` file is an error."""
-        folder = self._folder(self.source_dir, "labelled ceT1 scans (<name>_ceT1, <name>_Label)")
-        cases = []
-        for name, image in _named(folder, "ceT1"):
-            extension = image.name[len(name) + len("_ceT1"):]
-            label = folder / f"{name}_Label{extension}"
-            if not label.is_file():
-                raise SinganInsertError(f"{image} has no label {label.name}; modality A must be labelled.")
-            cases.append(SourceCase(name, image, label))
-        if not cases:
-            raise SinganInsertError(f"No <name>_ceT1.nii.gz file in {folder}.")
-        return cases
-
-    def target_images(self) -> list[tuple[str, Path]]:
-        """``(name, path)`` of the unlabelled hrT2 training scans."""
-        items = _named(self._folder(self.target_dir, "unlabelled hrT2 training scans"), "hrT2")
-        if not items:
-            raise SinganInsertError(f"No <name>_hrT2.nii.gz file in {self.root / self.target_dir}.")
-        return items
-
-    def validation_images(self) -> list[tuple[str, Path]]:
-        """``(name, path)`` of the hrT2 scans to segment."""
-        items = _named(self._folder(self.validation_dir, "hrT2 validation scans"), "hrT2")
-        if not items:
-            raise SinganInsertError(f"No <name>_hrT2.nii.gz file in {self.root / self.validation_dir}.")
-        return items
-
-    def truth(self, name: str) -> Path | None:
-        """The validation label of ``name``, when the data set has it."""
-        return _first_existing(self.root / self.truth_dir, f"{name}_Label")
-
-    def target_label(self, name: str) -> Path | None:
-        """A (rough) label of hrT2 training scan ``name``, when one was provided."""
-        return _first_existing(self.root / self.target_label_dir, f"{name}_Label")
-
-
-def _first_existing(folder: Path, stem: str) -> Path | None:
-    for extension in (".nii.gz", ".nii"):
-        if (folder / f"{stem}{extension}").is_file():
-            return folder / f"{stem}{extension}"
-    return None
-
-
-def simulate_crossmoda(
-    root: str | os.PathLike,
-    num_source: int = 20,
-    num_target: int = 20,
-    num_validation: int = 32,
-    *,
-    seed: int = 0,
-    shape: tuple[int, int, int] = (128, 128, 48),
-    tumor_volume_cm3: tuple[float, float] = (0.1, 5.0),
-    source_validation: bool = False,
-) -> CrossModaData:
-    """Write a simulated crossMoDA-like data set (:func:`singan_insert.datasets.phantom.simulate_subject`).
-
-    Subjects are distinct per split, as in crossMoDA (unpaired): case ``N`` is simulated from
-    seed ``1000 * seed + N`` and named ``crossmoda2021_ldn_<N>``; sources are
-    ``1..num_source``, target training scans follow, then validation scans. Only the files a
-    split has in crossMoDA are kept (ceT1 + Label; hrT2; hrT2), plus the validation labels in
-    ``target_validation_labels/`` and the true label of the first target training scan in
-    ``target_training_labels/`` (it stands in for the rough label or slice choice a person
-    makes to pick the harmonizer's training slice, which must show a tumor).
-    With ``source_validation``, the ceT1 scans and labels of the validation subjects are also
-    written to ``source_validation/`` (not part of crossMoDA; they measure S_A in its own domain).
-    A finished data set (``simulation.json`` present with the same arguments) is reused.
-    """
-    from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
-
-    data = CrossModaData(Path(root))
-    counts = (num_source, num_target, num_validation)
-    if min(counts) < 1:
-        raise SinganInsertError(f"Every split needs at least one subject, got {counts}.")
-    arguments = {"num_source": num_source, "num_target": num_target, "num_validation": num_validation,
-                 "seed": seed, "shape": list(shape), "tumor_volume_cm3": list(tumor_volume_cm3),
-                 "source_validation": source_validation}
-    marker = data.root / "simulation.json"
-    if marker.is_file():
-        if json.loads(marker.read_text()).get("arguments") == arguments:
-            return data
-        raise SinganInsertError(
-            f"{data.root} already holds a simulated data set made with other arguments "
-            f"({marker}); use another folder or delete it.")
-    splits = ["source"] * num_source + ["target"] * num_target + ["validation"] * num_validation
-    for number, split in enumerate(splits, start=1):
-        subject = simulate_subject(1000 * seed + number, shape, tumor_volume_cm3=tumor_volume_cm3)
-        name = f"crossmoda2021_ldn_{number}"
-        if split == "source":
-            written = write_crossmoda(subject, data.root / data.source_dir, name)
-            written["hrT2"].unlink()
-            continue
-        first_target = split == "target" and number == num_source + 1
-        folder = data.target_dir if split == "target" else data.validation_dir
-        truth = data.truth_dir if split == "validation" else data.target_label_dir if first_target else None
-        written = write_crossmoda(subject, data.root / folder, name,
-                                  truth_folder=None if truth is None else data.root / truth)
-        if split == "validation" and source_validation:
-            extra = data.root / "source_validation"
-            extra.mkdir(parents=True, exist_ok=True)
-            written["ceT1"].replace(extra / written["ceT1"].name)
-            written["label"].replace(extra / written["label"].name)
-        else:
-            written["ceT1"].unlink()
-            written["label"].unlink()
-    marker.write_text(json.dumps({"arguments": arguments}, indent=2))
-    return data
-
-
-# --------------------------------------------------------------------------------------------
-# The pipeline
-# --------------------------------------------------------------------------------------------
 def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """``(data, affine)`` of a 3D NIfTI volume (data as stored; trailing singleton axes dropped)."""
     import nibabel as nib
@@ -547,9 +119,7 @@ def read_volume(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_volume(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a NIfTI volume atomically (see :func:`singan_insert.io.write_nifti`)."""
-    from singan_insert.io import write_nifti
-
+    """Write a NIfTI volume atomically (:func:`singan_insert.io.write_nifti`)."""
     return write_nifti(path, data, affine)
 
 
@@ -595,25 +165,25 @@ class CrossModaPipeline:
     def grid_dir(self) -> Path:
         return self.work / "grid"
 
-    def grid_source(self, name: str, kind: str = "ceT1") -> Path:
+    def grid_source(self, name: str, kind: str = SOURCE_MODALITY) -> Path:
         """``grid/source/<name>_<kind>.nii.gz`` (kind: ``ceT1``, ``Label``, ``fakehrT2``)."""
-        return self.grid_dir / "source" / f"{name}_{kind}{_NIFTI}"
+        return case_path(self.grid_dir / "source", name, kind)
 
     def grid_target(self, name: str) -> Path:
-        return self.grid_dir / "target" / f"{name}_hrT2{_NIFTI}"
+        return case_path(self.grid_dir / "target", name, TARGET_MODALITY)
 
     def grid_validation(self, name: str) -> Path:
-        return self.grid_dir / "validation" / f"{name}_hrT2{_NIFTI}"
+        return case_path(self.grid_dir / "validation", name, TARGET_MODALITY)
 
     def bprime_dir(self, variant: str) -> Path:
         return self.work / "bprime" / variant
 
     def translated(self, method: str, name: str) -> Path:
-        return self.work / "translated" / method / f"{name}_ceT1{_NIFTI}"
+        return case_path(self.work / "translated" / method, name, SOURCE_MODALITY)
 
     def prediction(self, method: str, name: str) -> Path:
         """The prediction of ``method`` for validation scan ``name``, on that scan's grid."""
-        return self.work / "predictions" / method / f"{name}_Label{_NIFTI}"
+        return case_path(self.work / "predictions" / method, name, LABEL)
 
     @contextlib.contextmanager
     def _timed(self, step: str) -> Iterator[None]:
@@ -631,7 +201,7 @@ class CrossModaPipeline:
         jobs: list[tuple[Path, Path, bool]] = []
         for case in self.data.source_cases():
             jobs += [(case.image, self.grid_source(case.name), False),
-                     (case.label, self.grid_source(case.name, "Label"), True)]
+                     (case.label, self.grid_source(case.name, LABEL), True)]
         jobs += [(path, self.grid_target(name), False) for name, path in self.data.target_images()]
         jobs += [(path, self.grid_validation(name), False) for name, path in self.data.validation_images()]
         todo = [job for job in jobs if not job[1].is_file()]
@@ -693,9 +263,9 @@ class CrossModaPipeline:
             with self._timed("1_segmenter"):
                 dataset = workspace.export_dataset(
                     NNUNET_DATASET_ID, NNUNET_DATASET_NAME,
-                    [NnUNetCase(c.name, (self.grid_source(c.name),), self.grid_source(c.name, "Label"))
+                    [NnUNetCase(c.name, (self.grid_source(c.name),), self.grid_source(c.name, LABEL))
                      for c in cases],
-                    channel_names=("ceT1",), overwrite=True)
+                    channel_names=(SOURCE_MODALITY,), overwrite=True)
                 workspace.plan_and_preprocess(dataset, (settings.nnunet_configuration,))
                 return workspace.train(dataset, settings.nnunet_configuration, "all",
                                        trainer=settings.nnunet_trainer,
@@ -706,7 +276,7 @@ class CrossModaPipeline:
 
         with self._timed("1_segmenter"):
             images = [read_volume(self.grid_source(c.name))[0] for c in cases]
-            labels = [read_volume(self.grid_source(c.name, "Label"))[0] for c in cases]
+            labels = [read_volume(self.grid_source(c.name, LABEL))[0] for c in cases]
             segmenter = Segmenter(settings.segmenter_config(), seed=settings.seed,
                                   device=_torch_device(settings.device))
             segmenter.fit(images, labels, progress=self.progress)
@@ -824,7 +394,7 @@ class CrossModaPipeline:
         elif slice_index != "auto":
             slice_index = self._grid_slice(targets[case], int(slice_index), grid_affine, grid_data.shape)
         training = load_training_slice(grid_path, axis=_SLICE_AXIS, index=slice_index,
-                                       label_path=grid_label, modality="hrT2")
+                                       label_path=grid_label, modality=TARGET_MODALITY)
         with self._timed("3_harmonizer"):
             return train_harmonizer(
                 training.image, self.settings.harmonizer_config(), out_dir=self.harmonizer_dir,
@@ -915,7 +485,7 @@ class CrossModaPipeline:
         path = self.pix2pix_path(variant)
         if path.is_file():
             return Pix2Pix.load(path)
-        records = sorted(self.bprime_dir(variant).glob("*_aug*.json"), key=_natural_key)
+        records = sorted(self.bprime_dir(variant).glob("*_aug*.json"), key=natural_key)
         if not records:
             raise SinganInsertError(f"No B' volumes in {self.bprime_dir(variant)}: run step 4 (04_insert_tumors.py).")
         pairs = []
@@ -1038,7 +608,7 @@ class CrossModaPipeline:
             if truth_path is not None:
                 native, native_affine = read_volume(truth_path)
                 truth = resample_labels(native == TUMOR_LABEL, native_affine, grid_affine, hrt2.shape) > 0
-            predictions = [read_volume(self.work / "predictions_grid" / m / f"{name}_ceT1{_NIFTI}")[0] == TUMOR_LABEL
+            predictions = [read_volume(case_path(self.work / "predictions_grid" / m, name, SOURCE_MODALITY))[0] == TUMOR_LABEL
                            for m in methods]
             reference = truth if truth is not None and truth.any() else predictions[0]
             areas = reference.sum(axis=(0, 1))
