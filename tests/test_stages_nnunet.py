@@ -237,8 +237,8 @@ def test_trainer_resolution_avoids_the_by_name_lookup():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from singan_insert.stages.nnunet_trainers import SHIPPED_TRAINERS
+    from singan_insert.stages.nnunet_worker import resolve_trainer as resolve
 
-    resolve = nnunet_stage._resolve_trainer
     assert resolve(SMOKE_TRAINER) is SHIPPED_TRAINERS[SMOKE_TRAINER]
     assert resolve("nnUNetTrainer") is nnUNetTrainer
     dotted = "nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs"
