@@ -28,7 +28,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +49,8 @@ from singan_insert.harmonizer.model_file import (
     tensors_to_optimizer,
     tensors_to_state_dict,
 )
+from singan_insert.stages.networks import PatchDiscriminator
+from singan_insert.stages.slices import translate_volume
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -56,8 +58,11 @@ __all__ = [
     "GANLoss",
     "StageModel",
     "StageTrainer",
+    "StageTrainingConfig",
     "StepSampler",
-    "TrainingConfig",
+    "as_dataset",
+    "check_critic_fits",
+    "check_gan_settings",
     "distributed_context",
     "learning_rate_factor",
     "load_checkpoint",
@@ -68,13 +73,14 @@ __all__ = [
     "seeded",
     "select_device",
     "set_requires_grad",
+    "train_stage",
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
-class TrainingConfig:
+class StageTrainingConfig:
     """Settings shared by the slice-wise GAN stages (defaults: the reference setups).
 
     Args:
@@ -159,6 +165,15 @@ class TrainingConfig:
             )
         return cls(**{**cls.PRESETS[name], **overrides})
 
+    @classmethod
+    def or_default(cls, config: "StageTrainingConfig | None"):
+        """``config``, or the defaults when None; a config of another stage is an error."""
+        if config is None:
+            return cls()
+        if not isinstance(config, cls):
+            raise SinganInsertError(f"config must be a {cls.__name__}, got {type(config).__name__}.")
+        return config
+
     def replace(self, **changes: Any):
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
@@ -186,6 +201,42 @@ class TrainingConfig:
 
 def _jsonable(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def check_gan_settings(config: StageTrainingConfig) -> None:
+    """The checks of a slice-GAN config's shared fields: ``ngf``, ``ndf``,
+    ``discriminator_layers`` (integers >= 1), ``norm`` and ``gan_mode``."""
+    for name in ("ngf", "ndf", "discriminator_layers"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise SinganInsertError(f"{name} must be an integer >= 1, got {value!r}.")
+    GANLoss(config.gan_mode)  # raises for an unknown mode
+    if config.norm not in ("instance", "batch"):
+        raise SinganInsertError(f"norm must be 'instance' or 'batch', got {config.norm!r}.")
+
+
+def check_critic_fits(shape: tuple[int, int], discriminator_layers: int) -> None:
+    """Raise when slices of ``shape`` (H, W) are too small for the PatchGAN to give a logit map."""
+    if PatchDiscriminator.output_size(min(shape), discriminator_layers) < 1:
+        raise SinganInsertError(
+            f"Slices of {tuple(shape)} px are too small for a {discriminator_layers}-layer "
+            "PatchGAN; use larger slices or fewer discriminator_layers."
+        )
+
+
+def as_dataset(data: Any, dataset_class: type, config: StageTrainingConfig, name: str):
+    """``data`` as a ``dataset_class`` (a slice dataset) with the config's axis, size and
+    percentiles: built from volumes, or checked when it already is one."""
+    if isinstance(data, dataset_class):
+        settings = (data.axis, data.size, tuple(data.percentiles))
+        wanted = (config.axis, config.image_size, tuple(config.percentiles))
+        if settings != wanted:
+            raise SinganInsertError(
+                f"The {name} has (axis, size, percentiles) = {settings}, but the config says "
+                f"{wanted}; build it with the config's values or change the config."
+            )
+        return data
+    return dataset_class(data, axis=config.axis, size=config.image_size, percentiles=config.percentiles)
 
 
 def learning_rate_factor(step: int, iterations: int, decay_iterations: int) -> float:
@@ -319,7 +370,7 @@ class StageTrainer:
     checkpoint_kind: str = "singan-insert-stage-checkpoint"
     description: str = "training"
 
-    def __init__(self, config: TrainingConfig, context: DistributedContext):
+    def __init__(self, config: StageTrainingConfig, context: DistributedContext):
         self.config = config
         self.context = context
         self.modules: dict[str, nn.Module] = {}
@@ -521,6 +572,37 @@ def run_training(
     return step, losses
 
 
+def train_stage(
+    config: StageTrainingConfig,
+    build_trainer: Callable[[DistributedContext], StageTrainer],
+    out_dir: str | os.PathLike,
+    model_name: str,
+    stop_at: int | None = None,
+):
+    """Build a stage's trainer in its (distributed) context, train it, save the model at the end.
+
+    The torch random state of the caller is restored afterwards. The model file
+    ``<out_dir>/<model_name>`` is written by rank 0 once all
+    :attr:`~StageTrainingConfig.total_iterations` are done (not when ``stop_at`` stops early).
+
+    Returns:
+        The trainer's ``model`` in ``eval`` mode, its :attr:`~StageModel.info` holding the
+        iterations done, the last losses and the data fingerprint.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with distributed_context(config.device) as context:
+        cuda = [context.device] if context.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            trainer = build_trainer(context)
+            step, losses = run_training(trainer, out_dir, stop_at)
+    model = trainer.model.eval()
+    model.info = {"iterations_done": step, "losses": losses, "data": trainer.data_fingerprint()}
+    if step == config.total_iterations and context.is_main:
+        model.save(out_dir / model_name)
+    return model
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block with the CPU generator seeded, restoring the caller's random state after.
@@ -548,9 +630,9 @@ class StageModel(nn.Module):
     """
 
     model_kind: str = "singan-insert-stage"
-    config_class: type[TrainingConfig] = TrainingConfig
+    config_class: type[StageTrainingConfig] = StageTrainingConfig
 
-    def __init__(self, config: TrainingConfig):
+    def __init__(self, config: StageTrainingConfig):
         super().__init__()
         if not isinstance(config, self.config_class):
             raise SinganInsertError(
@@ -562,6 +644,19 @@ class StageModel(nn.Module):
 
     def networks(self) -> dict[str, nn.Module]:
         raise NotImplementedError
+
+    def _translate(self, generator: nn.Module, image, *, batch_size: int, device, output_normalization):
+        """``translate_volume`` with the slicing of this model's config."""
+        return translate_volume(
+            generator,
+            image,
+            self.config.axis,
+            size=self.config.image_size,
+            batch_size=batch_size,
+            device=device,
+            percentiles=self.config.percentiles,
+            output_normalization=output_normalization,
+        )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the networks, config and :attr:`info` to ``path`` (atomically)."""

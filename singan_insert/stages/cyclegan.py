@@ -29,7 +29,6 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import nibabel as nib
@@ -43,16 +42,18 @@ from singan_insert.stages._training import (
     GANLoss,
     StageModel,
     StageTrainer,
+    StageTrainingConfig,
     StepSampler,
-    TrainingConfig,
-    distributed_context,
+    as_dataset,
+    check_critic_fits,
+    check_gan_settings,
     rank_seed,
-    run_training,
     seeded,
     set_requires_grad,
+    train_stage,
 )
 from singan_insert.stages.networks import NormName, PatchDiscriminator, ResnetGenerator
-from singan_insert.stages.slices import SliceDataset, VolumeLike, VolumeSource, translate_volume
+from singan_insert.stages.slices import SliceDataset, VolumeLike, VolumeSource
 
 __all__ = ["CycleGAN", "CycleGANConfig", "ImagePool", "train_cyclegan"]
 
@@ -61,8 +62,8 @@ Direction = Literal["a_to_b", "b_to_a"]
 
 
 @dataclass(frozen=True)
-class CycleGANConfig(TrainingConfig):
-    """CycleGAN settings; the defaults are the reference ones (see :class:`TrainingConfig`).
+class CycleGANConfig(StageTrainingConfig):
+    """CycleGAN settings; the defaults are the reference ones (see :class:`StageTrainingConfig`).
 
     Args:
         ngf: generator filters of the first layer (reference 64).
@@ -115,18 +116,13 @@ class CycleGANConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("ngf", "ndf", "discriminator_layers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise SinganInsertError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        check_gan_settings(self)
         if not isinstance(self.n_blocks, int) or self.n_blocks < 0:
             raise SinganInsertError(f"n_blocks must be an integer >= 0, got {self.n_blocks!r}.")
         if not isinstance(self.pool_size, int) or self.pool_size < 0:
             raise SinganInsertError(f"pool_size must be an integer >= 0, got {self.pool_size!r}.")
         if self.lambda_cycle < 0 or self.lambda_identity < 0:
             raise SinganInsertError("lambda_cycle and lambda_identity must be >= 0.")
-        GANLoss(self.gan_mode)  # raises for an unknown mode
-        if self.norm not in ("instance", "batch"):
-            raise SinganInsertError(f"norm must be 'instance' or 'batch', got {self.norm!r}.")
         if self.image_size is not None:
             check_slice_shape(self, (self.image_size, self.image_size))
 
@@ -139,11 +135,7 @@ def check_slice_shape(config: CycleGANConfig, shape: tuple[int, int]) -> None:
             f"CycleGAN needs slice sides that are multiples of {divisor}, got {tuple(shape)}; "
             "set image_size (e.g. 64, 128, 256)."
         )
-    if PatchDiscriminator.output_size(min(shape), config.discriminator_layers) < 1:
-        raise SinganInsertError(
-            f"Slices of {tuple(shape)} px are too small for a {config.discriminator_layers}-layer "
-            "PatchGAN; use larger slices or fewer discriminator_layers."
-        )
+    check_critic_fits(shape, config.discriminator_layers)
 
 
 class ImagePool:
@@ -236,16 +228,8 @@ class CycleGAN(StageModel):
         if direction not in ("a_to_b", "b_to_a"):
             raise SinganInsertError(f"direction must be 'a_to_b' or 'b_to_a', got {direction!r}.")
         generator = self.generator_ab if direction == "a_to_b" else self.generator_ba
-        return translate_volume(
-            generator,
-            image,
-            self.config.axis,
-            size=self.config.image_size,
-            batch_size=batch_size,
-            device=device,
-            percentiles=self.config.percentiles,
-            output_normalization=output_normalization,
-        )
+        return self._translate(generator, image, batch_size=batch_size, device=device,
+                               output_normalization=output_normalization)
 
 
 def _generator(config: CycleGANConfig) -> ResnetGenerator:
@@ -254,20 +238,6 @@ def _generator(config: CycleGANConfig) -> ResnetGenerator:
 
 def _critic(config: CycleGANConfig) -> PatchDiscriminator:
     return PatchDiscriminator(1, config.ndf, config.discriminator_layers, config.norm)
-
-
-def as_slice_dataset(source: VolumeSource | SliceDataset, config: TrainingConfig, name: str) -> SliceDataset:
-    """``source`` as a :class:`SliceDataset` with the config's axis, size and percentiles."""
-    if isinstance(source, SliceDataset):
-        settings = (source.axis, source.size, tuple(source.percentiles))
-        wanted = (config.axis, config.image_size, tuple(config.percentiles))
-        if settings != wanted:
-            raise SinganInsertError(
-                f"The {name} SliceDataset has (axis, size, percentiles) = {settings}, but the "
-                f"config says {wanted}; build it with the config's values or change the config."
-            )
-        return source
-    return SliceDataset(source, axis=config.axis, size=config.image_size, percentiles=config.percentiles)
 
 
 class _CycleGANTrainer(StageTrainer):
@@ -409,20 +379,8 @@ def train_cyclegan(
         The :class:`CycleGAN` (in ``eval`` mode, on the training device), with :attr:`info`
         holding the iterations done and the last losses.
     """
-    config = CycleGANConfig() if config is None else config
-    if not isinstance(config, CycleGANConfig):
-        raise SinganInsertError(f"config must be a CycleGANConfig, got {type(config).__name__}.")
-    data_a = as_slice_dataset(domain_a, config, "domain_a")
-    data_b = as_slice_dataset(domain_b, config, "domain_b")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with distributed_context(config.device) as context:
-        cuda = [context.device] if context.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            trainer = _CycleGANTrainer(config, data_a, data_b, context)
-            step, losses = run_training(trainer, out_dir, stop_at)
-    model = trainer.model.eval()
-    model.info = {"iterations_done": step, "losses": losses, "data": trainer.data_fingerprint()}
-    if step == config.total_iterations and context.is_main:
-        model.save(out_dir / MODEL_NAME)
-    return model
+    config = CycleGANConfig.or_default(config)
+    data_a = as_dataset(domain_a, SliceDataset, config, "domain_a SliceDataset")
+    data_b = as_dataset(domain_b, SliceDataset, config, "domain_b SliceDataset")
+    return train_stage(config, lambda context: _CycleGANTrainer(config, data_a, data_b, context),
+                       out_dir, MODEL_NAME, stop_at)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import nibabel as nib
@@ -41,16 +40,18 @@ from singan_insert.stages._training import (
     GANLoss,
     StageModel,
     StageTrainer,
+    StageTrainingConfig,
     StepSampler,
-    TrainingConfig,
-    distributed_context,
+    as_dataset,
+    check_critic_fits,
+    check_gan_settings,
     rank_seed,
-    run_training,
     seeded,
     set_requires_grad,
+    train_stage,
 )
 from singan_insert.stages.networks import NormName, PatchDiscriminator, UnetGenerator
-from singan_insert.stages.slices import PairedSliceDataset, VolumeLike, translate_volume
+from singan_insert.stages.slices import PairedSliceDataset, VolumeLike
 
 __all__ = ["Pix2Pix", "Pix2PixConfig", "train_pix2pix"]
 
@@ -58,8 +59,8 @@ MODEL_NAME = "pix2pix.safetensors"
 
 
 @dataclass(frozen=True)
-class Pix2PixConfig(TrainingConfig):
-    """pix2pix settings; the defaults are the reference ones (see :class:`TrainingConfig`).
+class Pix2PixConfig(StageTrainingConfig):
+    """pix2pix settings; the defaults are the reference ones (see :class:`StageTrainingConfig`).
 
     Args:
         ngf: generator filters of the outermost level (reference 64).
@@ -108,18 +109,13 @@ class Pix2PixConfig(TrainingConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("ngf", "ndf", "discriminator_layers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise SinganInsertError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+        check_gan_settings(self)
         if not isinstance(self.num_downs, int) or self.num_downs < 5:
             raise SinganInsertError(f"num_downs must be an integer >= 5, got {self.num_downs!r}.")
         if not 0 <= self.dropout < 1:
             raise SinganInsertError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if self.lambda_l1 < 0:
             raise SinganInsertError(f"lambda_l1 must be >= 0, got {self.lambda_l1!r}.")
-        GANLoss(self.gan_mode)  # raises for an unknown mode
-        if self.norm not in ("instance", "batch"):
-            raise SinganInsertError(f"norm must be 'instance' or 'batch', got {self.norm!r}.")
         if self.image_size is not None:
             check_slice_shape(self, (self.image_size, self.image_size))
 
@@ -132,11 +128,7 @@ def check_slice_shape(config: Pix2PixConfig, shape: tuple[int, int]) -> None:
             f"A {config.num_downs}-level U-Net needs slice sides that are multiples of {divisor}, "
             f"got {tuple(shape)}; set image_size to a multiple or lower num_downs."
         )
-    if PatchDiscriminator.output_size(min(shape), config.discriminator_layers) < 1:
-        raise SinganInsertError(
-            f"Slices of {tuple(shape)} px are too small for a {config.discriminator_layers}-layer "
-            "PatchGAN; use larger slices or fewer discriminator_layers."
-        )
+    check_critic_fits(shape, config.discriminator_layers)
 
 
 class Pix2Pix(StageModel):
@@ -169,32 +161,8 @@ class Pix2Pix(StageModel):
         output_normalization: PercentileNormalization | None = None,
     ) -> nib.Nifti1Image:
         """Translate a source-modality volume slice by slice (see ``translate_volume``)."""
-        return translate_volume(
-            self.generator,
-            image,
-            self.config.axis,
-            size=self.config.image_size,
-            batch_size=batch_size,
-            device=device,
-            percentiles=self.config.percentiles,
-            output_normalization=output_normalization,
-        )
-
-
-def as_paired_dataset(
-    pairs: Sequence[tuple[VolumeLike, VolumeLike]] | PairedSliceDataset, config: Pix2PixConfig
-) -> PairedSliceDataset:
-    """``pairs`` as a :class:`PairedSliceDataset` with the config's axis, size and percentiles."""
-    if isinstance(pairs, PairedSliceDataset):
-        settings = (pairs.axis, pairs.size, tuple(pairs.percentiles))
-        wanted = (config.axis, config.image_size, tuple(config.percentiles))
-        if settings != wanted:
-            raise SinganInsertError(
-                f"The PairedSliceDataset has (axis, size, percentiles) = {settings}, but the "
-                f"config says {wanted}; build it with the config's values or change the config."
-            )
-        return pairs
-    return PairedSliceDataset(pairs, axis=config.axis, size=config.image_size, percentiles=config.percentiles)
+        return self._translate(self.generator, image, batch_size=batch_size, device=device,
+                               output_normalization=output_normalization)
 
 
 class _Pix2PixTrainer(StageTrainer):
@@ -280,19 +248,7 @@ def train_pix2pix(
         The :class:`Pix2Pix` model (in ``eval`` mode, on the training device), with
         :attr:`info` holding the iterations done and the last losses.
     """
-    config = Pix2PixConfig() if config is None else config
-    if not isinstance(config, Pix2PixConfig):
-        raise SinganInsertError(f"config must be a Pix2PixConfig, got {type(config).__name__}.")
-    data = as_paired_dataset(pairs, config)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with distributed_context(config.device) as context:
-        cuda = [context.device] if context.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            trainer = _Pix2PixTrainer(config, data, context)
-            step, losses = run_training(trainer, out_dir, stop_at)
-    model = trainer.model.eval()
-    model.info = {"iterations_done": step, "losses": losses, "data": trainer.data_fingerprint()}
-    if step == config.total_iterations and context.is_main:
-        model.save(out_dir / MODEL_NAME)
-    return model
+    config = Pix2PixConfig.or_default(config)
+    data = as_dataset(pairs, PairedSliceDataset, config, "PairedSliceDataset")
+    return train_stage(config, lambda context: _Pix2PixTrainer(config, data, context), out_dir,
+                       MODEL_NAME, stop_at)
