@@ -63,31 +63,17 @@ from singan_insert.datasets.crossmoda import (
     TARGET_MODALITY,
     TUMOR_LABEL,
     CrossModaData,
-    SourceCase,
     case_path,
     natural_key,
-    simulate_crossmoda,
+    simulate_crossmoda,  # noqa: F401 - benchmarks/bench_pipeline.py imports it from here
 )
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.placement import spacing_from_affine
 from singan_insert.io import write_nifti
-from singan_insert.pipeline.resample import WorkingGrid, resample_image, resample_labels
+from singan_insert.pipeline.resample import resample_image, resample_labels
 from singan_insert.pipeline.settings import PipelineSettings
 
-__all__ = [
-    "METHODS",
-    "METHOD_TITLES",
-    "CrossModaData",
-    "CrossModaPipeline",
-    "PipelineSettings",
-    "SourceCase",
-    "WorkingGrid",
-    "resample_image",
-    "resample_labels",
-    "read_volume",
-    "simulate_crossmoda",
-    "write_volume",
-]
+__all__ = ["METHODS", "METHOD_TITLES", "CrossModaPipeline", "read_volume", "write_volume"]
 
 Method = Literal["baseline", "ours", "naive"]
 METHODS: tuple[str, ...] = ("baseline", "ours", "naive")

@@ -54,6 +54,8 @@ from singan_insert.stages.slices import translate_volume
 
 __all__ = [
     "CHECKPOINT_NAME",
+    "CPU_PRESET",
+    "TINY_PRESET",
     "DistributedContext",
     "GANLoss",
     "StageModel",
@@ -77,6 +79,16 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+
+#: What the slice GANs' ``"cpu"`` presets share: 8 filters, 64 px, 2000 + 2000 iterations.
+CPU_PRESET: dict[str, Any] = {
+    "ngf": 8, "ndf": 8, "image_size": 64, "iterations": 2000, "decay_iterations": 2000,
+    "checkpoint_every": 500,
+}
+#: What their ``"tiny"`` presets share (tests and smoke runs): 4 filters, 4 + 4 iterations.
+TINY_PRESET: dict[str, Any] = {
+    "ngf": 4, "ndf": 4, "iterations": 4, "decay_iterations": 4, "checkpoint_every": 4, "progress": False,
+}
 
 
 @dataclass(frozen=True)

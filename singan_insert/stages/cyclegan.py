@@ -38,6 +38,8 @@ from torch import nn
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.stages._training import (
+    CPU_PRESET,
+    TINY_PRESET,
     DistributedContext,
     GANLoss,
     StageModel,
@@ -91,27 +93,8 @@ class CycleGANConfig(StageTrainingConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "reference": {},
-        "cpu": {
-            "ngf": 8,
-            "n_blocks": 2,
-            "ndf": 8,
-            "image_size": 64,
-            "iterations": 2000,
-            "decay_iterations": 2000,
-            "checkpoint_every": 500,
-        },
-        "tiny": {
-            "ngf": 4,
-            "n_blocks": 1,
-            "ndf": 4,
-            "discriminator_layers": 2,
-            "image_size": 16,
-            "pool_size": 4,
-            "iterations": 4,
-            "decay_iterations": 4,
-            "checkpoint_every": 4,
-            "progress": False,
-        },
+        "cpu": {**CPU_PRESET, "n_blocks": 2},
+        "tiny": {**TINY_PRESET, "n_blocks": 1, "discriminator_layers": 2, "image_size": 16, "pool_size": 4},
     }
 
     def validate(self) -> None:

@@ -40,38 +40,38 @@ __all__ = [
 ]
 
 
-class nnUNetTrainer_SinganInsertSmoke(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
+class _ShortSchedule(nnUNetTrainer):  # noqa: N801
+    """nnU-Net's trainer with the schedule of the class attributes below (nothing else changed)."""
+
+    epochs: int = 1000
+    iterations_per_epoch: int = 250
+    validation_iterations: int = 50
+
+    # nnU-Net records the constructor's arguments by name (for its checkpoints): keep its signature.
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.epochs
+        self.num_iterations_per_epoch = self.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.validation_iterations
+
+
+class nnUNetTrainer_SinganInsertSmoke(_ShortSchedule):  # noqa: N801 - nnU-Net's naming scheme
     """One epoch of 5 training and 2 validation iterations: proves that the pipeline runs."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 1
-        self.num_iterations_per_epoch = 5
-        self.num_val_iterations_per_epoch = 2
+    epochs, iterations_per_epoch, validation_iterations = 1, 5, 2
 
 
-class nnUNetTrainer_SinganInsertShort(nnUNetTrainer):  # noqa: N801 - nnU-Net's naming scheme
+class nnUNetTrainer_SinganInsertShort(_ShortSchedule):  # noqa: N801 - nnU-Net's naming scheme
     """20 epochs of 25 iterations (500 in all, 1/500 of the default), for small CPU runs."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+    epochs, iterations_per_epoch, validation_iterations = 20, 25, 5
 
 
 SHIPPED_TRAINERS: dict[str, type[nnUNetTrainer]] = {

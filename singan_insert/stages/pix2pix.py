@@ -36,6 +36,8 @@ from torch import nn
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.stages._training import (
+    CPU_PRESET,
+    TINY_PRESET,
     DistributedContext,
     GANLoss,
     StageModel,
@@ -86,25 +88,8 @@ class Pix2PixConfig(StageTrainingConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "reference": {},
-        "cpu": {
-            "ngf": 8,
-            "num_downs": 6,
-            "ndf": 8,
-            "image_size": 64,
-            "iterations": 2000,
-            "decay_iterations": 2000,
-            "checkpoint_every": 500,
-        },
-        "tiny": {
-            "ngf": 4,
-            "num_downs": 5,
-            "ndf": 4,
-            "image_size": 32,
-            "iterations": 4,
-            "decay_iterations": 4,
-            "checkpoint_every": 4,
-            "progress": False,
-        },
+        "cpu": {**CPU_PRESET, "num_downs": 6},
+        "tiny": {**TINY_PRESET, "num_downs": 5, "image_size": 32},
     }
 
     def validate(self) -> None:

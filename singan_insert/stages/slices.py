@@ -154,7 +154,17 @@ def _stack(chunks: list[torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-class SliceDataset(Dataset):
+class _Slicing(Dataset):
+    """How volumes are cut into slices: ``axis``, ``size`` and ``percentiles`` (checked)."""
+
+    def __init__(self, axis: int, size: int | None, percentiles: tuple[float, float]):
+        _check_size(size)
+        self.axis = _check_axis(axis)
+        self.size = size
+        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+
+
+class SliceDataset(_Slicing):
     """Normalised 2D slices of a set of 3D volumes; item ``i`` is a ``(1, H, W)`` tensor.
 
     Args:
@@ -181,10 +191,7 @@ class SliceDataset(Dataset):
         percentiles: tuple[float, float] = (0.5, 99.5),
         skip_blank: bool = True,
     ):
-        _check_size(size)
-        self.axis = _check_axis(axis)
-        self.size = size
-        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+        super().__init__(axis, size, percentiles)
         self.normalizations: list[PercentileNormalization] = []
         self.names: list[str] = []
         self.locations: list[tuple[int, int]] = []
@@ -212,7 +219,7 @@ class SliceDataset(Dataset):
         return tuple(self.slices.shape[-2:])
 
 
-class PairedSliceDataset(Dataset):
+class PairedSliceDataset(_Slicing):
     """Aligned slice pairs for paired translation (pix2pix): item ``i`` is ``(source, target)``.
 
     Each pair is ``(source volume, target volume)`` on the same voxel grid - for this method
@@ -238,10 +245,7 @@ class PairedSliceDataset(Dataset):
         percentiles: tuple[float, float] = (0.5, 99.5),
         skip_blank: bool = True,
     ):
-        _check_size(size)
-        self.axis = _check_axis(axis)
-        self.size = size
-        self.percentiles = (float(percentiles[0]), float(percentiles[1]))
+        super().__init__(axis, size, percentiles)
         pairs = list(pairs)
         if not pairs:
             raise SinganInsertError("The list of (source, target) volume pairs is empty.")
