@@ -127,6 +127,34 @@ def test_crossmoda_discovery_sorts_naturally_and_explains_problems(tmp_path):
     assert data.truth("crossmoda2021_ldn_2") is None
 
 
+def test_one_layout_parser_serves_batch_and_pipeline(tmp_path):
+    from singan_insert.batch import find_crossmoda_cases
+    from singan_insert.datasets.crossmoda import find_cases
+
+    volume = np.zeros((8, 8, 8), np.float32)
+    names = {"x_10": ".nii.gz", "x_2": ".nii", "x_3": ".nii.gz"}  # x_3 lacks its target
+    for name, extension in names.items():
+        for kind in ("ceT1", "Label"):
+            write_volume(tmp_path / f"{name}_{kind}{extension}", volume)
+        if name != "x_3":
+            write_volume(tmp_path / f"{name}_fakehrT2{extension}", volume)
+    write_volume(tmp_path / "x_2_fakehrT2.nii.gz", volume)  # another extension: not x_2's target
+    (tmp_path / "x_4_Label.nii.bak").write_text("not a volume")
+    found = find_cases(tmp_path, "Label", ("ceT1", "fakehrT2"))
+    assert [(name, {k: p and p.name for k, p in files.items()}) for name, files in found] == [
+        ("x_2", {"Label": "x_2_Label.nii", "ceT1": "x_2_ceT1.nii", "fakehrT2": "x_2_fakehrT2.nii"}),
+        ("x_3", {"Label": "x_3_Label.nii.gz", "ceT1": "x_3_ceT1.nii.gz", "fakehrT2": None}),
+        ("x_10", {"Label": "x_10_Label.nii.gz", "ceT1": "x_10_ceT1.nii.gz", "fakehrT2": "x_10_fakehrT2.nii.gz"}),
+    ]
+    cases = find_crossmoda_cases(tmp_path, "fakehrT2")
+    assert [(c.name, c.target.name, c.source_image.name, c.source_label.name) for c in cases] == [
+        ("x_2", "x_2_fakehrT2.nii", "x_2_ceT1.nii", "x_2_Label.nii"),
+        ("x_10", "x_10_fakehrT2.nii.gz", "x_10_ceT1.nii.gz", "x_10_Label.nii.gz"),
+    ]
+    with pytest.raises(SinganInsertError, match="target-suffix"):
+        find_crossmoda_cases(tmp_path, "hrT2")
+
+
 # ---------------------------------------------------------------------- the chain
 def test_synthetic_chain_runs_end_to_end(tmp_path, one_thread, capsys):
     work = tmp_path / "work"
