@@ -263,7 +263,7 @@ def _resolve(target: str, obj, pkg) -> tuple[str | None, bool]:
     candidates = []
     qualified = target.startswith(PACKAGE + ".") or target == PACKAGE or target.startswith(".")
     if target.startswith("."):
-        base = module.path.split(".") if module.is_package else module.path.split(".")[:-1]
+        base = module.path.split(".") if module.is_init_module else module.path.split(".")[:-1]
         dots = len(target) - len(target.lstrip("."))
         base = base[: len(base) - (dots - 1)] if dots > 1 else base
         candidates.append(".".join(base + [target.lstrip(".")]))

@@ -1,10 +1,12 @@
 """The paper's Fig. 1 workflow on a crossMoDA folder.
 
-* :mod:`.settings`: :class:`PipelineSettings` (every knob, named profiles, stage configs);
-* :mod:`.resample`: the :class:`WorkingGrid` and resampling of images and label maps;
-* :mod:`.workflow`: :class:`CrossModaPipeline`, one method per step of the workflow.
+* :mod:`.settings`: :class:`~.settings.PipelineSettings` (every knob, named profiles, stage
+  configs);
+* :mod:`.resample`: the :class:`~.resample.WorkingGrid` and resampling of images and label maps;
+* :mod:`.workflow`: :class:`~.workflow.CrossModaPipeline`, one method per step of the workflow.
 
-The crossMoDA layout itself (:class:`CrossModaData`, :func:`simulate_crossmoda`) lives in
+The crossMoDA layout itself (:class:`~singan_insert.datasets.crossmoda.CrossModaData`,
+:func:`~singan_insert.datasets.crossmoda.simulate_crossmoda`) lives in
 :mod:`singan_insert.datasets.crossmoda`; it is re-exported here for convenience.
 """
 

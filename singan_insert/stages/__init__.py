@@ -2,11 +2,15 @@
 
 * :mod:`~singan_insert.stages.cyclegan`: unpaired A -> B translation (tumors vanish);
 * :mod:`~singan_insert.stages.pix2pix`: paired B' -> A translation with a pixel loss;
-* :mod:`~singan_insert.stages.nnunet`: nnU-Net v2 (optional extra ``[nnunet]``) for S_A;
+* :mod:`~singan_insert.stages.nnunet`: nnU-Net v2 (optional extra ``[nnunet]``) for S_A, with
+  its child process :mod:`~singan_insert.stages.nnunet_worker` and short trainers
+  (:mod:`~singan_insert.stages.nnunet_trainers`);
 * :mod:`~singan_insert.stages.segmenter`: a small Dice+CE U-Net for CPU runs;
 * :mod:`~singan_insert.stages.slices`: slice datasets and ``translate_volume``.
 
-The stages depend on the core, never the other way round.
+CycleGAN and pix2pix share one training loop (``stages/_training.py``: schedule, checkpoints
+with exact resume, torchrun). The stages depend on the core, never the other way round, and only
+:mod:`singan_insert.pipeline` imports them.
 """
 
 from singan_insert.stages.cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
