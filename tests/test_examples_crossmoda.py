@@ -101,6 +101,19 @@ def test_working_grid_and_settings_validate():
     settings = PipelineSettings.profile("tiny", seed=3)
     assert PipelineSettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     assert settings.cyclegan_config().image_size is None  # the grid fixes the slice size
+    assert settings.harmonizer_config().iterations == 10 and settings.segmenter_config().num_classes == 3
+
+
+def test_every_stage_gets_its_device_from_the_one_resolver(monkeypatch):
+    from singan_insert.pipeline import workflow
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (workflow._torch_device("auto"), workflow._nnunet_device("auto")) == ("cpu", "cpu")
+    with pytest.raises(SinganInsertError, match="CUDA was requested"):
+        workflow._nnunet_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (workflow._torch_device("auto"), workflow._nnunet_device("auto")) == ("cuda", "cuda")
+    assert workflow._nnunet_device("cuda:1") == "cuda"
 
 
 # ---------------------------------------------------------------------- data discovery

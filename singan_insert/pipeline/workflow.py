@@ -67,6 +67,7 @@ from singan_insert.datasets.crossmoda import (
     natural_key,
     simulate_crossmoda,  # noqa: F401 - benchmarks/bench_pipeline.py imports it from here
 )
+from singan_insert.devices import select_device
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.placement import spacing_from_affine
 from singan_insert.io import write_nifti
@@ -255,7 +256,7 @@ class CrossModaPipeline:
                 workspace.plan_and_preprocess(dataset, (settings.nnunet_configuration,))
                 return workspace.train(dataset, settings.nnunet_configuration, "all",
                                        trainer=settings.nnunet_trainer,
-                                       device="cuda" if settings.device.startswith("cuda") else "cpu")
+                                       device=_nnunet_device(settings.device))
         if self.segmenter_path.is_file():
             return self.segmenter_path
         from singan_insert.stages.segmenter import Segmenter
@@ -284,7 +285,7 @@ class CrossModaPipeline:
             written = self._nnunet_workspace().predict(
                 NNUNET_DATASET_ID, cases, out_dir, self.settings.nnunet_configuration, ("all",),
                 trainer=self.settings.nnunet_trainer,
-                device="cuda" if self.settings.device.startswith("cuda") else "cpu")
+                device=_nnunet_device(self.settings.device))
             for source, destination in zip(written, outputs):
                 if source != destination:
                     source.replace(destination)
@@ -626,8 +627,10 @@ def _check_method(method: str) -> None:
 
 
 def _torch_device(name: str) -> str:
-    if name == "auto":
-        from singan_insert.devices import select_device
+    """``name`` resolved by the package's one resolver (``"auto"``: CUDA when available)."""
+    return str(select_device(name))
 
-        return str(select_device("auto"))
-    return name
+
+def _nnunet_device(name: str) -> str:
+    """nnU-Net takes a device type: ``"cuda"`` or ``"cpu"``."""
+    return "cuda" if _torch_device(name).startswith("cuda") else "cpu"
