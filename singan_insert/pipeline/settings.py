@@ -2,20 +2,27 @@
 
 A :class:`PipelineSettings` is written to ``<work>/pipeline.json`` on the first run of a work
 folder, so a resumed run uses the same settings; it builds each stage's configuration from
-that stage's ``preset(name, **overrides)`` (the convention shared by the harmonizer's
-``TrainingConfig``, ``CycleGANConfig``, ``Pix2PixConfig`` and ``SegmenterConfig``).
+that stage's ``preset(name, **overrides)`` (``CycleGANConfig``, ``Pix2PixConfig``,
+``SegmenterConfig``; the harmonizer's ``TrainingConfig.preset`` takes no overrides yet, so its
+iterations are set with ``dataclasses.replace``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from singan_insert.datasets.crossmoda import NUM_CLASSES
 from singan_insert.errors import SinganInsertError
 from singan_insert.pipeline.resample import WorkingGrid
+
+if TYPE_CHECKING:
+    from singan_insert.harmonizer.training import TrainingConfig
+    from singan_insert.stages.cyclegan import CycleGANConfig
+    from singan_insert.stages.pix2pix import Pix2PixConfig
+    from singan_insert.stages.segmenter import SegmenterConfig
 
 __all__ = ["PipelineSettings", "schedule"]
 
@@ -131,27 +138,31 @@ class PipelineSettings:
         return cls(**data)
 
     # -- stage configurations --------------------------------------------------------------
-    def cyclegan_config(self, progress: bool = False):
+    def cyclegan_config(self, progress: bool = False) -> "CycleGANConfig":
+        """The CycleGAN preset with this run's seed, device and schedule (slice size: the grid's)."""
         from singan_insert.stages.cyclegan import CycleGANConfig
 
         return CycleGANConfig.preset(self.cyclegan_preset, image_size=None, seed=self.seed,
                                      device=self.device, progress=progress,
                                      **schedule(self.cyclegan_iterations))
 
-    def pix2pix_config(self, progress: bool = False):
+    def pix2pix_config(self, progress: bool = False) -> "Pix2PixConfig":
+        """The pix2pix preset with this run's seed, device and schedule (slice size: the grid's)."""
         from singan_insert.stages.pix2pix import Pix2PixConfig
 
         return Pix2PixConfig.preset(self.pix2pix_preset, image_size=None, seed=self.seed,
                                     device=self.device, progress=progress,
                                     **schedule(self.pix2pix_iterations))
 
-    def segmenter_config(self):
+    def segmenter_config(self) -> "SegmenterConfig":
+        """The small segmenter's preset for crossMoDA's three classes."""
         from singan_insert.stages.segmenter import SegmenterConfig
 
         return SegmenterConfig.preset(self.segmenter_preset, num_classes=NUM_CLASSES,
                                       **_iterations(self.segmenter_iterations))
 
-    def harmonizer_config(self):
+    def harmonizer_config(self) -> "TrainingConfig":
+        """The harmonizer's preset, with this run's iterations per scale."""
         from singan_insert.harmonizer.training import TrainingConfig
 
         # The harmonizer's preset takes no overrides yet, hence the replace.
