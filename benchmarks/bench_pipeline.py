@@ -25,9 +25,13 @@ are all measured on the working grid. Reproducibility: seed, pix2pix seeds, torc
 threads are recorded; ``--repeat`` runs the configuration twice in fresh folders and reports
 the run-to-run spread of every per-case score.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 0                  # full (hours: 8 pix2pix runs)
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 0    # full: ~1 h per pipeline seed (estimate*)
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 1 --name bench_pipeline_seed1
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 4 4 4 --quick     # plumbing check
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 3 3 3 --quick --repeat
+
+(*) from the step times of the 33-min run of the earlier version on an idle 2-core machine:
+eight pix2pix runs of ~285 s instead of two; not measured with this version yet.
 """
 
 from __future__ import annotations
@@ -181,12 +185,15 @@ def run_once(args, work: Path) -> dict:
                                  "pass": bool(mean["ours"] > mean["gba"])},
             "7_ours_above_baseline_plus_0.15": {"value": mean["ours"] - mean["baseline"],
                                                 "threshold": f">= {BASELINE_MARGIN_TARGET:g}",
-                                                "pass": bool(mean["ours"] - mean["baseline"] >= BASELINE_MARGIN_TARGET)},
+                                                "pass": bool(mean["ours"] - mean["baseline"]
+                                                             >= BASELINE_MARGIN_TARGET)},
         }
         by_seed[str(pix2pix_seed)] = {"per_case": rows, "table1": table, "paired": paired, "mean_dice": mean,
                                       "targets": targets}
 
     diagnostics = timed("diagnostics", _diagnostics, pipeline, args.pix2pix_seeds[0])
+    figure = _figure(pipeline, args.pix2pix_seeds[0],
+                     work / "fig3.png" if args.repeat else Path(args.results) / f"{args.name}_fig3.png")
 
     # Reference rows: S_A in its own domain, and the working grid's resolution ceiling.
     source_validation = sorted((data.root / "source_validation").glob("*_ceT1.nii.gz"))
@@ -223,6 +230,7 @@ def run_once(args, work: Path) -> dict:
                             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()},
         "segmenter": args.segmenter, "settings": settings.to_dict(), "seconds": time.perf_counter() - started,
         "timings": timings, "titles": TITLES, "validation_cases": [name for name, _ in validation],
+        "figure": str(figure),
         "by_pix2pix_seed": by_seed,
         "diagnostics": {k: summarize(v) for k, v in diagnostics.items()}, "diagnostics_values": diagnostics,
         "reference": {k: {m: summarize(v[m]) for m in v} for k, v in reference.items()},
@@ -259,7 +267,9 @@ def _markdown(args, result: dict) -> str:
               "| quantity | mean ± sd |", "|---|---|"]
     for key, summary in result["diagnostics"].items():
         lines.append(f"| {key} | {summary['mean']:.3f} ± {summary['sd']:.3f} |")
-    lines += ["", "References: " + "; ".join(f"{k}: Dice {v['dice']['mean']:.3f}" for k, v in result["reference"].items()),
+    lines += ["", f"Figure: {Path(result['figure']).name} (pix2pix seed {args.pix2pix_seeds[0]}).",
+              "", "References: " + "; ".join(f"{k}: Dice {v['dice']['mean']:.3f}"
+                                              for k, v in result["reference"].items()),
               "", "Time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items())]
     return "\n".join(lines)
 
@@ -289,6 +299,36 @@ def _repeat_report(args, runs: list[dict]) -> tuple[dict, str]:
               "quick": args.quick, "cases": args.cases}
     lines += ["", f"All per-case scores identical: {report['all_identical']}."]
     return report, "\n".join(lines)
+
+
+def _figure(pipeline, pix2pix_seed: int, path: Path, num_cases: int = 4) -> Path:
+    """Fig.-3-style grid: per validation case, hrT2 with the truth, then each row's translation to A
+    with its S_A prediction (contours), through the slice of largest true tumor area."""
+    from singan_insert.evaluation.figures import figure_grid
+    from singan_insert.pipeline.workflow import read_volume, resample_labels
+
+    methods = {"baseline": "baseline", **{row: f"{variant}_seed{pix2pix_seed}" for row, variant in ROWS.items()}}
+
+    def unit(image):
+        low, high = np.percentile(image, (0.5, 99.5))
+        return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+
+    panels, contours, names = [], [], []
+    for name, _ in pipeline.data.validation_images()[:num_cases]:
+        hrt2, grid_affine = read_volume(pipeline.grid_validation(name))
+        truth, affine = read_volume(pipeline.data.truth(name))
+        truth = resample_labels((truth == 1).astype(np.uint8), affine, grid_affine, hrt2.shape) == 1
+        k = int(np.argmax(truth.sum(axis=(0, 1)))) if truth.any() else hrt2.shape[2] // 2
+        row, lines = [unit(hrt2[:, :, k])], [truth[:, :, k]]
+        for method in methods.values():
+            row.append(unit(read_volume(pipeline.translated(method, name))[0][:, :, k]))
+            prediction = read_volume(pipeline.work / "predictions_grid" / method / f"{name}_ceT1.nii.gz")[0]
+            lines.append(prediction[:, :, k] == 1)
+        panels.append(row)
+        contours.append(lines)
+        names.append(name)
+    titles = ["hrT2 + truth"] + [f"{row} (A + S_A)" for row in methods]
+    return figure_grid(panels, path, titles, row_titles=names, contours=contours, window=[(0.0, 1.0)] * len(panels))
 
 
 def _diagnostics(pipeline, pix2pix_seed: int, num_fit: int = 8) -> dict[str, list[float]]:

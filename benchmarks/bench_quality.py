@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     )
     header = [
         f"Machine: {info['cpu_count']} CPUs, torch {info['torch']} with {args.threads} thread(s), {info['date']}; "
-        f"{report['seconds'] / 60:.1f} min in all{' (QUICK: plumbing only, the numbers mean nothing)' if args.quick else ''}.",
+        f"{report['seconds'] / 60:.1f} min in all"
+        f"{' (QUICK: plumbing only, the numbers mean nothing)' if args.quick else ''}.",
         f"Harmonizer: {args.preset!r} preset ({config.iterations} iterations per scale), {model.num_scales} scales, "
         f"trained on one hrT2 slice of subject {TRAINING_SEED} in {train_seconds:.0f} s. Test subjects: seeds "
         f"{seeds[0]}..{seeds[-1]} ({len(seeds)}); metrics are means over them (texture: within slices, "

@@ -48,7 +48,8 @@ def _pairs(pipeline, variant):
         fake, affine = read_volume(info["case"]["target"])
         label = read_volume(record.with_name(f"{stem}_label.nii.gz"))[0]
         image = read_volume(pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz")[0]
-        yield info, fake, affine, label == 1, image, json.loads((pipeline.bprime_dir(variant) / f"{stem}.json").read_text())
+        own_record = json.loads((pipeline.bprime_dir(variant) / f"{stem}.json").read_text())
+        yield info, fake, affine, label == 1, image, own_record
 
 
 def test_oracle_blends_the_true_hrt2_with_our_weight(inserted):

@@ -448,7 +448,8 @@ def quality_markdown(report: dict[str, Any]) -> str:
     metrics = ["lowpass_nmae_tumor", "nmae_tumor", "wasserstein_tumor", "nmae_shell", "contrast",
                "contrast_ratio", "seam_ratio", "highpass_ratio", "texture_difference", "mean_level_difference"]
     best = report["best_fixed_lambda"]
-    lines = [f"best_fixed_lambda = blurred mapped paste at lambda* = {best['lambda']:g} (sigma {best['sigma_px']:g} px), "
+    lines = [f"best_fixed_lambda = blurred mapped paste at lambda* = {best['lambda']:g} "
+             f"(sigma {best['sigma_px']:g} px), "
              "chosen WITH HINDSIGHT on the test subjects (oracle-ish); blur sds chosen on the separate subject "
              f"{report['validation_subject']}; harmonized = paper mode from start scale {report['start_scale']}; "
              "oracle = the truth render blended with our weight (a floor, not a method).", ""]

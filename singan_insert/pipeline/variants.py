@@ -185,7 +185,8 @@ def train_pix2pix_seeded(pipeline: CrossModaPipeline, variant: str, seed: int):
         return Pix2Pix.load(folder / MODEL_NAME)
     records = sorted(pipeline.bprime_dir(variant).glob("*_aug*.json"))
     if not records:
-        raise SinganInsertError(f"No B' volumes in {pipeline.bprime_dir(variant)}; write the {variant!r} variant first.")
+        raise SinganInsertError(
+            f"No B' volumes in {pipeline.bprime_dir(variant)}; write the {variant!r} variant first.")
     pairs = [(record.with_name(record.name[:-len(".json")] + f"_image{_NIFTI}"),
               Path(json.loads(record.read_text())["case"]["source_image"])) for record in records]
     config = replace(pipeline.settings.pix2pix_config(pipeline.progress), seed=int(seed))
