@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from singan_insert.evaluation import experiments as ex
 
-BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARK = ROOT / "benchmarks" / "bench_quality.py"
 TARGETS = ["2_no_vanishing", "3_lowpass_vs_best_fixed_lambda", "3_w1_vs_mapped", "3_seam_ratio",
            "4_highpass_ratio", "4_seeds_differ", "4_seed_mean_level"]
 
@@ -23,10 +26,12 @@ def _reject_constant(name):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench_quality")
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--quick", "--results", str(folder), "--name", "quick"])
+    # A separate process: the script puts benchmarks/ on sys.path, whose _common module would
+    # shadow the crossMoDA examples' own _common in this one.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(BENCHMARK), "--quick", "--results", str(folder), "--name", "quick"],
+                   check=True, env=env, cwd=ROOT, capture_output=True)
     text = (folder / "quick.json").read_text()
     return folder, json.loads(text, parse_constant=_reject_constant)  # strict JSON: no NaN/Infinity
 
