@@ -260,7 +260,7 @@ def _markdown(args, result: dict) -> str:
                          f"{s['mean']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}] | {s['p_wilcoxon']:.3g} |")
         lines += ["", "| target | value | threshold | verdict |", "|---|---|---|---|"]
         for name, check in entry["targets"].items():
-            lines.append(f"| {name} | {check['value']:.3f} | {check['threshold']} | "
+            lines.append(f"| {name} | {check['value']:.4g} | {check['threshold']} | "
                          f"{'PASS' if check['pass'] else 'FAIL'} |")
         lines.append("")
     lines += ["Diagnostics, all on the working grid (tumor-vs-ring contrast / robust range; pix2pix fit):", "",
