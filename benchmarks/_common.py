@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -43,9 +44,24 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=str))
-    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+def write_results(name: str, payload: dict[str, Any], markdown: str, folder: Path | None = None) -> Path:
+    """Write ``<folder>/<name>.json`` (with the machine description) and ``<name>.md``.
+
+    NaN and infinities become ``null`` so that the JSON is valid for any reader.
+    """
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(_finite({"machine": machine(), **payload}), indent=2, default=str, allow_nan=False))
+    (folder / f"{name}.md").write_text(markdown + "\n")
     return path
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -1,31 +1,37 @@
 """The paper's Table 1 on simulated crossMoDA-like data: does tumor insertion help cross-modal
-segmentation?
+segmentation, and how much of what an oracle insertion would give does it get?
 
 A simulated data set in the crossMoDA layout (:func:`singan_insert.pipeline.workflow.simulate_crossmoda`):
 labelled ceT1-like scans (A), unlabelled hrT2-like scans of other subjects (B), and hrT2-like
-validation scans of yet other subjects with their true labels. The whole workflow of
-:class:`singan_insert.pipeline.workflow.CrossModaPipeline` runs once, and three ways of segmenting the
-validation scans are scored on the tumor (label 1):
+validation scans of yet other subjects with their true labels. The workflow of
+:class:`singan_insert.pipeline.workflow.CrossModaPipeline` runs once per pipeline seed; then, for
+EACH pix2pix seed (``--pix2pix-seeds``, two by default), pix2pix B' -> A is trained on every B'
+variant (:mod:`singan_insert.pipeline.variants`) and the validation scans are segmented:
 
-* baseline: CycleGAN's B -> A generator, then S_A;
-* ours: pix2pix trained on (B', A), B' = each A tumor pasted into its own CycleGAN translation
-  and harmonized by the SinGAN pyramid (trained on ONE hrT2 slice), then S_A;
-* ablation: the same pix2pix trained on the naive pastes of the very same insertions (same
-  placement and intensity mapping, no harmonization).
+* baseline: CycleGAN's B -> A generator, then S_A (no pix2pix: one row per run);
+* ours: B' = each A tumor pasted into its own CycleGAN translation and harmonized;
+* naive: the very same pastes, not harmonized;
+* oracle: each pasted tumor replaced by the simulator's TRUE hrT2 rendering of that subject and
+  its surroundings, blended with our weight (the ceiling of any insertion);
+* gba: GBA-style, the translated tumor contrast-scaled in place (lambda in {0.5, 0.8, 1.5}),
+  then harmonized.
 
-Two reference rows frame the numbers: S_A on the validation subjects' own ceT1 scans (its
-in-domain score, the ceiling of any translation) and the validation labels resampled onto the
-working grid and back (what the grid's resolution alone costs). Reported per method: Dice and
-ASSD as mean ± sd with quartiles, the count of Dice > 0.8, paired differences with a Wilcoxon
-signed-rank test, and a Fig.-3-style panel. Writes benchmarks/results/bench_pipeline.{json,md}
-and benchmarks/results/bench_pipeline_fig3.png.
+Every comparison is paired (same validation cases, same pix2pix seed, same run): mean
+difference with a 95 % bootstrap CI (:func:`singan_insert.evaluation.metrics.paired_bootstrap_ci`)
+and a Wilcoxon p. Targets of issue 10 (item 7), per pix2pix seed: ours closes >= 50 % of the
+naive -> oracle gap, the CI of ours - naive above 0, ours > gba, ours > baseline + 0.15.
+Diagnostics (tumor-vs-ring contrast of the fake hrT2, each B', and the real validation hrT2)
+are all measured on the working grid. Reproducibility: seed, pix2pix seeds, torch version and
+threads are recorded; ``--repeat`` runs the configuration twice in fresh folders and reports
+the run-to-run spread of every per-case score.
 
-Target (issue 5): ours - baseline >= +0.12 mean Dice with a lower mean ASSD, and ours above the
-naive-paste ablation. Settings are the ``cpu`` profile (harmonizer ``fast`` preset, CycleGAN and
-pix2pix ``cpu`` presets, the small 3D U-Net as S_A); nothing is tuned per method.
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 0    # full: ~1 h per pipeline seed (estimate*)
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 1 --name bench_pipeline_seed1
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 4 4 4 --quick     # plumbing check
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 3 3 3 --quick --repeat
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py                 # the full run (~35 min)
-    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 4 4 4 --quick   # plumbing check
+(*) from the step times of the 33-min run of the earlier version on an idle 2-core machine:
+eight pix2pix runs of ~285 s instead of two; not measured with this version yet.
 """
 
 from __future__ import annotations
@@ -44,36 +50,76 @@ import numpy as np
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import RESULTS, machine, write_results  # noqa: E402
 
-DICE_GAIN_TARGET = 0.12
+ROWS = {"ours": "harmonized", "naive": "naive", "oracle": "oracle", "gba": "gba"}
+TITLES = {
+    "baseline": "Baseline: CycleGAN(B->A) + S_A",
+    "ours": "Ours: pix2pix(harmonized B') + S_A",
+    "naive": "Ablation: naive paste",
+    "oracle": "Oracle: true hrT2 tumor + surroundings, blended like ours",
+    "gba": "GBA-style: translated tumor x lambda in place, harmonized",
+}
+PAIRS = (("ours", "baseline"), ("ours", "naive"), ("oracle", "naive"), ("gba", "naive"), ("ours", "gba"),
+         ("naive", "baseline"))
+GAP_FRACTION_TARGET = 0.5
+BASELINE_MARGIN_TARGET = 0.15
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, nargs=3, default=[20, 20, 32], metavar=("SOURCE", "TARGET", "VALIDATION"),
                         help="simulated subjects per split (default 20 20 32, crossMoDA 2021's validation size)")
     parser.add_argument("--segmenter", choices=["small", "nnunet"], default="small")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="pipeline seed (data and every stage)")
+    parser.add_argument("--pix2pix-seeds", type=int, nargs="+", default=[0, 1],
+                        help="pix2pix seeds, each a full set of rows (default 0 1)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "singan-insert-bench-pipeline"),
                         help="work folder (re-runs resume from it)")
     parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="short schedules (plumbing check only; the numbers mean nothing)")
+    parser.add_argument("--repeat", action="store_true",
+                        help="run the configuration twice in fresh folders and report the run-to-run spread")
+    parser.add_argument("--results", default=str(RESULTS), help="output folder (default benchmarks/results)")
     parser.add_argument("--name", default="bench_pipeline", help="results file name (without extension)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if len(set(args.pix2pix_seeds)) != len(args.pix2pix_seeds):
+        parser.error("--pix2pix-seeds must differ")
 
     import torch
 
-    from singan_insert.evaluation.metrics import segmentation_scores, summarize, table1_report
-    from singan_insert.pipeline.workflow import (METHOD_TITLES, METHODS, CrossModaPipeline, PipelineSettings,
-                                        read_volume, resample_image, resample_labels, simulate_crossmoda,
-                                        write_volume)
-    from singan_insert.insertion.placement import spacing_from_affine
-
     torch.set_num_threads(args.threads)
     work = Path(args.work)
+    if args.repeat:
+        runs = []
+        for attempt in (1, 2):
+            folder = work / f"repeat_{attempt}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            print(f"== repeat run {attempt} in {folder}", flush=True)
+            runs.append(run_once(args, folder))
+        report, text = _repeat_report(args, runs)
+        print(text)
+        write_results(f"{args.name}_repeat", report, text, folder=Path(args.results))
+        return
     if args.fresh and work.exists():
         shutil.rmtree(work)
+    result = run_once(args, work)
+    text = _markdown(args, result)
+    print(text)
+    write_results(args.name, result, text, folder=Path(args.results))
+
+
+def run_once(args, work: Path) -> dict:
+    """One pipeline run (one pipeline seed) with every row for every pix2pix seed."""
+    import torch
+
+    from singan_insert.evaluation.metrics import paired_bootstrap_ci, segmentation_scores, summarize, table1_report
+    from singan_insert.insertion.placement import spacing_from_affine
+    from singan_insert.pipeline import variants
+    from singan_insert.pipeline.workflow import (CrossModaPipeline, PipelineSettings, read_volume, resample_image,
+                                                 resample_labels, simulate_crossmoda, write_volume)
+
     settings = PipelineSettings.profile("cpu", segmenter=args.segmenter, seed=args.seed)
     if args.quick:
         settings = replace(settings, segmenter_iterations=40, cyclegan_iterations=40, pix2pix_iterations=40,
@@ -97,12 +143,57 @@ def main() -> None:
     timed("2_translate", pipeline.translate_sources)
     timed("3_harmonizer", pipeline.train_harmonizer)
     timed("4_insert", pipeline.insert_tumors)
-    for variant in ("harmonized", "naive"):
-        timed(f"5_pix2pix_{variant}", pipeline.train_pix2pix, variant)
-    for method in METHODS:
-        timed(f"6_segment_{method}", pipeline.segment_validation, method)
+    timed("4_oracle", variants.write_oracle_bprime, pipeline)
+    timed("4_gba", variants.write_gba_bprime, pipeline)
+    baseline_predictions = timed("6_segment_baseline", pipeline.segment_validation, "baseline")
 
-    diagnostics = timed("diagnostics", _diagnostics, pipeline)
+    validation = data.validation_images()
+    truths = [read_volume(data.truth(name)) for name, _ in validation]
+
+    def score(predictions) -> dict[str, list[float]]:
+        rows = {"dice": [], "assd": []}
+        for path, (truth, affine) in zip(predictions, truths):
+            scores = segmentation_scores(read_volume(path)[0], truth, spacing_from_affine(affine), label=1)
+            rows["dice"].append(scores["dice"])
+            rows["assd"].append(scores["assd"])
+        return rows
+
+    baseline = score(baseline_predictions)
+    by_seed = {}
+    for pix2pix_seed in args.pix2pix_seeds:
+        rows = {"baseline": baseline}
+        for row, variant in ROWS.items():
+            timed(f"5_pix2pix_{variant}", variants.train_pix2pix_seeded, pipeline, variant, pix2pix_seed)
+            predictions = timed(f"6_segment_{variant}", variants.segment_validation_seeded, pipeline, variant,
+                                pix2pix_seed)
+            rows[row] = score(predictions)
+        table = table1_report({TITLES[r]: v for r, v in rows.items()}, metrics=["dice", "assd"], file=None)
+        paired = {}
+        for a, b in PAIRS:
+            paired[f"{a}-{b}"] = {metric: {**paired_bootstrap_ci(rows[a][metric], rows[b][metric], seed=0),
+                                           "p_wilcoxon": _wilcoxon(rows[a][metric], rows[b][metric])}
+                                  for metric in ("dice", "assd")}
+        mean = {r: float(np.mean(v["dice"])) for r, v in rows.items()}
+        gap = mean["oracle"] - mean["naive"]
+        closed = (mean["ours"] - mean["naive"]) / gap if gap > 0 else float("nan")
+        targets = {
+            "7_closes_half_of_naive_to_oracle_gap": {"value": closed, "threshold": f">= {GAP_FRACTION_TARGET:g}",
+                                                     "pass": bool(closed >= GAP_FRACTION_TARGET)},
+            "7_ours_minus_naive_ci_above_zero": {"value": paired["ours-naive"]["dice"]["low"], "threshold": "> 0",
+                                                 "pass": bool(paired["ours-naive"]["dice"]["low"] > 0)},
+            "7_ours_above_gba": {"value": mean["ours"] - mean["gba"], "threshold": "> 0",
+                                 "pass": bool(mean["ours"] > mean["gba"])},
+            "7_ours_above_baseline_plus_0.15": {"value": mean["ours"] - mean["baseline"],
+                                                "threshold": f">= {BASELINE_MARGIN_TARGET:g}",
+                                                "pass": bool(mean["ours"] - mean["baseline"]
+                                                             >= BASELINE_MARGIN_TARGET)},
+        }
+        by_seed[str(pix2pix_seed)] = {"per_case": rows, "table1": table, "paired": paired, "mean_dice": mean,
+                                      "targets": targets}
+
+    diagnostics = timed("diagnostics", _diagnostics, pipeline, args.pix2pix_seeds[0])
+    figure = _figure(pipeline, args.pix2pix_seeds[0],
+                     work / "fig3.png" if args.repeat else Path(args.results) / f"{args.name}_fig3.png")
 
     # Reference rows: S_A in its own domain, and the working grid's resolution ceiling.
     source_validation = sorted((data.root / "source_validation").glob("*_ceT1.nii.gz"))
@@ -111,7 +202,7 @@ def main() -> None:
         image, affine = read_volume(path)
         shape, grid_affine = settings.grid.grid_for(image.shape, affine)
         grid_inputs.append(write_volume(work / "run" / "grid" / "source_validation" / path.name,
-                                 resample_image(image, affine, grid_affine, shape), grid_affine))
+                                        resample_image(image, affine, grid_affine, shape), grid_affine))
     predictions = timed("reference_source_domain", pipeline.segment, grid_inputs,
                         work / "run" / "predictions_grid" / "source_domain")
     reference = {"source": {"dice": [], "assd": []}, "grid": {"dice": [], "assd": []}}
@@ -119,89 +210,134 @@ def main() -> None:
         label_path = path.with_name(path.name.replace("_ceT1", "_Label"))
         truth, affine = read_volume(label_path)
         prediction, grid_affine = read_volume(prediction_path)
-        native = pipeline.to_native(prediction, grid_affine, label_path)
-        scores = segmentation_scores(native, truth, spacing_from_affine(affine), label=1)
+        scores = segmentation_scores(pipeline.to_native(prediction, grid_affine, label_path), truth,
+                                     spacing_from_affine(affine), label=1)
         reference["source"]["dice"].append(scores["dice"])
         reference["source"]["assd"].append(scores["assd"])
-    for name, native_path in data.validation_images():
+    for name, _ in validation:
         truth, affine = read_volume(data.truth(name))
         shape, grid_affine = settings.grid.grid_for(truth.shape, affine)
         round_trip = resample_labels(resample_labels(truth, affine, grid_affine, shape), grid_affine, affine, truth.shape)
         scores = segmentation_scores(round_trip, truth, spacing_from_affine(affine), label=1)
         reference["grid"]["dice"].append(scores["dice"])
         reference["grid"]["assd"].append(scores["assd"])
-    reference_titles = {"source": "Reference: S_A on the subjects' own ceT1",
-                        "grid": "Reference: truth through the working grid"}
-    report = pipeline.evaluate(METHODS, extra={reference_titles[k]: v for k, v in reference.items()})
-    pipeline.segmentation_figure(RESULTS / f"{args.name}_fig3.png")
 
-    per_case = report["per_case"]
-    dice = {m: np.array([r["dice"] for r in per_case[m]]) for m in METHODS}
-    assd = {m: np.array([r["assd"] for r in per_case[m]]) for m in METHODS}
-    paired = {}
-    for a, b in (("ours", "baseline"), ("ours", "naive"), ("naive", "baseline")):
-        paired[f"{a}-{b}"] = {"dice": _paired(dice[a], dice[b]), "assd": _paired(assd[a], assd[b])}
-    gain = float(dice["ours"].mean() - dice["baseline"].mean())
-    verdict = {
-        "dice_gain_ours_vs_baseline": gain,
-        "meets_dice_gain": gain >= DICE_GAIN_TARGET,
-        "assd_lower_than_baseline": bool(assd["ours"].mean() < assd["baseline"].mean()),
-        "dice_above_naive_ablation": bool(dice["ours"].mean() > dice["naive"].mean()),
-    }
-    verdict["meets_target"] = all(verdict[k] for k in ("meets_dice_gain", "assd_lower_than_baseline",
-                                                        "dice_above_naive_ablation"))
-    total = time.perf_counter() - started
-    segmenter = {"small": f"small built-in 3D U-Net (SegmenterConfig preset {settings.segmenter_preset!r})",
-                 "nnunet": f"nnU-Net v2 ({settings.nnunet_trainer}, {settings.nnunet_configuration})"}[args.segmenter]
     info = machine()
-    markdown = [
-        f"Machine: {info['cpu_count']} CPUs, torch threads {args.threads}, {info['date']}; "
-        f"whole benchmark {total / 60:.1f} min{' (QUICK: short schedules, numbers meaningless)' if args.quick else ''}.",
+    return {
+        "cases": args.cases, "seed": args.seed, "pix2pix_seeds": args.pix2pix_seeds, "quick": args.quick,
+        "reproducibility": {"seed": args.seed, "pix2pix_seeds": args.pix2pix_seeds, "torch_threads": args.threads,
+                            "torch": torch.__version__, "numpy": np.__version__, "cpu_count": info["cpu_count"],
+                            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()},
+        "segmenter": args.segmenter, "settings": settings.to_dict(), "seconds": time.perf_counter() - started,
+        "timings": timings, "titles": TITLES, "validation_cases": [name for name, _ in validation],
+        "figure": str(figure),
+        "by_pix2pix_seed": by_seed,
+        "diagnostics": {k: summarize(v) for k, v in diagnostics.items()}, "diagnostics_values": diagnostics,
+        "reference": {k: {m: summarize(v[m]) for m in v} for k, v in reference.items()},
+    }
+
+
+def _markdown(args, result: dict) -> str:
+    info = machine()
+    settings = result["settings"]
+    lines = [
+        f"Machine: {info['cpu_count']} CPUs, torch {info['torch']} with {args.threads} thread(s), {info['date']}; "
+        f"whole benchmark {result['seconds'] / 60:.1f} min"
+        f"{' (QUICK: short schedules, the numbers mean nothing)' if args.quick else ''}.",
         f"Data: simulated crossMoDA layout, {args.cases[0]} labelled ceT1 / {args.cases[1]} unlabelled hrT2 / "
-        f"{args.cases[2]} hrT2 validation subjects (seed {args.seed}). Working grid "
-        f"{settings.grid.spacing} mm, {settings.grid.shape[0]}x{settings.grid.shape[1]} px in plane.",
-        f"S_A: {segmenter}. Harmonizer: {settings.harmonizer_preset!r} preset; CycleGAN "
-        f"{settings.cyclegan_preset!r}, pix2pix {settings.pix2pix_preset!r} presets; contrast factor "
-        f"{settings.contrast}.",
+        f"{args.cases[2]} hrT2 validation subjects; pipeline seed {args.seed}, pix2pix seeds {args.pix2pix_seeds}. "
+        f"Harmonizer {settings['harmonizer_preset']!r}, CycleGAN {settings['cyclegan_preset']!r}, pix2pix "
+        f"{settings['pix2pix_preset']!r}, S_A {args.segmenter!r}; contrast factor {settings['contrast']}.",
         "",
-        "Tumor (label 1) on the validation scans' own grids; quartiles ascending (the paper lists ASSD's descending).",
-        "",
-        report["table"]["markdown"],
-        "",
-        "Paired per-case differences (mean, median, Wilcoxon signed-rank p):",
-        "",
-        "| pair | ΔDice mean | ΔDice median | p (Dice) | ΔASSD mean (mm) | ΔASSD median | p (ASSD) |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for pair, values in paired.items():
-        d, s = values["dice"], values["assd"]
-        markdown.append(f"| {pair} | {d['mean']:+.3f} | {d['median']:+.3f} | {d['p_wilcoxon']:.3g} | "
-                        f"{s['mean']:+.2f} | {s['median']:+.2f} | {s['p_wilcoxon']:.3g} |")
-    markdown += ["", "Diagnostics (what the stages did; no validation data involved except the real-hrT2 row):", "",
-                 "| quantity | mean ± sd |", "|---|---|"]
-    for key, values in diagnostics.items():
-        markdown.append(f"| {key} | {np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f} |")
-    markdown += ["", "Verdict: " + ", ".join(f"{k} = {v:.3f}" if isinstance(v, float) else f"{k} = {v}"
-                                          for k, v in verdict.items()),
-                 "", "Time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
-    text = "\n".join(markdown)
-    print(text)
-    write_results(args.name, {
-        "cases": args.cases, "seed": args.seed, "quick": args.quick, "segmenter": segmenter,
-        "settings": settings.to_dict(), "seconds": total, "timings": timings, "verdict": verdict,
-        "paired": paired, "table1": report["table"], "per_case": per_case,
-        "diagnostics": {k: summarize(v) for k, v in diagnostics.items()},
-        "diagnostics_values": diagnostics,
-        "reference": {reference_titles[k]: {m: summarize(v[m]) for m in v} for k, v in reference.items()},
-        "methods": METHOD_TITLES, "figure": str(RESULTS / f"{args.name}_fig3.png"),
-    }, text)
+    for seed, entry in result["by_pix2pix_seed"].items():
+        lines += [f"## pix2pix seed {seed}", "", entry["table1"]["markdown"], "",
+                  "Paired per-case differences (same cases, same run): mean [95 % bootstrap CI], Wilcoxon p", "",
+                  "| pair | ΔDice | p (Dice) | ΔASSD (mm) | p (ASSD) |", "|---|---|---|---|---|"]
+        for pair, values in entry["paired"].items():
+            d, s = values["dice"], values["assd"]
+            lines.append(f"| {pair} | {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] | {d['p_wilcoxon']:.3g} | "
+                         f"{s['mean']:+.2f} [{s['low']:+.2f}, {s['high']:+.2f}] | {s['p_wilcoxon']:.3g} |")
+        lines += ["", "| target | value | threshold | verdict |", "|---|---|---|---|"]
+        for name, check in entry["targets"].items():
+            lines.append(f"| {name} | {check['value']:.4g} | {check['threshold']} | "
+                         f"{'PASS' if check['pass'] else 'FAIL'} |")
+        lines.append("")
+    lines += ["Diagnostics, all on the working grid (tumor-vs-ring contrast / robust range; pix2pix fit):", "",
+              "| quantity | mean ± sd |", "|---|---|"]
+    for key, summary in result["diagnostics"].items():
+        lines.append(f"| {key} | {summary['mean']:.3f} ± {summary['sd']:.3f} |")
+    lines += ["", f"Figure: {Path(result['figure']).name} (pix2pix seed {args.pix2pix_seeds[0]}).",
+              "", "References: " + "; ".join(f"{k}: Dice {v['dice']['mean']:.3f}"
+                                              for k, v in result["reference"].items()),
+              "", "Time per step (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items())]
+    return "\n".join(lines)
 
 
-def _diagnostics(pipeline, num_fit: int = 8) -> dict[str, list[float]]:
-    """Tumor contrast in the fake hrT2, the naive and the harmonized B' (and in real hrT2), and
-    how well each pix2pix reproduces its own training pairs (S_A Dice on pix2pix(B'))."""
+def _repeat_report(args, runs: list[dict]) -> tuple[dict, str]:
+    """Per-case score differences between two runs of the same configuration."""
+    spread = {}
+    for seed in runs[0]["by_pix2pix_seed"]:
+        for row in runs[0]["by_pix2pix_seed"][seed]["per_case"]:
+            for metric in ("dice", "assd"):
+                a = np.asarray(runs[0]["by_pix2pix_seed"][seed]["per_case"][row][metric])
+                b = np.asarray(runs[1]["by_pix2pix_seed"][seed]["per_case"][row][metric])
+                spread[f"{row} (pix2pix seed {seed}) {metric}"] = {
+                    "max_abs_difference": float(np.max(np.abs(a - b))),
+                    "mean_abs_difference": float(np.mean(np.abs(a - b))),
+                    "mean_difference_of_means": float(b.mean() - a.mean()), "identical": bool(np.array_equal(a, b))}
+    info = machine()
+    lines = [f"Run-to-run spread: the same configuration twice in fresh folders (cases {args.cases}, seed {args.seed}, "
+             f"pix2pix seeds {args.pix2pix_seeds}, torch {info['torch']}, {args.threads} thread(s), "
+             f"{info['date']}{', QUICK schedules' if args.quick else ''}).", "",
+             "| score | max abs diff | mean abs diff | diff of means | identical |", "|---|---|---|---|---|"]
+    for key, value in spread.items():
+        lines.append(f"| {key} | {value['max_abs_difference']:.4g} | {value['mean_abs_difference']:.4g} | "
+                     f"{value['mean_difference_of_means']:+.4g} | {value['identical']} |")
+    report = {"spread": spread, "all_identical": all(v["identical"] for v in spread.values()),
+              "seconds": [run["seconds"] for run in runs], "reproducibility": runs[0]["reproducibility"],
+              "quick": args.quick, "cases": args.cases}
+    lines += ["", f"All per-case scores identical: {report['all_identical']}."]
+    return report, "\n".join(lines)
+
+
+def _figure(pipeline, pix2pix_seed: int, path: Path, num_cases: int = 4) -> Path:
+    """Fig.-3-style grid: per validation case, hrT2 with the truth, then each row's translation to A
+    with its S_A prediction (contours), through the slice of largest true tumor area."""
+    from singan_insert.evaluation.figures import figure_grid
+    from singan_insert.pipeline.workflow import read_volume, resample_labels
+
+    methods = {"baseline": "baseline", **{row: f"{variant}_seed{pix2pix_seed}" for row, variant in ROWS.items()}}
+
+    def unit(image):
+        low, high = np.percentile(image, (0.5, 99.5))
+        return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+
+    panels, contours, names = [], [], []
+    for name, _ in pipeline.data.validation_images()[:num_cases]:
+        hrt2, grid_affine = read_volume(pipeline.grid_validation(name))
+        truth, affine = read_volume(pipeline.data.truth(name))
+        truth = resample_labels((truth == 1).astype(np.uint8), affine, grid_affine, hrt2.shape) == 1
+        k = int(np.argmax(truth.sum(axis=(0, 1)))) if truth.any() else hrt2.shape[2] // 2
+        row, lines = [unit(hrt2[:, :, k])], [truth[:, :, k]]
+        for method in methods.values():
+            row.append(unit(read_volume(pipeline.translated(method, name))[0][:, :, k]))
+            prediction = read_volume(pipeline.work / "predictions_grid" / method / f"{name}_ceT1.nii.gz")[0]
+            lines.append(prediction[:, :, k] == 1)
+        panels.append(row)
+        contours.append(lines)
+        names.append(name)
+    titles = ["hrT2 + truth"] + [f"{row} (A + S_A)" for row in methods]
+    return figure_grid(panels, path, titles, row_titles=names, contours=contours, window=[(0.0, 1.0)] * len(panels))
+
+
+def _diagnostics(pipeline, pix2pix_seed: int, num_fit: int = 8) -> dict[str, list[float]]:
+    """Tumor contrast of the fake hrT2, of each B' variant and of the real validation hrT2, ALL on the
+    working grid; how well pix2pix reproduces its own training pairs (S_A Dice on pix2pix(B'))."""
     from singan_insert.evaluation.metrics import dice
-    from singan_insert.pipeline.workflow import read_volume, write_volume
+    from singan_insert.pipeline import variants
+    from singan_insert.pipeline.workflow import read_volume, resample_labels, write_volume
+    from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix
 
     values: dict[str, list[float]] = {}
     records = sorted(pipeline.bprime_dir("harmonized").glob("*_aug*.json"))
@@ -209,32 +345,33 @@ def _diagnostics(pipeline, num_fit: int = 8) -> dict[str, list[float]]:
         stem = record.name[:-len(".json")]
         mask = read_volume(record.with_name(f"{stem}_label.nii.gz"))[0] == 1
         name = json.loads(record.read_text())["case"]["name"]
-        images = {"fake hrT2 (CycleGAN), before insertion": read_volume(pipeline.grid_source(name, "fakehrT2"))[0],
-                  "naive B'": read_volume(pipeline.bprime_dir("naive") / f"{stem}_image.nii.gz")[0],
-                  "harmonized B'": read_volume(pipeline.bprime_dir("harmonized") / f"{stem}_image.nii.gz")[0]}
-        for key, image in images.items():
-            values.setdefault(f"tumor contrast in {key}", []).append(_tumor_contrast(image, mask))
-    for name, path in pipeline.data.validation_images():
-        image, _ = read_volume(path)
-        mask = read_volume(pipeline.data.truth(name))[0] == 1
-        values.setdefault("tumor contrast in real hrT2 (validation scans)", []).append(_tumor_contrast(image, mask))
-    for variant in ("harmonized", "naive"):
-        from singan_insert.stages.pix2pix import Pix2Pix
-
-        model = Pix2Pix.load(pipeline.pix2pix_path(variant))
-        folder = pipeline.work / "diagnostics" / variant
+        values.setdefault("tumor contrast in fake hrT2 (CycleGAN), before insertion", []).append(
+            _tumor_contrast(read_volume(pipeline.grid_source(name, "fakehrT2"))[0], mask))
+        for row, variant in ROWS.items():
+            image = read_volume(pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz")[0]
+            values.setdefault(f"tumor contrast in {row} B'", []).append(_tumor_contrast(image, mask))
+    for name, native in pipeline.data.validation_images():
+        image, grid_affine = read_volume(pipeline.grid_validation(name))
+        truth, affine = read_volume(pipeline.data.truth(name))
+        mask = resample_labels((truth == 1).astype(np.uint8), affine, grid_affine, image.shape) == 1
+        if mask.any():
+            values.setdefault("tumor contrast in real hrT2 (validation scans, working grid)", []).append(
+                _tumor_contrast(image, mask))
+    for row in ("ours", "naive"):
+        variant = ROWS[row]
+        model = Pix2Pix.load(variants.pix2pix_seeded_dir(pipeline, variant, pix2pix_seed) / MODEL_NAME)
+        folder = pipeline.work / "diagnostics" / f"{variant}_seed{pix2pix_seed}"
         translated = []
         for record in records[:num_fit]:
             stem = record.name[:-len(".json")]
-            source = pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz"
-            image = model.translate(source)
+            image = model.translate(pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz")
             translated.append(write_volume(folder / f"{stem}_ceT1.nii.gz", np.asarray(image.dataobj), image.affine))
         predictions = pipeline.segment(translated, folder / "predictions")
         for record, prediction in zip(records[:num_fit], predictions):
             stem = record.name[:-len(".json")]
             truth = read_volume(pipeline.bprime_dir(variant) / f"{stem}_label.nii.gz")[0] == 1
-            values.setdefault(f"pix2pix ({variant}) training fit: S_A Dice on pix2pix(B'_train)", []).append(
-                dice(read_volume(prediction)[0] == 1, truth))
+            values.setdefault(f"pix2pix ({row}, seed {pix2pix_seed}) training fit: S_A Dice on pix2pix(B'_train)",
+                              []).append(dice(read_volume(prediction)[0] == 1, truth))
     return values
 
 
@@ -249,12 +386,11 @@ def _tumor_contrast(image: np.ndarray, mask: np.ndarray) -> float:
     return float((image[mask].mean() - image[ring].mean()) / max(high - low, 1e-6))
 
 
-def _paired(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+def _wilcoxon(a, b) -> float:
     from scipy.stats import wilcoxon
 
-    difference = a - b
-    p = float(wilcoxon(a, b).pvalue) if np.any(difference != 0) else 1.0
-    return {"mean": float(difference.mean()), "median": float(np.median(difference)), "p_wilcoxon": p}
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
 
 
 if __name__ == "__main__":

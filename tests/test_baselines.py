@@ -1,4 +1,4 @@
-"""Insertion baselines: naive paste, intensity-matched paste, Poisson blending."""
+"""Insertion baselines: naive paste, intensity-matched paste, Poisson blending, blended baselines."""
 
 from __future__ import annotations
 
@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from singan_insert.evaluation.baselines import intensity_matched_paste, naive_paste, poisson_blend
+from singan_insert.evaluation.baselines import (
+    blurred_paste,
+    intensity_matched_paste,
+    naive_paste,
+    oracle_paste,
+    poisson_blend,
+    slice_blend_weight,
+    weighted_blend,
+)
+from singan_insert.harmonizer.model import blend_weight
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import map_tumor_intensities
 
@@ -131,3 +140,62 @@ def test_input_errors():
         poisson_blend(target, source, np.ones_like(mask))
     with pytest.raises(SinganInsertError, match="spacing"):
         poisson_blend(target, source, mask, spacing=(1.0,))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blended baselines (the harmonizer's blend weight)
+# ----------------------------------------------------------------------------------------------
+def test_slice_blend_weight_is_the_harmonizers_weight_per_slice():
+    mask = np.zeros((20, 9, 16), bool)
+    mask[8:12, 3:6, 6:10] = True
+    spacing = (0.4, 1.0, 0.5)
+    weight = slice_blend_weight(mask, axis=1, spacing=spacing)
+    for j in range(mask.shape[1]):
+        expected = blend_weight(mask[:, j][None].astype(np.float32), (0.4, 0.5), 1.0, 2.0)[0]
+        np.testing.assert_array_equal(weight[:, j], expected)
+    # By hand: 1 mm from the mask with dilation 0.5 mm, feather 2 mm: t = 0.75, smoothstep 0.84375.
+    line = np.zeros((1, 12), bool)
+    line[0, :3] = True
+    weight = slice_blend_weight(line)
+    assert weight[0, 2] == 1.0 and weight[0, 3] == 1.0  # on the mask, and 1 mm away
+    assert slice_blend_weight(line, dilation_mm=0.5)[0, 3] == pytest.approx(0.84375)
+    assert weight[0, 6] == 0.0  # 4 mm > dilation + feather
+    assert np.all(slice_blend_weight(mask, axis=1)[:, [0, 1, 2, 6, 7, 8]] == 0)  # no leak across slices
+    with pytest.raises(SinganInsertError, match="axis"):
+        slice_blend_weight(mask, axis=3)
+    with pytest.raises(SinganInsertError, match=">= 0"):
+        slice_blend_weight(mask, feather_mm=-1)
+
+
+def test_weighted_blend_and_oracle():
+    target, source, mask = _case((40, 40))
+    weight = slice_blend_weight(mask)
+    output = weighted_blend(target, source, mask)
+    np.testing.assert_array_equal(output[weight == 0], target[weight == 0])
+    np.testing.assert_allclose(output[weight == 1], source[weight == 1], rtol=1e-6)
+    ramp = (weight > 0) & (weight < 1)
+    low, high = np.minimum(target, source)[ramp], np.maximum(target, source)[ramp]
+    assert np.all((output[ramp] >= low - 1e-4) & (output[ramp] <= high + 1e-4))
+    # A truth that differs from the target only on the mask comes back exactly.
+    truth = target + 25.0 * mask
+    np.testing.assert_allclose(oracle_paste(target, truth, mask), truth, rtol=1e-6)
+
+
+def test_blurred_paste():
+    target, source, mask = _case((12, 40, 40))
+    mask[:, :, :3] = False  # slices without tumor
+    volume_mask = np.moveaxis(mask, 0, 2)
+    target, source = np.moveaxis(target, 0, 2), np.moveaxis(source, 0, 2)
+    unblurred = blurred_paste(target, source, volume_mask, 0.0)
+    np.testing.assert_array_equal(unblurred, weighted_blend(target, naive_paste(target, source, volume_mask),
+                                                            volume_mask))
+    blurred = blurred_paste(target, source, volume_mask, 2.0)
+    np.testing.assert_array_equal(blurred[..., :3], target[..., :3])  # within slices only
+    # A texture at the finest scale inside a flat surround is smoothed away.
+    flat = np.full_like(target, 300.0)
+    textured = flat + 20.0 * np.where(np.indices(flat.shape).sum(axis=0) % 2 == 0, 1.0, -1.0)
+    assert blurred_paste(flat, textured, volume_mask, 2.0)[volume_mask].std() < 1.0
+    # A constant image stays constant: the blur moves no level.
+    np.testing.assert_allclose(blurred_paste(flat, flat, volume_mask, 2.0), flat, rtol=1e-6)
+    with pytest.raises(SinganInsertError, match="sigma_px"):
+        blurred_paste(target, source, volume_mask, -1.0)

@@ -19,6 +19,8 @@ from singan_insert.evaluation.metrics import (
     dice,
     harmonization_fidelity,
     hd95,
+    paired_bootstrap_ci,
+    seed_difference,
     segmentation_scores,
     summarize,
     surface_distances,
@@ -212,6 +214,129 @@ def test_contrast_ratio_is_nan_without_true_contrast():
     # A ramp symmetric about the mask: tumor and shell have the same mean, no contrast to keep.
     truth = 100 + 5 * (np.mgrid[:20, :20][1] - 9.5)
     assert np.isnan(harmonization_fidelity(truth + 50 * mask, truth, mask).contrast_ratio)
+
+
+def _checkerboard(shape, amplitude):
+    return amplitude * np.where(np.indices(shape).sum(axis=0) % 2 == 0, 1.0, -1.0)
+
+
+@pytest.fixture
+def big_disk():
+    """A 60x60 image, a disk of radius 15 (large interior), truth 100 outside and 50 inside."""
+    yy, xx = np.mgrid[:60, :60]
+    mask = (yy - 30) ** 2 + (xx - 30) ** 2 <= 225
+    return np.where(mask, 50.0, 100.0), mask
+
+
+def test_lowpass_error_ignores_texture_phase_but_not_level(big_disk):
+    truth, mask = big_disk
+    # A texture at the finest scale (checkerboard, +-10): the voxel-wise error is 10/50 = 0.2
+    # everywhere in the tumor, but after smoothing by sigma = 1.5 px almost nothing is left.
+    textured = truth + np.where(mask, _checkerboard(truth.shape, 10.0), 0.0)
+    fidelity = harmonization_fidelity(textured, truth, mask, value_range=50.0)
+    assert fidelity.nmae_tumor == pytest.approx(0.2)
+    assert fidelity.lowpass_nmae_tumor < 0.02
+    # A level error of 10 survives smoothing in the interior (and is halved at the border).
+    offset = truth + 10.0 * mask
+    fidelity = harmonization_fidelity(offset, truth, mask, value_range=50.0)
+    assert fidelity.nmae_tumor == pytest.approx(0.2)
+    assert 0.14 < fidelity.lowpass_nmae_tumor < 0.2
+
+
+def test_contrast_values_and_their_ratio(big_disk):
+    truth, mask = big_disk
+    half = np.where(mask, 75.0, 100.0)
+    fidelity = harmonization_fidelity(half, truth, mask, value_range=50.0)
+    assert fidelity.truth_contrast == pytest.approx(-1.0)
+    assert fidelity.contrast == pytest.approx(-0.5)
+    assert fidelity.contrast_ratio == pytest.approx(fidelity.contrast / fidelity.truth_contrast)
+
+
+def test_highpass_ratio_measures_texture_energy(big_disk):
+    truth, mask = big_disk
+    texture = _checkerboard(truth.shape, 5.0)
+    textured_truth = truth + texture
+    # The same level structure, twice the texture amplitude: four times the energy; no texture: 0.
+    doubled = harmonization_fidelity(truth + 2 * texture, textured_truth, mask, value_range=50.0)
+    smooth = harmonization_fidelity(truth, textured_truth, mask, value_range=50.0)
+    same = harmonization_fidelity(textured_truth, textured_truth, mask, value_range=50.0)
+    assert same.highpass_ratio == pytest.approx(1.0)
+    assert doubled.highpass_ratio == pytest.approx(4.0, rel=0.05)
+    assert smooth.highpass_ratio < 0.05
+
+
+def test_highpass_ratio_is_nan_without_interior():
+    mask = np.zeros((20, 20), bool)
+    mask[9:12, 9:12] = True  # 3 px wide: no voxel is more than 2 sigma = 3 px inside
+    truth = np.where(mask, 1.0, 0.0) + _checkerboard(mask.shape, 0.1)
+    assert np.isnan(harmonization_fidelity(truth, truth, mask).highpass_ratio)
+
+
+def test_sigma_per_axis_smooths_only_within_slices():
+    # Texture that alternates between slices only: invisible to an in-plane high-pass.
+    mask = np.zeros((24, 24, 12), bool)
+    mask[4:20, 4:20, 1:11] = True
+    rng = np.random.default_rng(0)
+    truth = np.where(mask, 1.0, 0.0) + 0.05 * rng.standard_normal(mask.shape)
+    stripes = truth + 0.2 * np.where(np.arange(12) % 2 == 0, 1.0, -1.0)[None, None, :] * mask
+    in_plane = harmonization_fidelity(stripes, truth, mask, sigma_px=(1.5, 1.5, 0), value_range=1.0)
+    in_3d = harmonization_fidelity(stripes, truth, mask, sigma_px=1.5, value_range=1.0)
+    assert in_plane.highpass_ratio == pytest.approx(1.0, abs=0.02)
+    assert in_3d.highpass_ratio > 2
+    with pytest.raises(SinganInsertError, match="sigma_px"):
+        harmonization_fidelity(truth, truth, mask, sigma_px=(1.5, 1.5))
+    with pytest.raises(SinganInsertError, match="sigma_px"):
+        harmonization_fidelity(truth, truth, mask, sigma_px=0)
+
+
+def test_seed_difference(big_disk):
+    _, mask = big_disk
+    flat = np.full(mask.shape, 50.0)  # no edge, whose blur would leak into the texture estimate
+    weak = flat + _checkerboard(mask.shape, 2.0)
+    strong = flat + _checkerboard(mask.shape, 4.0)
+    same = seed_difference(weak, weak, weak, mask, value_range=50.0)
+    assert same == {"texture_difference": 0.0, "mean_level_difference": 0.0}
+    # A level shift of 1 inside the tumor: mean level 1/50; texture difference 1 / tau, and
+    # tau doubles with the truth's texture amplitude.
+    shifted = weak + 1.0 * mask
+    against_weak = seed_difference(weak, shifted, weak, mask, value_range=50.0)
+    against_strong = seed_difference(weak, shifted, strong, mask, value_range=50.0)
+    assert against_weak["mean_level_difference"] == pytest.approx(0.02)
+    assert against_weak["texture_difference"] == pytest.approx(2 * against_strong["texture_difference"])
+    # Symmetric in the two seeds, NaN when the truth has no texture to compare with.
+    assert seed_difference(shifted, weak, weak, mask, value_range=50.0) == against_weak
+    assert np.isnan(seed_difference(weak, shifted, flat, mask, value_range=50.0)["texture_difference"])
+    with pytest.raises(SinganInsertError, match="same shape"):
+        seed_difference(weak, shifted[:-1], weak, mask)
+    with pytest.raises(SinganInsertError, match="empty"):
+        seed_difference(weak, shifted, weak, np.zeros_like(mask))
+
+
+def test_paired_bootstrap_ci():
+    constant = paired_bootstrap_ci([0.5, 0.6, 0.7], [0.4, 0.5, 0.6])
+    assert constant["mean"] == pytest.approx(0.1)
+    assert constant["low"] == pytest.approx(0.1) and constant["high"] == pytest.approx(0.1)
+    assert constant["excludes_zero"] == 1 and constant["n"] == 3
+    # Against the normal approximation for a large sample: mean +- 1.96 sd / sqrt(n).
+    rng = np.random.default_rng(1)
+    a = rng.normal(0.3, 1.0, 400)
+    b = rng.normal(0.0, 1.0, 400)
+    ci = paired_bootstrap_ci(a, b, seed=3)
+    half = 1.96 * (a - b).std(ddof=1) / np.sqrt(400)
+    assert ci["mean"] == pytest.approx((a - b).mean())
+    assert ci["low"] == pytest.approx(ci["mean"] - half, abs=0.1 * half)
+    assert ci["high"] == pytest.approx(ci["mean"] + half, abs=0.1 * half)
+    assert ci == paired_bootstrap_ci(a, b, seed=3)  # seeded: reproducible
+    noise = paired_bootstrap_ci([1.0, -1.0, 1.0, -1.0], [0.0, 0.0, 0.0, 0.0])
+    assert noise["low"] < 0 < noise["high"] and noise["excludes_zero"] == 0
+    with pytest.raises(SinganInsertError, match="same number"):
+        paired_bootstrap_ci([1.0, 2.0], [1.0])
+    with pytest.raises(SinganInsertError, match="two"):
+        paired_bootstrap_ci([1.0], [0.0])
+    with pytest.raises(SinganInsertError, match="finite"):
+        paired_bootstrap_ci([1.0, np.nan], [0.0, 0.0])
+    with pytest.raises(SinganInsertError, match="confidence"):
+        paired_bootstrap_ci([1.0, 2.0], [0.0, 0.0], confidence=95)
 
 
 # ----------------------------------------------------------------------------------------------

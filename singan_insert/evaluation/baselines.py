@@ -3,8 +3,8 @@
 Every function takes the ``target`` image (modality B), the ``source`` image already resampled
 onto the target grid by the paste geometry (modality A, the *whole* image, not only the tumor)
 and the pasted tumor ``mask`` on that grid; 2D slices and 3D volumes alike. Voxels outside the
-mask are bit-identical to the target (the output has the target's dtype when it is floating
-point, else float32).
+mask (for the blended baselines: outside the blend weight's support) are bit-identical to the
+target (the output has the target's dtype when it is floating point, else float32).
 
 * :func:`naive_paste`: the source's raw intensities inside the mask.
 * :func:`intensity_matched_paste`: the source mapped into the target's units first
@@ -32,10 +32,24 @@ point, else float32).
   slices at once) on the 2-core development machine. Coupled in 3D (``slice_axis=None``) the
   LU fills in badly (8 s for the same tumor), so 3D problems use Jacobi-preconditioned
   conjugate gradients to a relative residual of 1e-10 (2.6 s; the two solutions agreed to 1e-6).
+
+Blended baselines use the harmonizer's own blend weight :math:`w`
+(:func:`singan_insert.harmonizer.model.blend_weight`, per slice along ``axis``: 1 on the mask
+and within ``dilation_mm`` of it, a smoothstep to 0 over ``feather_mm``), so they differ from
+the harmonized result only in what is blended in:
+
+* :func:`weighted_blend`: :math:`(1 - w)\\, t + w\\, g` for any image g on the target grid;
+* :func:`blurred_paste`: g is the paste (the source inside the mask, e.g. the mapped paste)
+  smoothed within each slice by a Gaussian of sd ``sigma_px`` voxels: the "does the harmonizer
+  beat a blur?" baseline;
+* :func:`oracle_paste`: g is the true image with the tumor (the simulator's rendering of
+  modality B with that very tumor), so the blend region, the tumor AND the 1-3 mm of B around
+  it, is exactly right: an upper bound no insertion can beat on its own blend weight.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,7 +60,15 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
 from singan_insert.checks import check_finite
 
-__all__ = ["intensity_matched_paste", "naive_paste", "poisson_blend"]
+__all__ = [
+    "blurred_paste",
+    "intensity_matched_paste",
+    "naive_paste",
+    "oracle_paste",
+    "poisson_blend",
+    "slice_blend_weight",
+    "weighted_blend",
+]
 
 
 def naive_paste(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -88,6 +110,128 @@ def intensity_matched_paste(
         percentiles=percentiles,
     )
     return naive_paste(target, mapped, mask)
+
+
+def slice_blend_weight(
+    mask: np.ndarray,
+    *,
+    axis: int = 2,
+    spacing: Sequence[float] | None = None,
+    dilation_mm: float | None = None,
+    feather_mm: float | None = None,
+) -> np.ndarray:
+    """The harmonizer's blend weight of ``mask``, slice by slice along ``axis`` (float32, [0, 1]).
+
+    Args:
+        mask: the tumor (non-zero = tumor), 2D or 3D; a 2D mask is one slice (``axis`` ignored).
+        axis: for 3D masks, the axis the slices are cut along (0, 1 or 2).
+        spacing: voxel size per axis in mm (default 1); only the in-plane ones are used.
+        dilation_mm, feather_mm: as in :meth:`singan_insert.harmonizer.model.Harmonizer.harmonize`
+            (>= 0); ``None`` takes its defaults, the insertion's too.
+    """
+    from singan_insert.harmonizer.model import Harmonizer, blend_weight
+
+    mask = np.asarray(mask).astype(np.float32)
+    if mask.ndim not in (2, 3):
+        raise SinganInsertError(f"Expected a 2D slice or a 3D volume mask, got shape {mask.shape}.")
+    defaults = inspect.signature(Harmonizer.harmonize).parameters
+    dilation_mm = defaults["dilation_mm"].default if dilation_mm is None else float(dilation_mm)
+    feather_mm = defaults["feather_mm"].default if feather_mm is None else float(feather_mm)
+    if not (dilation_mm >= 0 and feather_mm >= 0):
+        raise SinganInsertError(f"dilation_mm and feather_mm must be >= 0, got {dilation_mm}, {feather_mm}.")
+    spacing = (1.0,) * mask.ndim if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != mask.ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise SinganInsertError(f"spacing must hold {mask.ndim} positive numbers, got {spacing}.")
+    if mask.ndim == 2:
+        return blend_weight(mask[None], spacing, dilation_mm, feather_mm)[0]
+    if axis not in (0, 1, 2):
+        raise SinganInsertError(f"axis must be 0, 1 or 2 for a 3D mask, got {axis!r}.")
+    plane = tuple(s for a, s in enumerate(spacing) if a != axis)
+    slices = np.moveaxis(mask, axis, 0)
+    return np.moveaxis(blend_weight(slices, plane, dilation_mm, feather_mm), 0, axis)
+
+
+def weighted_blend(
+    target: np.ndarray,
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    axis: int = 2,
+    spacing: Sequence[float] | None = None,
+    dilation_mm: float | None = None,
+    feather_mm: float | None = None,
+) -> np.ndarray:
+    """:math:`(1 - w)\\, t + w\\, g` with the harmonizer's blend weight (:func:`slice_blend_weight`).
+
+    Args:
+        target: the background t (modality B).
+        image: what is blended in, g, on the same grid.
+        mask: the tumor; ``axis``, ``spacing``, ``dilation_mm``, ``feather_mm`` define w as in
+            :func:`slice_blend_weight`.
+    """
+    target, image, mask = _check_inputs(target, image, mask)
+    weight = slice_blend_weight(mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm, feather_mm=feather_mm)
+    output = target.astype(_output_dtype(target), copy=True)
+    region = weight > 0  # beyond the weight's support the target is kept bit for bit
+    w = weight[region].astype(np.float64)
+    output[region] = ((1 - w) * target[region] + w * image[region]).astype(output.dtype)
+    return output
+
+
+def blurred_paste(
+    target: np.ndarray,
+    source: np.ndarray,
+    mask: np.ndarray,
+    sigma_px: float,
+    *,
+    axis: int = 2,
+    spacing: Sequence[float] | None = None,
+    dilation_mm: float | None = None,
+    feather_mm: float | None = None,
+) -> np.ndarray:
+    """The paste of ``source`` inside ``mask``, blurred within slices, blended like the harmonizer.
+
+    :math:`(1 - w)\\, t + w\\, G_\\sigma * p` where p is :func:`naive_paste` of ``source`` (pass
+    the intensity-mapped source, or the composite itself, for the "blurred mapped paste") and
+    :math:`G_\\sigma` a Gaussian of sd ``sigma_px`` voxels along the two in-plane axes (none
+    across slices, as the harmonizer works slice by slice).
+
+    Args:
+        target, source, mask: as in :func:`naive_paste`.
+        sigma_px: blur sd in voxels (>= 0; 0 is the paste blended with w).
+        axis, spacing, dilation_mm, feather_mm: as in :func:`slice_blend_weight`.
+    """
+    if not (np.isfinite(sigma_px) and sigma_px >= 0):
+        raise SinganInsertError(f"sigma_px must be >= 0 (voxels), got {sigma_px}.")
+    pasted = naive_paste(target, source, mask).astype(np.float64)
+    sigma = [float(sigma_px)] * pasted.ndim
+    if pasted.ndim == 3:
+        sigma[axis] = 0.0
+    blurred = ndimage.gaussian_filter(pasted, sigma) if sigma_px > 0 else pasted
+    return weighted_blend(target, blurred, mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm,
+                          feather_mm=feather_mm)
+
+
+def oracle_paste(
+    target: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray,
+    *,
+    axis: int = 2,
+    spacing: Sequence[float] | None = None,
+    dilation_mm: float | None = None,
+    feather_mm: float | None = None,
+) -> np.ndarray:
+    """The true image with the tumor, blended into ``target`` with the harmonizer's weight.
+
+    Args:
+        target: the image the tumor is inserted into (e.g. a washed-out or translated B).
+        truth: the true modality-B image with this tumor at ``mask`` (e.g.
+            ``SimulatedSubject.render_b(mask)``), on the same grid.
+        mask, axis, spacing, dilation_mm, feather_mm: as in :func:`weighted_blend`.
+    """
+    return weighted_blend(target, truth, mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm,
+                          feather_mm=feather_mm)
 
 
 def poisson_blend(

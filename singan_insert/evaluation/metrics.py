@@ -28,7 +28,30 @@ range :math:`r = p_{99.5} - p_{0.5}`)
       1 is the true tumor-to-surround contrast, 0 a vanished tumor, negative an inverted one
       (NaN when the truth itself has :math:`|C(y)| < 0.02\\, r`);
     * seam ratio: mean gradient magnitude (mm⁻¹, all axes) on the mask border (voxels on either
-      side of it) of x over that of y: > 1 a visible seam, < 1 edges softer than the truth's.
+      side of it) of x over that of y: > 1 a visible seam, < 1 edges softer than the truth's
+      (so "within [0.9, 1.1] of the truth's seam" is this ratio in [0.9, 1.1]);
+    * low-pass tumor error :math:`\\operatorname{mean}_M |G_\\sigma * x - G_\\sigma * y| / r`, both
+      images smoothed by the same Gaussian (``sigma_px``, 1.5 voxels by default) before the
+      masked MAE: a texture of the right statistics but another phase is not penalised, a wrong
+      level, a wrong shape or a missing structure larger than ~σ is;
+    * contrast :math:`C(x) / r` and the truth's :math:`C(y) / r` themselves (the ratio above is
+      their quotient);
+    * high-pass energy ratio :math:`E(x) / E(y)` with
+      :math:`E(z) = \\operatorname{mean}_{M^\\circ} (z - G_\\sigma * z)^2` over the tumor's
+      interior :math:`M^\\circ` (mask voxels farther than :math:`2\\sigma` voxels from the outside,
+      along the smoothed axes), so that the tumor's own edge does not count as texture:
+      1 the truth's texture energy, < 1 smoother, > 1 noisier (NaN when the interior is
+      empty or the truth has no texture).
+
+Between two noise seeds (:func:`seed_difference`, same input, outputs :math:`x_0, x_1`)
+    * texture difference :math:`\\operatorname{mean}_M |x_0 - x_1| / \\tau` with
+      :math:`\\tau = \\sqrt{E(y)}`, the truth's local texture sd: 0 for identical outputs, about
+      :math:`2/\\sqrt\\pi \\approx 1.13` for two independent textures of the truth's strength;
+    * mean-level difference :math:`|\\operatorname{mean}_M x_0 - \\operatorname{mean}_M x_1| / r`.
+
+Paired comparisons (:func:`paired_bootstrap_ci`): the mean of per-case differences
+:math:`d_i = a_i - b_i` with a percentile bootstrap confidence interval (cases resampled with
+replacement, seeded, so the interval is reproducible).
 """
 
 from __future__ import annotations
@@ -53,6 +76,8 @@ __all__ = [
     "dice",
     "harmonization_fidelity",
     "hd95",
+    "paired_bootstrap_ci",
+    "seed_difference",
     "segmentation_scores",
     "summarize",
     "surface_distances",
@@ -148,6 +173,10 @@ class Fidelity:
     wasserstein_shell: float
     contrast_ratio: float
     seam_ratio: float
+    lowpass_nmae_tumor: float
+    contrast: float
+    truth_contrast: float
+    highpass_ratio: float
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -160,6 +189,7 @@ def harmonization_fidelity(
     spacing: Sequence[float] | None = None,
     shell_mm: float = 2.0,
     value_range: float | None = None,
+    sigma_px: float | Sequence[float] = 1.5,
 ) -> Fidelity:
     """Compare a harmonized (or pasted) image with the true image around a tumor.
 
@@ -171,6 +201,9 @@ def harmonization_fidelity(
         shell_mm: width of the surrounding shell in mm (> 0); it must hold at least one voxel.
         value_range: intensity unit for normalisation (> 0); default the truth's
             :math:`p_{99.5} - p_{0.5}` over the whole array.
+        sigma_px: sd in voxels of the Gaussian of the low-pass error and the high-pass energy,
+            one number for every axis or one per axis (>= 0, at least one > 0; 0 leaves an
+            axis unsmoothed, e.g. ``(1.5, 1.5, 0)`` for texture within slices only).
     """
     result = np.asarray(result, np.float64)
     truth = np.asarray(truth, np.float64)
@@ -187,13 +220,8 @@ def harmonization_fidelity(
     if not shell_mm > 0:
         raise SinganInsertError(f"shell_mm must be positive, got {shell_mm}.")
     spacing = _spacing(spacing, mask.ndim)
-    if value_range is None:
-        low, high = np.percentile(truth, (0.5, 99.5))
-        value_range = float(high - low)
-    if not (value_range > 0 and math.isfinite(value_range)):
-        raise SinganInsertError(
-            "The truth image is constant (or value_range is not positive); nothing to normalise by."
-        )
+    sigma = _sigma(sigma_px, mask.ndim)
+    value_range = _value_range(truth, value_range)
 
     distance_outside = ndimage.distance_transform_edt(~mask, sampling=spacing)
     shell = (distance_outside > 0) & (distance_outside <= shell_mm)
@@ -220,6 +248,12 @@ def harmonization_fidelity(
     result_edges = _gradient_magnitude(result, spacing)[border].mean()
     seam_ratio = float(result_edges / truth_edges) if truth_edges > 0 else math.nan
 
+    lowpass_error = np.abs(ndimage.gaussian_filter(result, sigma) - ndimage.gaussian_filter(truth, sigma))
+    interior = _interior(mask, sigma)
+    truth_energy = _highpass_energy(truth, sigma, interior)
+    result_energy = _highpass_energy(result, sigma, interior)
+    highpass_ratio = result_energy / truth_energy if truth_energy > 0 else math.nan
+
     return Fidelity(
         nmae_tumor=nmae(mask),
         nmae_shell=nmae(shell),
@@ -227,7 +261,106 @@ def harmonization_fidelity(
         wasserstein_shell=wasserstein(shell),
         contrast_ratio=contrast_ratio,
         seam_ratio=seam_ratio,
+        lowpass_nmae_tumor=float(lowpass_error[mask].mean() / value_range),
+        contrast=float(result_contrast / value_range),
+        truth_contrast=float(truth_contrast / value_range),
+        highpass_ratio=float(highpass_ratio),
     )
+
+
+def seed_difference(
+    result_seed0: np.ndarray,
+    result_seed1: np.ndarray,
+    truth: np.ndarray,
+    mask: np.ndarray,
+    *,
+    value_range: float | None = None,
+    sigma_px: float | Sequence[float] = 1.5,
+) -> dict[str, float]:
+    """How much two noise seeds change a result inside the tumor (see the module docstring).
+
+    Args:
+        result_seed0, result_seed1: the same insertion run with two noise seeds, same shape.
+        truth: the true image, whose local texture sd :math:`\\tau` is the unit of the texture
+            difference (and whose robust range the unit of the mean-level difference).
+        mask: the tumor (non-zero = tumor).
+        value_range, sigma_px: as in :func:`harmonization_fidelity`.
+
+    Returns:
+        ``{"texture_difference": mean_M |x0 - x1| / tau, "mean_level_difference":
+        |mean_M x0 - mean_M x1| / r}``; the first is NaN when the tumor has no interior or the
+        truth no texture there.
+    """
+    first = np.asarray(result_seed0, np.float64)
+    second = np.asarray(result_seed1, np.float64)
+    truth = np.asarray(truth, np.float64)
+    mask = np.asarray(mask).astype(bool)
+    if not (first.shape == second.shape == truth.shape == mask.shape):
+        raise SinganInsertError(
+            "Both results, the truth and the mask must have the same shape, got "
+            f"{first.shape}, {second.shape}, {truth.shape}, {mask.shape}."
+        )
+    for image, name in ((first, "first result"), (second, "second result"), (truth, "truth image")):
+        check_finite(image, name)
+    if not mask.any():
+        raise SinganInsertError("The tumor mask is empty: there is no tumor to measure.")
+    sigma = _sigma(sigma_px, mask.ndim)
+    value_range = _value_range(truth, value_range)
+    texture_sd = math.sqrt(_highpass_energy(truth, sigma, _interior(mask, sigma)))
+    difference = float(np.abs(first[mask] - second[mask]).mean())
+    return {
+        "texture_difference": difference / texture_sd if texture_sd > 0 else math.nan,
+        "mean_level_difference": float(abs(first[mask].mean() - second[mask].mean()) / value_range),
+    }
+
+
+def paired_bootstrap_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    resamples: int = 10000,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Mean paired difference ``a - b`` with a percentile bootstrap confidence interval.
+
+    Cases are resampled with replacement ``resamples`` times (numpy's ``default_rng(seed)``);
+    the interval is the :math:`(1 \\pm c)/2` quantiles of the resampled means.
+
+    Args:
+        a, b: per-case scores of two methods on the SAME cases, in the same order.
+        confidence: coverage :math:`c` in (0, 1).
+        resamples: bootstrap resamples (>= 100).
+        seed: seed of the resampling.
+
+    Returns:
+        ``{"mean", "low", "high", "n", "confidence", "excludes_zero"}`` (``excludes_zero`` is
+        1 when the whole interval lies on one side of 0, else 0).
+    """
+    a = np.asarray(list(a), np.float64).ravel()
+    b = np.asarray(list(b), np.float64).ravel()
+    if a.shape != b.shape:
+        raise SinganInsertError(f"Paired scores need the same number of cases, got {a.size} and {b.size}.")
+    if a.size < 2:
+        raise SinganInsertError("A bootstrap interval needs at least two paired cases.")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise SinganInsertError("Paired scores must be finite; drop the cases without a score first.")
+    if not 0 < confidence < 1:
+        raise SinganInsertError(f"confidence must be in (0, 1), got {confidence}.")
+    if int(resamples) != resamples or resamples < 100:
+        raise SinganInsertError(f"resamples must be an integer >= 100, got {resamples}.")
+    difference = a - b
+    rng = np.random.default_rng(seed)
+    means = difference[rng.integers(0, difference.size, (int(resamples), difference.size))].mean(axis=1)
+    low, high = np.quantile(means, ((1 - confidence) / 2, (1 + confidence) / 2))
+    return {
+        "mean": float(difference.mean()),
+        "low": float(low),
+        "high": float(high),
+        "n": int(difference.size),
+        "confidence": float(confidence),
+        "excludes_zero": int(low > 0 or high < 0),
+    }
 
 
 def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -362,6 +495,41 @@ def _spacing(spacing, ndim: int) -> tuple[float, ...]:
     if len(spacing) != ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
         raise SinganInsertError(f"spacing must hold {ndim} positive numbers (mm per voxel), got {spacing}.")
     return spacing
+
+
+def _sigma(sigma_px, ndim: int) -> tuple[float, ...]:
+    values = (float(sigma_px),) * ndim if np.isscalar(sigma_px) else tuple(float(s) for s in sigma_px)
+    if len(values) != ndim or not all(s >= 0 and math.isfinite(s) for s in values) or max(values) <= 0:
+        raise SinganInsertError(
+            f"sigma_px must be one number or {ndim} numbers >= 0 (voxels), at least one > 0; got {sigma_px}."
+        )
+    return values
+
+
+def _value_range(truth: np.ndarray, value_range: float | None) -> float:
+    if value_range is None:
+        low, high = np.percentile(truth, (0.5, 99.5))
+        value_range = float(high - low)
+    if not (value_range > 0 and math.isfinite(value_range)):
+        raise SinganInsertError(
+            "The truth image is constant (or value_range is not positive); nothing to normalise by."
+        )
+    return float(value_range)
+
+
+def _interior(mask: np.ndarray, sigma: Sequence[float]) -> np.ndarray:
+    # Distances count only along smoothed axes (an unsmoothed axis gets a huge voxel size), so
+    # with sigma (1.5, 1.5, 0) the interior is taken slice by slice.
+    sampling = [1.0 if s > 0 else 1e6 for s in sigma]
+    padded = np.pad(mask, 1)  # the array border counts as outside
+    distance = ndimage.distance_transform_edt(padded, sampling=sampling)[(slice(1, -1),) * mask.ndim]
+    return distance > 2 * max(sigma)
+
+
+def _highpass_energy(image: np.ndarray, sigma: Sequence[float], region: np.ndarray) -> float:
+    if not region.any():
+        return math.nan
+    return float(((image - ndimage.gaussian_filter(image, sigma))[region] ** 2).mean())
 
 
 def _gradient_magnitude(image: np.ndarray, spacing: Sequence[float]) -> np.ndarray:

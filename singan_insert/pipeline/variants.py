@@ -1,0 +1,228 @@
+"""More B' variants, and pix2pix runs with their own seed, beside the workflow's (benchmark rows).
+
+The workflow (:mod:`singan_insert.pipeline.workflow`) writes two B' variants, ``harmonized``
+(ours) and ``naive`` (the same pastes, not harmonized), and trains one pix2pix per variant
+with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
+
+``oracle``
+    each pasted tumor replaced by the simulator's TRUE hrT2 rendering of that subject (its own
+    tumor, at the same place), blended into the fake hrT2 with the harmonizer's weight of the
+    harmonized twin (:func:`singan_insert.evaluation.baselines.oracle_paste`): the tumor AND
+    the 1-3 mm of B around it are right. The truth is first expressed in the fake hrT2's units
+    (its robust range, :math:`p_{0.5}..p_{99.5}` on the working grid, mapped affinely onto the
+    fake's: the CycleGAN's output units need not be the scanner's, and every later stage
+    normalises each volume by such percentiles anyway). Only for data from
+    :func:`~singan_insert.pipeline.workflow.simulate_crossmoda`, whose subjects can be rendered
+    again (case ``N`` is seed ``1000 * seed + N``).
+``gba``
+    GBA-style (the authors' follow-up): no tumor is pasted from A; the translated tumor of the
+    fake hrT2 is contrast-scaled in place by :math:`\\lambda` drawn from ``{0.5, 0.8, 1.5}``
+    (seeded per case), i.e. :math:`v' = p_{lo} + \\lambda (v - p_{lo})` with :math:`p_{lo}` the
+    volume's 0.5th percentile (the ``"normalized"`` mapping of the fake hrT2 onto itself), then
+    harmonized with the harmonized twin's other parameters (start scale, noise seed, blend).
+
+Every variant shares the harmonized twin's stems (``<name>_aug<k>``), label maps and records'
+``"case"`` (so pix2pix pairs each B' with the same ceT1). :func:`train_pix2pix_seeded` trains
+pix2pix on any variant with any seed (``<work>/pix2pix/<variant>_seed<s>/``), and
+:func:`segment_validation_seeded` translates and segments the validation scans with it
+(``<work>/predictions/<variant>_seed<s>/``, on each scan's own grid). Everything skips what
+is already written, as the workflow does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from singan_insert.errors import SinganInsertError
+from singan_insert.pipeline.workflow import (
+    TUMOR_LABEL,
+    CrossModaData,
+    CrossModaPipeline,
+    read_volume,
+    resample_image,
+    write_volume,
+)
+
+if TYPE_CHECKING:
+    from singan_insert.datasets.phantom import SimulatedSubject
+
+__all__ = [
+    "GBA_CONTRASTS",
+    "VARIANTS",
+    "segment_validation_seeded",
+    "simulated_subject",
+    "train_pix2pix_seeded",
+    "write_gba_bprime",
+    "write_oracle_bprime",
+]
+
+VARIANTS = ("harmonized", "naive", "oracle", "gba")
+GBA_CONTRASTS = (0.5, 0.8, 1.5)
+_NIFTI = ".nii.gz"
+
+
+def simulated_subject(data: CrossModaData, name: str) -> "SimulatedSubject":
+    """The simulated subject behind case ``name`` of a :func:`simulate_crossmoda` data set."""
+    from singan_insert.datasets.phantom import simulate_subject
+
+    marker = data.root / "simulation.json"
+    if not marker.is_file():
+        raise SinganInsertError(
+            f"{data.root} is not a simulated data set (no simulation.json): the oracle needs the "
+            "simulator's true hrT2, which real data do not have.")
+    arguments = json.loads(marker.read_text())["arguments"]
+    try:
+        number = int(name.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise SinganInsertError(f"Case {name!r} is not named <prefix>_<N> as simulate_crossmoda names them.") from None
+    return simulate_subject(1000 * int(arguments["seed"]) + number, tuple(arguments["shape"]),
+                            tumor_volume_cm3=tuple(arguments["tumor_volume_cm3"]))
+
+
+def _harmonized_records(pipeline: CrossModaPipeline) -> list[Path]:
+    records = sorted(pipeline.bprime_dir("harmonized").glob("*_aug*.json"))
+    if not records:
+        raise SinganInsertError("No harmonized B' yet: run the insertion step (insert_tumors) first.")
+    return records
+
+
+def _outputs(pipeline: CrossModaPipeline, variant: str, record: Path) -> dict[str, Path]:
+    stem = record.name[:-len(".json")]
+    folder = pipeline.bprime_dir(variant)
+    return {"image": folder / f"{stem}_image{_NIFTI}", "label": folder / f"{stem}_label{_NIFTI}",
+            "record": folder / f"{stem}.json", "twin_label": record.with_name(f"{stem}_label{_NIFTI}")}
+
+
+def _write(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, affine: np.ndarray, record: dict) -> None:
+    from singan_insert.io import atomic_write_bytes
+
+    write_volume(paths["image"], image.astype(np.float32), affine)
+    write_volume(paths["label"], label, affine)
+    atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+
+
+def write_oracle_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``oracle`` variant of every harmonized B' (see the module docstring); image paths."""
+    from singan_insert.evaluation.baselines import oracle_paste
+    from singan_insert.insertion.placement import spacing_from_affine
+
+    written = []
+    for record_path in _harmonized_records(pipeline):
+        paths = _outputs(pipeline, "oracle", record_path)
+        if not paths["record"].is_file():
+            record = json.loads(record_path.read_text())
+            fake, affine = read_volume(record["case"]["target"])
+            label, _ = read_volume(paths["twin_label"])
+            subject = simulated_subject(pipeline.data, record["case"]["name"])
+            truth = _in_units_of(resample_image(subject.image_b, subject.affine_b, affine, fake.shape), fake)
+            parameters = record["parameters"]
+            image = oracle_paste(fake.astype(np.float32), truth, label == TUMOR_LABEL, axis=int(parameters["axis"]),
+                                 spacing=spacing_from_affine(affine), dilation_mm=parameters["dilation_mm"],
+                                 feather_mm=parameters["feather_mm"])
+            _write(paths, image, label, affine, {**record, "variant": "oracle"})
+        written.append(paths["image"])
+    return written
+
+
+def _in_units_of(image: np.ndarray, reference: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
+    """``image`` mapped affinely so that its robust range lands on ``reference``'s."""
+    low, high = np.percentile(image, percentiles)
+    ref_low, ref_high = np.percentile(reference, percentiles)
+    if not high > low:
+        raise SinganInsertError("The true hrT2 is constant on the working grid; cannot express it in B' units.")
+    return (ref_low + (image - low) * (ref_high - ref_low) / (high - low)).astype(np.float32)
+
+
+def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = GBA_CONTRASTS) -> list[Path]:
+    """The ``gba`` variant of every harmonized B' (see the module docstring); image paths."""
+    from singan_insert.batch import derived_seed
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.integrations.torchio import load_harmonizer
+
+    if not contrasts or any(not (np.isfinite(c) and c > 0) for c in contrasts):
+        raise SinganInsertError(f"GBA contrast factors must be positive numbers, got {contrasts}.")
+    harmonizer = None
+    written = []
+    for record_path in _harmonized_records(pipeline):
+        paths = _outputs(pipeline, "gba", record_path)
+        if not paths["record"].is_file():
+            record = json.loads(record_path.read_text())
+            fake, affine = read_volume(record["case"]["target"])
+            label, _ = read_volume(paths["twin_label"])
+            rng = np.random.default_rng(derived_seed(pipeline.settings.seed, record["case"]["name"],
+                                                     int(record.get("augmentation", 0))))
+            parameters = replace(InsertionParameters.from_dict(record["parameters"]),
+                                 contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
+                                 placement=None)
+            harmonizer = harmonizer or load_harmonizer(record["model_file"])
+            # The translated tumor is its own source, in place: the mapping only scales its contrast.
+            source = SourceTumor.from_arrays(fake.astype(np.float32), (label == TUMOR_LABEL).astype(np.uint8),
+                                             affine, label_value=1)
+            result = insert_tumor(fake.astype(np.float32), affine, source, harmonizer, parameters)
+            _write(paths, result.image, label, affine, {**record, "variant": "gba",
+                                                        "parameters": result.record["parameters"]})
+        written.append(paths["image"])
+    return written
+
+
+def pix2pix_seeded_dir(pipeline: CrossModaPipeline, variant: str, seed: int) -> Path:
+    return pipeline.work / "pix2pix" / f"{variant}_seed{int(seed)}"
+
+
+def train_pix2pix_seeded(pipeline: CrossModaPipeline, variant: str, seed: int):
+    """pix2pix :math:`B' \\to A` on ``variant``'s pairs, the pipeline's settings but ``seed``."""
+    from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix, train_pix2pix
+
+    _check_variant(variant)
+    folder = pix2pix_seeded_dir(pipeline, variant, seed)
+    if (folder / MODEL_NAME).is_file():
+        return Pix2Pix.load(folder / MODEL_NAME)
+    records = sorted(pipeline.bprime_dir(variant).glob("*_aug*.json"))
+    if not records:
+        raise SinganInsertError(
+            f"No B' volumes in {pipeline.bprime_dir(variant)}; write the {variant!r} variant first.")
+    pairs = [(record.with_name(record.name[:-len(".json")] + f"_image{_NIFTI}"),
+              Path(json.loads(record.read_text())["case"]["source_image"])) for record in records]
+    config = replace(pipeline.settings.pix2pix_config(pipeline.progress), seed=int(seed))
+    return train_pix2pix(pairs, folder, config)
+
+
+def segment_validation_seeded(pipeline: CrossModaPipeline, variant: str, seed: int) -> list[Path]:
+    """Translate the validation scans with :func:`train_pix2pix_seeded`'s model, segment them
+    with :math:`S_A`, and return the predictions on each scan's own grid (validation order)."""
+    from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix
+
+    _check_variant(variant)
+    method = f"{variant}_seed{int(seed)}"
+    validation = pipeline.data.validation_images()
+    outputs = [pipeline.prediction(method, name) for name, _ in validation]
+    if all(path.is_file() for path in outputs):
+        return outputs
+    model_file = pix2pix_seeded_dir(pipeline, variant, seed) / MODEL_NAME
+    if not model_file.is_file():
+        raise SinganInsertError(f"{model_file} does not exist: train it with train_pix2pix_seeded first.")
+    model = Pix2Pix.load(model_file)
+    translated = []
+    for name, _ in validation:
+        path = pipeline.translated(method, name)
+        if not path.is_file():
+            image = model.translate(pipeline.grid_validation(name))
+            write_volume(path, np.asarray(image.dataobj, np.float32), image.affine)
+        translated.append(path)
+    grid_predictions = pipeline.segment(translated, pipeline.work / "predictions_grid" / method)
+    for (name, native), grid_prediction, output in zip(validation, grid_predictions, outputs):
+        label, grid_affine = read_volume(grid_prediction)
+        _, native_affine = read_volume(native)
+        write_volume(output, pipeline.to_native(label, grid_affine, native), native_affine)
+    return outputs
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise SinganInsertError(f"variant must be one of {VARIANTS}, got {variant!r}.")

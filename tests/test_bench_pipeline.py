@@ -1,0 +1,105 @@
+"""The extra B' variants and seeded pix2pix runs of bench_pipeline (singan_insert.pipeline.variants)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from singan_insert.errors import SinganInsertError
+from singan_insert.evaluation.baselines import slice_blend_weight
+from singan_insert.insertion.placement import spacing_from_affine
+from singan_insert.pipeline import variants
+from singan_insert.pipeline.workflow import (
+    CrossModaPipeline,
+    PipelineSettings,
+    read_volume,
+    resample_image,
+    simulate_crossmoda,
+)
+
+
+@pytest.fixture(scope="module")
+def inserted(tmp_path_factory):
+    """A tiny pipeline up to the insertion step (about 10-20 s on two busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("variants")
+    data = simulate_crossmoda(root / "data", 2, 1, 1, seed=0)
+    pipeline = CrossModaPipeline(data, root / "run", PipelineSettings.profile("tiny"))
+    pipeline.train_cyclegan()
+    pipeline.translate_sources()
+    pipeline.train_harmonizer()
+    pipeline.insert_tumors()
+    yield pipeline
+    torch.set_num_threads(threads)
+
+
+def _twins(pipeline):
+    return sorted(pipeline.bprime_dir("harmonized").glob("*_aug*.json"))
+
+
+def _pairs(pipeline, variant):
+    for record in _twins(pipeline):
+        stem = record.name[:-len(".json")]
+        info = json.loads(record.read_text())
+        fake, affine = read_volume(info["case"]["target"])
+        label = read_volume(record.with_name(f"{stem}_label.nii.gz"))[0]
+        image = read_volume(pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz")[0]
+        own_record = json.loads((pipeline.bprime_dir(variant) / f"{stem}.json").read_text())
+        yield info, fake, affine, label == 1, image, own_record
+
+
+def test_oracle_blends_the_true_hrt2_with_our_weight(inserted):
+    written = variants.write_oracle_bprime(inserted)
+    assert len(written) == len(_twins(inserted)) >= 1 and all(path.is_file() for path in written)
+    for info, fake, affine, mask, image, record in _pairs(inserted, "oracle"):
+        subject = variants.simulated_subject(inserted.data, info["case"]["name"])
+        truth = resample_image(subject.image_b, subject.affine_b, affine, fake.shape)
+        low, high = np.percentile(truth, (0.5, 99.5))
+        fake_low, fake_high = np.percentile(fake, (0.5, 99.5))
+        truth = fake_low + (truth - low) * (fake_high - fake_low) / (high - low)  # in the fake's units
+        weight = slice_blend_weight(mask, axis=2, spacing=spacing_from_affine(affine))
+        np.testing.assert_allclose(image[weight == 1], truth[weight == 1], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(image[weight == 0], fake[weight == 0])
+        assert record["variant"] == "oracle" and record["case"] == info["case"]
+    assert variants.write_oracle_bprime(inserted) == written  # resumes: nothing rewritten
+
+
+def test_gba_scales_the_translated_tumor_in_place(inserted):
+    written = variants.write_gba_bprime(inserted)
+    assert len(written) == len(_twins(inserted)) >= 1
+    for info, fake, affine, mask, image, record in _pairs(inserted, "gba"):
+        contrast = record["parameters"]["contrast"]
+        assert contrast in variants.GBA_CONTRASTS and record["case"] == info["case"]
+        weight = slice_blend_weight(mask, axis=2, spacing=spacing_from_affine(affine),
+                                    dilation_mm=record["parameters"]["dilation_mm"],
+                                    feather_mm=record["parameters"]["feather_mm"])
+        np.testing.assert_array_equal(image[weight == 0], fake[weight == 0])
+        assert not np.allclose(image[mask], fake[mask])
+    with pytest.raises(SinganInsertError, match="positive"):
+        variants.write_gba_bprime(inserted, contrasts=(0.0,))
+
+
+def test_seeded_pix2pix_and_validation_predictions(inserted):
+    variants.write_oracle_bprime(inserted)
+    first = variants.train_pix2pix_seeded(inserted, "oracle", 0)
+    second = variants.train_pix2pix_seeded(inserted, "oracle", 1)
+    weights = [next(iter(m.generator.parameters())).detach() for m in (first, second)]
+    assert not torch.equal(*weights)  # the seed reaches the training
+    inserted.train_source_segmenter()
+    predictions = variants.segment_validation_seeded(inserted, "oracle", 1)
+    (name, native), = inserted.data.validation_images()
+    assert predictions == [inserted.prediction("oracle_seed1", name)]
+    assert read_volume(predictions[0])[0].shape == read_volume(native)[0].shape
+    with pytest.raises(SinganInsertError, match="variant"):
+        variants.train_pix2pix_seeded(inserted, "cyclegan", 0)
+
+
+def test_oracle_needs_simulated_data(tmp_path):
+    from singan_insert.pipeline.workflow import CrossModaData
+
+    with pytest.raises(SinganInsertError, match="simulation.json"):
+        variants.simulated_subject(CrossModaData(tmp_path), "crossmoda2021_ldn_1")
