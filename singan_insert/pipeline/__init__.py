@@ -3,7 +3,8 @@
 * :mod:`.settings`: :class:`~.settings.PipelineSettings` (every knob, named profiles, stage
   configs);
 * :mod:`.resample`: the :class:`~.resample.WorkingGrid` and resampling of images and label maps;
-* :mod:`.workflow`: :class:`~.workflow.CrossModaPipeline`, one method per step of the workflow.
+* :mod:`.workflow`: :class:`~.workflow.CrossModaPipeline`, one method per step of the workflow;
+* :mod:`.variants`: the benchmark's extra B' variants (oracle, GBA-style) and seeded pix2pix runs.
 
 The crossMoDA layout itself (:class:`~singan_insert.datasets.crossmoda.CrossModaData`,
 :func:`~singan_insert.datasets.crossmoda.simulate_crossmoda`) lives in

@@ -12,7 +12,7 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     (its robust range, :math:`p_{0.5}..p_{99.5}` on the working grid, mapped affinely onto the
     fake's: the CycleGAN's output units need not be the scanner's, and every later stage
     normalises each volume by such percentiles anyway). Only for data from
-    :func:`~singan_insert.pipeline.workflow.simulate_crossmoda`, whose subjects can be rendered
+    :func:`~singan_insert.datasets.crossmoda.simulate_crossmoda`, whose subjects can be rendered
     again (case ``N`` is seed ``1000 * seed + N``).
 ``gba``
     GBA-style (the authors' follow-up): no tumor is pasted from A; the translated tumor of the
