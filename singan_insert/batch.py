@@ -298,7 +298,7 @@ def load_cases_csv(path: str | os.PathLike) -> tuple[list[Case], list[Problem]]:
                      for key in required[1:]]
             missing = [str(p) for p in paths if not p.is_file()]
             if missing:
-                raise SinganInsertError(f"missing file(s) {missing}.")
+                raise SinganInsertError(f"not found or not a file: {missing}.")
             cases.append(Case(name, *paths))
         except SinganInsertError as error:
             problems.append(Problem(label, str(error)))
