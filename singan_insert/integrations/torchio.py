@@ -10,7 +10,8 @@ They follow TorchIO's conventions:
   ``subject.get_composed_history()`` replays the insertion bit for bit (same data, same model
   file). The harmonizer noise is seeded by the recorded ``seed``.
 * The network is never carried by a transform or a sample: transforms hold the model's file
-  path and load it lazily, once per process (and device), through :func:`load_harmonizer`.
+  path and load it lazily, once per process (and device), through
+  :func:`singan_insert.insertion.model_cache.load_harmonizer` (re-exported here).
   Transforms pickle and deep-copy cheaply, so they work in ``DataLoader`` workers started by
   ``fork`` or ``spawn``.
 * The label map ``label_key`` is always present in the output, also when the transform is
