@@ -149,6 +149,8 @@ RANDOM_ERRORS = [
     ({"max_anisotropy": 0.5}, "max_anisotropy"),
     ({"dilation_mm": math.nan}, "dilation_mm"),
     ({"p": -0.1}, "p"),
+    ({"device": "gpu0"}, "Unknown device"),
+    ({"label_key": ""}, "label_key"),
 ]
 
 PARAMETER_ERRORS = [
@@ -177,6 +179,18 @@ def test_random_insertion_refuses_bad_parameters_at_construction(model, data, sa
     source = (str(data / "case_1_ceT1.nii.gz"), str(data / "case_1_Label.nii.gz"))
     with pytest.raises(SinganInsertError, match=message):
         RandomTumorInsertion(model, [source], **kwargs)
+    assert_nothing_half_or_outside(sandbox, before, None)
+
+
+def test_missing_source_files_are_refused_at_construction(model, data, sandbox):
+    before = files_under(sandbox)
+    with pytest.raises(SinganInsertError, match="does not exist"):
+        RandomTumorInsertion(model, [(str(data / "case_1_ceT1.nii.gz"), "missing_Label.nii.gz")])
+    with pytest.raises(SinganInsertError, match="does not exist"):
+        TumorInsertion(model, (str(data), str(data / "case_1_Label.nii.gz")), (32, 32, 16))
+    with pytest.raises(SinganInsertError, match="model .* does not exist"):
+        RandomTumorInsertion(str(sandbox / "no_model"), [(str(data / "case_1_ceT1.nii.gz"),
+                                                          str(data / "case_1_Label.nii.gz"))])
     assert_nothing_half_or_outside(sandbox, before, None)
 
 

@@ -55,7 +55,7 @@ from torchio.transforms.transform import Transform
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 from singan_insert.insertion.intensity import IntensityMode
-from singan_insert.insertion.model_cache import load_harmonizer
+from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
@@ -125,6 +125,12 @@ def _parse_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(values["device"], (str, torch.device)):
         raise SinganInsertError(f"device must be a string such as 'cpu' or 'cuda:0', got {values['device']!r}.")
     values["device"] = str(values["device"])
+    if values["device"] != "auto":
+        try:  # the name only: whether CUDA is there is checked where the model loads
+            torch.device(values["device"])
+        except RuntimeError:
+            raise SinganInsertError(
+                f"Unknown device {values['device']!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
     values["max_anisotropy"] = check_number(values["max_anisotropy"], "max_anisotropy")
     if values["max_anisotropy"] < 1:
         raise SinganInsertError(
@@ -205,7 +211,11 @@ def _normalize_source(source: Any, image_key: str | None, label_key: str, label_
             "A source file needs its label: pass source=(image_path, label_path).")
     if isinstance(source, Sequence) and len(source) == 2 and \
             all(isinstance(p, (str, os.PathLike)) for p in source):
-        return (os.fspath(source[0]), os.fspath(source[1]))
+        paths = (os.fspath(source[0]), os.fspath(source[1]))
+        for path, what in zip(paths, ("image", "label")):
+            if not os.path.isfile(path):  # now, not in a DataLoader worker
+                raise SinganInsertError(f"The source {what} file {path!r} does not exist or is not a file.")
+        return paths
     raise SinganInsertError(
         f"Unsupported source {source!r}: use an image key of the subject (str), an "
         "(image_path, label_path) pair, a torchio.Subject or a SourceTumor.")
@@ -565,6 +575,7 @@ class RandomTumorInsertion(RandomTransform):
 def _check_model_path(model: Any) -> str:
     if not isinstance(model, (str, os.PathLike)):
         raise SinganInsertError(f"model must be the path of a model file or folder, got {model!r}.")
+    resolve_model_file(model)  # exists now, not only in a DataLoader worker
     return os.fspath(model)
 
 

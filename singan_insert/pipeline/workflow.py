@@ -857,7 +857,7 @@ class CrossModaPipeline:
         from singan_insert.batch import InsertSettings, augment_case, find_crossmoda_cases, output_paths
         from singan_insert.io import atomic_write_bytes
         from singan_insert.insertion.placement import SourceTumor
-        from singan_insert.integrations.torchio import load_harmonizer
+        from singan_insert.insertion.model_cache import load_harmonizer
         from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
         self.translate_sources()
