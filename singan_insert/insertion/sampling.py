@@ -219,7 +219,9 @@ class ValueSpec:
         return self.low == self.high
 
     def sample(self, rng: Generator = None) -> float | int:
-        """One draw (see :func:`uniform01` for ``rng``)."""
+        """One draw (see :func:`uniform01` for ``rng``); a single value draws nothing."""
+        if self.is_fixed:
+            return int(self.low) if self.integer else self.low
         if self.kind == "set":
             return self.values[draw_integer(0, len(self.values) - 1, rng)]
         if self.integer:
