@@ -23,7 +23,9 @@ that would write outside the output folder is refused, and so is every row of a 
 twice. The output folder is locked (``fcntl.flock`` on ``<out>/.singan-insert.lock``): a second
 concurrent ``insert`` into it stops with a clear error. One failing case (unreadable input, a
 tumor that cannot be placed, any exception) is recorded and the others go on; the command ends
-with a summary and exit status 1. Workers (``--workers``) die with their parent.
+with a summary and exit status 1. A full disk stops the batch (every later output would fail
+too); finished outputs are kept and a failed one leaves no file behind. Workers (``--workers``)
+die with their parent.
 
 **Resume.** The JSON is written last and atomically, and holds a *fingerprint* of everything
 that decides the output: the model file's SHA-256, the settings, the augmentation index and the
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -416,18 +419,24 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     source = SourceTumor.from_files(case.source_image, case.source_label,
                                     label_value=settings.source_label_value)
     result = insert_tumor(target_data, affine, source, harmonizer, parameters)
-    write_nifti(paths["image"], result.image.astype(np.float32), affine)
-    write_nifti(paths["label"], result.label, affine)
     record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()},
               "augmentation": index, "source_label_value": settings.source_label_value,
               "model_file": str(model_file), "model_sha256": model_sha256,
               "settings": settings.to_dict(), "fingerprint": fingerprint}
-    if settings.panels:
-        from singan_insert.evaluation.figures import before_after_panel
+    try:
+        write_nifti(paths["image"], result.image.astype(np.float32), affine)
+        write_nifti(paths["label"], result.label, affine)
+        if settings.panels:
+            from singan_insert.evaluation.figures import before_after_panel
 
-        before_after_panel(target_data, result.image, result.mask, paths["panel"],
-                           title=f"{case.name} aug {index} (lambda={parameters.contrast:.3g})")
-    atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+            before_after_panel(target_data, result.image, result.mask, paths["panel"],
+                               title=f"{case.name} aug {index} (lambda={parameters.contrast:.3g})")
+        atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+    except BaseException:
+        # An output without its record is unfinished anyway: leave no half of it behind.
+        for key in ("image", "label", "panel"):
+            paths[key].unlink(missing_ok=True)
+        raise
     return record
 
 
@@ -546,11 +555,18 @@ def run_insert(args: argparse.Namespace) -> int:
     return 1 if failures or refused else 0
 
 
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, SinganInsertError):
         return str(error)
     if isinstance(error, BrokenProcessPool):
         return "its worker process died (killed, or out of memory); re-run to resume"
+    if _disk_full(error):
+        return ("the disk is full (no space left on device): this output was not written (no "
+                "partial file is kept) and the batch stopped; free space and re-run to resume")
     return f"{type(error).__name__}: {error}"
 
 
@@ -574,12 +590,15 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
     failures = []
     bar = tqdm(total=len(jobs), desc="insert", unit="volume")
     if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
+        for position, job in enumerate(jobs):
             case, k, fingerprint = job
             try:
                 augment_case(case, k, model, settings, out_dir, fingerprint=fingerprint)
-            except Exception as error:  # one bad case must not stop the batch
+            except Exception as error:  # one bad case must not stop the batch...
                 failures.append((job, _describe(error)))
+                if _disk_full(error):  # ...but a full disk fails every later one too
+                    failures += [(j, "not run: the disk is full") for j in jobs[position + 1:]]
+                    break
             bar.update(1)
     else:
         import multiprocessing

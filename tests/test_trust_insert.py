@@ -401,6 +401,36 @@ def test_demo_layout_inserts_into_the_translation_and_reports_incomplete_cases(m
     assert_nothing_half_or_outside(sandbox, before, out)
 
 
+def test_a_full_disk_stops_the_batch_keeps_finished_outputs_and_resumes(model, data, sandbox, capsys, monkeypatch):
+    import errno
+
+    import singan_insert.io as io
+
+    real, calls = io.atomic_write_bytes, []
+
+    def fill_up(path, payload):
+        calls.append(path)
+        if len(calls) > 4:  # the first output (image, label, record) fits, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, payload)
+
+    out = sandbox / "out"
+    before = files_under(sandbox)
+    monkeypatch.setattr(io, "atomic_write_bytes", fill_up)
+    assert insert(model, "--data-root", str(data), "--out", str(out)) == 1
+    printed = capsys.readouterr().out
+    assert "failed: case_2 aug 0: the disk is full" in printed and "case_3 aug 0: not run" in printed
+    assert len(calls) == 5  # case_2's image was written, its label was not: nothing more tried
+    assert not list(out.glob("case_2_*"))  # no half of case_2 is kept
+    assert sorted(p.name for p in out.glob("*.json")) == ["case_1_aug0.json"]
+    assert_nothing_half_or_outside(sandbox, before, out)
+    monkeypatch.setattr(io, "atomic_write_bytes", real)
+    assert insert(model, "--data-root", str(data), "--out", str(out)) == 0
+    assert "1 finished output(s) skipped, 0 redone" in capsys.readouterr().out
+    assert len(list(out.glob("*.json"))) == 3
+    assert_nothing_half_or_outside(sandbox, before, out)
+
+
 def test_a_second_writer_is_refused_while_the_folder_is_locked(model, data, sandbox, capsys):
     out = sandbox / "out"
     out.mkdir()
