@@ -237,7 +237,7 @@ class ValueSpec:
         return "{" + ", ".join(f"{v:g}" for v in self.values) + "}"
 
 
-def parse_spec(value: Any, name: str, *, integer: bool = False, positive: bool = False) -> ValueSpec:
+def parse_spec(value: Any, name: str, *, integer: bool = False) -> ValueSpec:
     """Read a range or a set of values (see the module docstring for the spellings).
 
     Args:
@@ -245,7 +245,6 @@ def parse_spec(value: Any, name: str, *, integer: bool = False, positive: bool =
             ``"v"``, or a list of such strings (the command line's tokens).
         name: the argument's name, for messages.
         integer: the values must be integers (e.g. start scales).
-        positive: the values must be > 0 (e.g. :math:`\\lambda`).
     """
     if isinstance(value, ValueSpec):
         spec = value
@@ -282,14 +281,15 @@ def parse_spec(value: Any, name: str, *, integer: bool = False, positive: bool =
                 "count from the finest scale).")
     elif spec.integer:
         spec = ValueSpec(spec.kind, spec.values)
-    if positive and spec.low <= 0:
-        raise SinganInsertError(f"{name} must be > 0, got {value!r}.")
     return spec
 
 
 def parse_contrast(value: Any, name: str = "contrast") -> ValueSpec:
     """The contrast factor :math:`\\lambda` as a :class:`ValueSpec` of positive values."""
-    return parse_spec(value, name, positive=True)
+    spec = parse_spec(value, name)
+    for v in spec.values:
+        check_contrast(v, name)
+    return spec
 
 
 def parse_start_scale(value: Any, name: str = "start_scale") -> ValueSpec | None:
