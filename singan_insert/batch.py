@@ -57,7 +57,6 @@ import numpy as np
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.sampling import (
     InsertionRanges,
-    ValueSpec,
     check_integer,
     check_non_negative,
     check_seed,

@@ -40,7 +40,6 @@ size when training on patches of the inserted label.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -53,14 +52,12 @@ from torchio.transforms.augmentation import RandomTransform
 from torchio.transforms.transform import Transform
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
-from singan_insert.insertion.intensity import IntensityMode
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
     SourceTumor,
-    check_same_grid,
     placed_bounds,
     planar_axes,
 )
@@ -75,10 +72,21 @@ from singan_insert.insertion.sampling import (
     check_start_scale,
     uniform01,
 )
+from singan_insert.integrations.subjects import (
+    SourceSpec,
+    add_empty_label,
+    existing_label,
+    normalize_source,
+    placement_weights,
+    region_centre,
+    select_target,
+    source_from_files,
+    source_from_subject,
+    world_axis,
+)
 
 __all__ = ["RandomTumorInsertion", "TumorInsertion", "load_harmonizer"]
 
-SourceSpec = str | tuple[str, str] | SourceTumor | tio.Subject | None
 
 #: The arguments both transforms take, with their defaults: written once here (documented in
 #: :class:`TumorInsertion`); :class:`RandomTumorInsertion` passes them on unchanged to the
@@ -157,68 +165,6 @@ def _triple(value: Any, name: str) -> tuple:
     if len(items) != 3:
         raise SinganInsertError(f"{name} must have 3 values (one per axis), got {value!r}.")
     return items
-
-
-@functools.lru_cache(maxsize=64)
-def _load_source_files(image_path: str, image_mtime: int, label_path: str, label_mtime: int,
-                       label_value: int | None, max_anisotropy: float) -> SourceTumor:
-    return SourceTumor.from_files(image_path, label_path, label_value=label_value,
-                                  max_anisotropy=max_anisotropy)
-
-
-def _source_from_files(paths: tuple[str, str], label_value: int | None, max_anisotropy: float) -> SourceTumor:
-    stats = []
-    for path in paths:
-        try:
-            stats.append(os.stat(path).st_mtime_ns)
-        except OSError:
-            raise SinganInsertError(f"The source file {path!r} does not exist.") from None
-    return _load_source_files(paths[0], stats[0], paths[1], stats[1], label_value, max_anisotropy)
-
-
-def _source_from_subject(subject: tio.Subject, image_key: str | None, label_key: str,
-                         label_value: int | None, max_anisotropy: float, origin: str) -> SourceTumor:
-    if image_key is None:
-        scalars = list(subject.get_images_dict(intensity_only=True))
-        if len(scalars) != 1:
-            raise SinganInsertError(
-                f"The source subject has the scalar images {scalars}; pass source_image_key to "
-                "say which one holds the tumor.")
-        image_key = scalars[0]
-    for key in (image_key, label_key):
-        if key not in subject or not isinstance(subject[key], tio.Image):
-            raise SinganInsertError(
-                f"The source subject has no image {key!r} (it has {list(subject.get_images_dict(False))}).")
-    image, label = subject[image_key], subject[label_key]
-    if image.data.shape[0] != 1 or label.data.shape[0] != 1:
-        raise SinganInsertError("Source image and label must have a single channel.")
-    return SourceTumor.from_arrays(
-        image.data[0].numpy(), label.data[0].numpy(), image.affine, label_value=label_value,
-        label_affine=label.affine, max_anisotropy=max_anisotropy, origin=origin,
-    )
-
-
-def _normalize_source(source: Any, image_key: str | None, label_key: str, label_value: int | None,
-                      max_anisotropy: float) -> SourceSpec:
-    """The compact, picklable form a transform stores for a source."""
-    if source is None or isinstance(source, (str, SourceTumor)):
-        return source
-    if isinstance(source, tio.Subject):
-        return _source_from_subject(source, image_key, label_key, label_value, max_anisotropy,
-                                    origin="subject")
-    if isinstance(source, os.PathLike):
-        raise SinganInsertError(
-            "A source file needs its label: pass source=(image_path, label_path).")
-    if isinstance(source, Sequence) and len(source) == 2 and \
-            all(isinstance(p, (str, os.PathLike)) for p in source):
-        paths = (os.fspath(source[0]), os.fspath(source[1]))
-        for path, what in zip(paths, ("image", "label")):
-            if not os.path.isfile(path):  # now, not in a DataLoader worker
-                raise SinganInsertError(f"The source {what} file {path!r} does not exist or is not a file.")
-        return paths
-    raise SinganInsertError(
-        f"Unsupported source {source!r}: use an image key of the subject (str), an "
-        "(image_path, label_path) pair, a torchio.Subject or a SourceTumor.")
 
 
 class TumorInsertion(Transform):
@@ -307,7 +253,7 @@ class TumorInsertion(Transform):
         super().__init__(**kwargs)
         self.__dict__.update(shared)
         self.model = _check_model_path(model)
-        self.source = _normalize_source(source, source_image_key, self.source_label_key,
+        self.source = normalize_source(source, source_image_key, self.source_label_key,
                                         self.source_label_value, self.max_anisotropy)
         self.location = None if location is None else tuple(
             check_number(v, "location") for v in _triple(location, "location"))
@@ -346,11 +292,11 @@ class TumorInsertion(Transform):
         )
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        target_name, target = _select_target(self, subject, self.label_key)
-        label = _existing_label(subject, self.label_key, target)
+        target_name, target = select_target(self, subject, self.label_key)
+        label = existing_label(subject, self.label_key, target)
         if self.source is None:
             if label is None:
-                _add_empty_label(subject, self.label_key, self.label_value, target)
+                add_empty_label(subject, self.label_key, self.label_value, target)
             return subject
         source = self.resolve_source(subject)
         harmonizer = load_harmonizer(self.model, self.device)
@@ -375,8 +321,8 @@ class TumorInsertion(Transform):
         if isinstance(self.source, SourceTumor):
             return self.source
         if isinstance(self.source, tuple):
-            return _source_from_files(self.source, self.source_label_value, self.max_anisotropy)
-        return _source_from_subject(subject, self.source, self.source_label_key,
+            return source_from_files(self.source, self.source_label_value, self.max_anisotropy)
+        return source_from_subject(subject, self.source, self.source_label_key,
                                     self.source_label_value, self.max_anisotropy,
                                     origin=f"subject[{self.source!r}]")
 
@@ -483,7 +429,7 @@ class RandomTumorInsertion(RandomTransform):
                 sources = [sources]  # a single source, not a bank
             if not isinstance(sources, Sequence):
                 raise SinganInsertError(f"sources must be a sequence, got {type(sources).__name__}.")
-            self.sources = [_normalize_source(s, source_image_key, self.twin_arguments["source_label_key"],
+            self.sources = [normalize_source(s, source_image_key, self.twin_arguments["source_label_key"],
                                               self.twin_arguments["source_label_value"], max_anisotropy)
                             for s in sources]
             if not self.sources or any(isinstance(s, str) or s is None for s in self.sources):
@@ -523,11 +469,11 @@ class RandomTumorInsertion(RandomTransform):
             transform = TumorInsertion(source=None, **arguments, **_base_arguments(self))
             return transform(subject)
         same_subject = self.sources[0] if isinstance(self.sources[0], str) else None
-        _, target = _select_target(self, subject, self.label_key, same_subject)
+        _, target = select_target(self, subject, self.label_key, same_subject)
         index = int(torch.randint(0, len(self.sources), (1,)).item())
         source_spec = self.sources[index]
         plane = planar_axes(target.spatial_shape)
-        normal = [_world_axis(target.affine, a) for a in plane]
+        normal = [world_axis(target.affine, a) for a in plane]
         drawn = self.ranges.sample(fixed_axes=normal)
         location = None
         if self.placement_key is not None:
@@ -543,12 +489,12 @@ class RandomTumorInsertion(RandomTransform):
         return transform(subject)
 
     def _sample_location(self, subject, target, source, drawn) -> tuple[float, float, float]:
-        weights = _placement_weights(subject, self.placement_key, self.placement_values, target)
+        weights = placement_weights(subject, self.placement_key, self.placement_values, target)
         shape = np.array(target.spatial_shape)
         margin = self.twin_arguments["border_margin"]
         inside = shape > 1  # along a 2D subject's normal the tumor is cut by the plane
         if self.placement_mode == "centroid":
-            candidates = [_region_centre(weights)]
+            candidates = [region_centre(weights)]
         else:
             cumulative = torch.from_numpy(np.cumsum(weights.ravel(), dtype=np.float64))
             candidates = []
@@ -578,97 +524,3 @@ def _check_model_path(model: Any) -> str:
     resolve_model_file(model)  # exists now, not only in a DataLoader worker
     return os.fspath(model)
 
-
-def _select_target(transform: Transform, subject: tio.Subject, label_key: str,
-                   source_key: str | None = None):
-    """The one scalar image selected by include/exclude (a same-subject source only if alone)."""
-    if source_key is None and isinstance(getattr(transform, "source", None), str):
-        source_key = transform.source
-    if label_key in subject and not isinstance(subject[label_key], tio.LabelMap):
-        raise SinganInsertError(
-            f"{label_key!r} must be a label map, but it is a {type(subject[label_key]).__name__}. "
-            "With dictionary input, also pass label_keys=[...] naming it.")
-    images = subject.get_images_dict(intensity_only=True, include=transform.include,
-                                     exclude=transform.exclude)
-    if len(images) > 1 and source_key in images:
-        images = {k: v for k, v in images.items() if k != source_key}
-    if len(images) != 1:
-        raise SinganInsertError(
-            f"Exactly one target image is needed, but include/exclude select {sorted(images)} "
-            f"among the subject's scalar images. Pass include=[name] (plus the label keys for a "
-            "dictionary input).")
-    name, image = next(iter(images.items()))
-    if image.data.shape[0] != 1:
-        raise SinganInsertError(f"The target image {name!r} has {image.data.shape[0]} channels; "
-                                "one is needed (insert per channel with include).")
-    return name, image
-
-
-def _existing_label(subject: tio.Subject, label_key: str, target: tio.Image) -> tio.LabelMap | None:
-    if label_key not in subject:
-        return None
-    label = subject[label_key]
-    if not isinstance(label, tio.LabelMap):
-        raise SinganInsertError(f"{label_key!r} must be a torchio.LabelMap.")
-    check_same_grid(label.spatial_shape, label.affine, target.spatial_shape, target.affine,
-                    f"label map {label_key!r}", "target image")
-    if label.data.shape[0] != 1:
-        raise SinganInsertError(f"The label map {label_key!r} must have one channel.")
-    return label
-
-
-def _add_empty_label(subject: tio.Subject, label_key: str, label_value: int, target: tio.Image) -> None:
-    dtype = default_label_dtype(label_value)
-    empty = torch.from_numpy(np.zeros((1, *target.spatial_shape), dtype=dtype))
-    subject.add_image(tio.LabelMap(tensor=empty, affine=target.affine), label_key)
-
-
-def _placement_weights(subject, key, values, target) -> np.ndarray:
-    if key not in subject or not isinstance(subject[key], tio.Image):
-        raise SinganInsertError(f"The placement region {key!r} is not an image of the subject "
-                                f"(it has {list(subject.get_images_dict(False))}).")
-    region = subject[key]
-    check_same_grid(region.spatial_shape, region.affine, target.spatial_shape, target.affine,
-                    f"placement region {key!r}", "target image")
-    if region.data.shape[0] != 1:
-        raise SinganInsertError(f"The placement region {key!r} must have one channel.")
-    data = region.data[0].numpy()
-    if isinstance(region, tio.LabelMap):
-        if values is None:
-            present = np.unique(data[data != 0])
-            if present.size > 1:
-                shown = ", ".join(f"{v:g}" for v in present[:10].astype(float))
-                raise SinganInsertError(
-                    f"The placement region {key!r} holds several labels ({shown}); choose the "
-                    "region with placement_values=(...), e.g. (1,) (crossMoDA: 1 = schwannoma, "
-                    "2 = cochlea).")
-            mask = data != 0
-        else:
-            mask = np.isin(data, values)
-        weights = mask.astype(np.float64)
-    else:
-        weights = data.astype(np.float64)
-        if not np.isfinite(weights).all() or weights.min() < 0:
-            raise SinganInsertError(f"The probability map {key!r} must hold finite values >= 0.")
-    if not weights.any():
-        raise SinganInsertError(
-            f"The placement region {key!r} is empty" +
-            (f" (no voxel has a value in {list(values)})." if values is not None else "."))
-    return weights
-
-
-def _region_centre(weights: np.ndarray) -> tuple[float, float, float]:
-    """The weighted centre of mass of a region, or its nearest voxel when it lies outside."""
-    voxels = np.argwhere(weights > 0)
-    masses = weights[weights > 0]
-    centre = voxels.T.astype(np.float64) @ masses / masses.sum()
-    nearest = np.round(centre).astype(int)
-    if weights[tuple(nearest)] > 0:
-        return tuple(float(v) for v in centre)
-    closest = voxels[np.argmin(((voxels - centre) ** 2).sum(axis=1))]
-    return tuple(float(v) for v in closest)
-
-
-def _world_axis(affine: np.ndarray, array_axis: int) -> int:
-    """The world axis (0 = x, 1 = y, 2 = z) an array axis runs closest to."""
-    return int(np.argmax(np.abs(np.asarray(affine)[:3, array_axis])))
