@@ -129,15 +129,8 @@ class InsertionParameters:
             raise SinganInsertError(f"clip_to_fov must be True or False, got {self.clip_to_fov!r}.")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise SinganInsertError(f"axis must be 0, 1, 2 or None, got {self.axis!r}.")
-        if not (math.isfinite(self.context_mm) and self.context_mm >= 0):
-            raise SinganInsertError(f"context_mm must be >= 0, got {self.context_mm!r}.")
-        if isinstance(self.label_value, bool) or int(self.label_value) != self.label_value \
-                or self.label_value <= 0:
-            raise SinganInsertError(f"label_value must be a positive integer, got {self.label_value!r}.")
         if self.overlap not in ("replace", "keep", "error"):
             raise SinganInsertError(f"overlap must be 'replace', 'keep' or 'error', got {self.overlap!r}.")
-        if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed):
-            raise SinganInsertError(f"seed must be an integer or None, got {self.seed!r}.")
         if self.placement is not None and not isinstance(self.placement, Placement):
             raise SinganInsertError("placement must be a singan_insert.insertion.placement.Placement or None.")
 
