@@ -7,31 +7,68 @@ from a CSV file with columns ``name,target,source_image,source_label`` (paths re
 CSV allowed). For each case, ``num`` augmentations are written::
 
     <out>/<name>_aug<k>_image.nii.gz   the tumor-augmented target
-    <out>/<name>_aug<k>_label.nii.gz   its label map (the tumor as label_value)
+    <out>/<name>_aug<k>_label.nii.gz   its label map (the tumor as label_value, nothing else)
     <out>/<name>_aug<k>.json           the exact parameters (replayable) - written last
     <out>/<name>_aug<k>.png            optional before/after panel
 
-The JSON is written last and atomically, so its presence marks a finished output: a re-run
-skips finished outputs (resume) and redoes unfinished ones. The random parameters of each
-output are drawn from a seed derived from (``--seed``, name, k) only, so the result does not
-depend on the number of workers or on the order in which cases finish.
+**Targets.** In a crossMoDA folder, the subject's own hrT2 already shows the tumor that its
+ceT1 holds (the tumor keeps its physical position), so by default the target is a translation
+of the ceT1: the first of ``<name>_cyclegan_hrT2``, ``<name>_fakehrT2`` (the pipeline's) and
+``<name>_hrT2_washed_out`` (the demo's) that exists. ``--target-suffix`` names another one.
+Label files that belong to another case's outputs (``<case>_..._Label``) are not cases; every
+other incomplete case is reported.
+
+**Safety.** A case name must be a plain file-name prefix (no folder part, no ``..``): a name
+that would write outside the output folder is refused, and so is every row of a name given
+twice. The output folder is locked (``fcntl.flock`` on ``<out>/.singan-insert.lock``): a second
+concurrent ``insert`` into it stops with a clear error. One failing case (unreadable input, a
+tumor that cannot be placed, any exception) is recorded and the others go on; the command ends
+with a summary and exit status 1. A full disk stops the batch (every later output would fail
+too); finished outputs are kept and a failed one leaves no file behind. Workers (``--workers``)
+die with their parent.
+
+**Resume.** The JSON is written last and atomically, and holds a *fingerprint* of everything
+that decides the output: the model file's SHA-256, the settings, the augmentation index and the
+input files (path, size, modification time). A re-run skips an output only when its record's
+fingerprint matches and its image and label exist; an output whose parameters or inputs
+changed, or whose image was deleted, is redone. The random parameters of each output are drawn
+from a seed derived from (``--seed``, name, k) only, so the result does not depend on the
+number of workers or on the order in which cases finish.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from singan_insert.errors import SinganInsertError
+from singan_insert.insertion.sampling import (
+    InsertionRanges,
+    check_integer,
+    check_non_negative,
+    check_seed,
+    parse_contrast,
+    parse_start_scale,
+)
+
+#: Targets tried in a crossMoDA folder when ``--target-suffix`` is not given, in this order:
+#: translations of the ceT1 scan (CycleGAN as in docs/crossmoda.md, the pipeline's, the demo's).
+TRANSLATED_SUFFIXES = ("cyclegan_hrT2", "fakehrT2", "hrT2_washed_out")
+LOCK_NAME = ".singan-insert.lock"
+FINGERPRINT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -45,12 +82,37 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """A case that was refused or could not be found complete, and why."""
+
+    name: str
+    message: str
+
+
+@dataclass(frozen=True)
 class InsertSettings:
-    """The sampling ranges of the offline augmentation (see ``singan-insert insert --help``)."""
+    """The sampling ranges of the offline augmentation (see ``singan-insert insert --help``).
+
+    Args:
+        num: augmentations per case, >= 1.
+        contrast: :math:`\\lambda` (> 0), in any spelling of
+            :func:`~singan_insert.insertion.sampling.parse_contrast`: a number, a ``set`` of
+            values (GBA's ``{0.5, 0.8, 1.5}``), a range ``(low, high)``, or the command line's
+            tokens (``["0.5", "0.8"]``: a set; ``["0.5:1.5"]``: a range).
+        start_scale: ``None`` (the model's default) or start scales, spelled likewise
+            (:func:`~singan_insert.insertion.sampling.parse_start_scale`).
+        intensity_mode: ``"normalized"`` or ``"matched"``.
+        label_value: the tumor's value in the written label (>= 1).
+        source_label_value: the tumor's value in the source label (``None``: its only value).
+        axis: slicing axis (0, 1, 2) or ``None`` (through-plane).
+        context_mm: in-plane context around the tumor, >= 0 mm.
+        seed: base seed, in :math:`[0, 2^{63})`.
+        panels: also write before/after PNG panels.
+    """
 
     num: int = 1
-    contrast: tuple[float, ...] = (1.0,)
-    start_scale: tuple[int, ...] | None = None
+    contrast: Any = 1.0
+    start_scale: Any = None
     intensity_mode: str = "normalized"
     label_value: int = 1
     source_label_value: int | None = 1
@@ -58,6 +120,33 @@ class InsertSettings:
     context_mm: float = 20.0
     seed: int = 0
     panels: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("num", check_integer(self.num, "num", 1))
+        set_("contrast", parse_contrast(self.contrast, "contrast"))
+        set_("start_scale", parse_start_scale(self.start_scale, "start_scale"))
+        if self.intensity_mode not in ("normalized", "matched"):
+            raise SinganInsertError(
+                f"intensity_mode must be 'normalized' or 'matched', got {self.intensity_mode!r}.")
+        set_("label_value", check_integer(self.label_value, "label_value", 1))
+        if self.source_label_value is not None:
+            set_("source_label_value", check_integer(self.source_label_value, "source_label_value"))
+        if self.axis is not None:
+            set_("axis", check_integer(self.axis, "axis", 0, 2))
+        set_("context_mm", check_non_negative(self.context_mm, "context_mm"))
+        set_("seed", check_seed(self.seed))
+        set_("panels", bool(self.panels))
+
+    def ranges(self) -> InsertionRanges:
+        """The sampler of the random parameters (the batch keeps the tumor's pose)."""
+        return InsertionRanges(contrast=self.contrast, start_scale=self.start_scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["contrast"] = self.contrast.to_dict()
+        data["start_scale"] = None if self.start_scale is None else self.start_scale.to_dict()
+        return data
 
 
 def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,15 +157,19 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--target", help="one target volume (with --source-image and --source-label)")
     parser.add_argument("--source-image", help="source (modality A) volume, with --target")
     parser.add_argument("--source-label", help="source tumor label, with --target")
-    parser.add_argument("--target-suffix", default="hrT2",
-                        help="suffix of the target volumes in --data-root (default: hrT2; e.g. the "
-                             "CycleGAN output's suffix)")
+    parser.add_argument("--target-suffix",
+                        help="suffix of the target volumes in --data-root (default: the first of "
+                             f"{', '.join(TRANSLATED_SUFFIXES)} that exists: a translation of the "
+                             "ceT1; 'hrT2' inserts into the subject's own hrT2, which already "
+                             "shows the tumor)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num", type=int, default=1, help="augmentations per case (default: 1)")
-    parser.add_argument("--contrast", type=float, nargs="+", default=[1.0],
-                        help="contrast factors lambda to draw from (GBA: 0.5 0.8 1.5)")
-    parser.add_argument("--start-scale", type=int, nargs="+",
-                        help="start scales to draw from (default: the model's default)")
+    parser.add_argument("--contrast", nargs="+", default=["1.0"],
+                        help="contrast factors lambda to draw from (GBA: 0.5 0.8 1.5), or one range "
+                             "LOW:HIGH drawn uniformly")
+    parser.add_argument("--start-scale", nargs="+",
+                        help="start scales to draw from, or one range LOW:HIGH (write "
+                             "--start-scale=-3:-1 for negative ranges; default: the model's)")
     parser.add_argument("--intensity-mode", choices=["normalized", "matched"], default="normalized")
     parser.add_argument("--label-value", type=int, default=1, help="label written for the tumor")
     parser.add_argument("--source-label-value", type=int, default=1,
@@ -90,14 +183,25 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_writable_folder(folder: Path) -> None:
     """Create ``folder`` if needed; a clear error when that fails or it is not writable."""
-    import os
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SinganInsertError(f"Cannot create the output folder {folder}: {error}.") from error
     if not os.access(folder, os.W_OK):
         raise SinganInsertError(f"The output folder {folder} is not writable.")
+
+
+def check_case_name(name: Any) -> str:
+    """A case name as a plain file-name prefix: outputs ``<out>/<name>_aug<k>...`` stay in ``<out>``."""
+    if not isinstance(name, str) or not name.strip():
+        raise SinganInsertError(f"the case name is empty ({name!r}); give every row a name.")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith(".") \
+            or Path(name).name != name or Path(name).is_absolute():
+        raise SinganInsertError(
+            f"the case name {name!r} is not a plain file-name prefix: it would write outside the "
+            "output folder or a hidden file. Use a name such as 'patient_01' (no '/', '\\', "
+            "leading '.').")
+    return name
 
 
 def find_crossmoda_cases(data_root: str | os.PathLike, target_suffix: str = "hrT2") -> list[Case]:
@@ -117,29 +221,99 @@ def find_crossmoda_cases(data_root: str | os.PathLike, target_suffix: str = "hrT
     return cases
 
 
-def read_cases_csv(path: str | os.PathLike) -> list[Case]:
-    """Cases from a CSV with columns ``name,target,source_image,source_label``."""
+def find_cases(data_root: str | os.PathLike, target_suffix: str | None = None
+               ) -> tuple[list[Case], list[Problem]]:
+    """Complete cases of a crossMoDA-layout folder, and the incomplete ones with the reason.
+
+    With ``target_suffix=None`` each case's target is the first of :data:`TRANSLATED_SUFFIXES`
+    that exists (see the module docstring).
+    """
+    root = Path(data_root)
+    suffixes = TRANSLATED_SUFFIXES if target_suffix is None else (target_suffix,)
+    found: dict[str, Case] = {}
+    for suffix in suffixes:
+        try:
+            for case in find_crossmoda_cases(root, suffix):
+                found.setdefault(case.name, case)
+        except SinganInsertError:
+            if not root.is_dir():
+                raise
+    problems = []
+    names = sorted({label.name.split("_Label.nii")[0] for label in root.glob("*_Label.nii*")})
+    for name in names:
+        if name in found or any(name.startswith(f"{other}_") for other in found):
+            continue  # a case, or a file of one (e.g. the demo's <case>_hrT2_augmented_Label)
+        if not list(root.glob(f"{name}_ceT1.nii*")):
+            problems.append(Problem(name, f"no {name}_ceT1.nii.gz beside {name}_Label"))
+        elif target_suffix is None and list(root.glob(f"{name}_hrT2.nii*")):
+            problems.append(Problem(name, (
+                f"no translated target ({', '.join(f'{name}_{s}' for s in TRANSLATED_SUFFIXES)}); "
+                f"{name}_hrT2 already shows this tumor where it would be inserted. Write the "
+                f"CycleGAN translation as {name}_cyclegan_hrT2.nii.gz, or pass --target-suffix "
+                "hrT2 to insert into the hrT2 anyway")))
+        else:
+            wanted = " or ".join(f"{name}_{s}.nii.gz" for s in suffixes)
+            problems.append(Problem(name, f"no target {wanted}"))
+    cases = sorted(found.values(), key=lambda c: c.name)
+    if not cases:
+        details = "".join(f"\n  {p.name}: {p.message}." for p in problems[:10])
+        raise SinganInsertError(
+            f"No complete case in {root}: each needs <name>_Label.nii.gz, <name>_ceT1.nii.gz and "
+            f"a target <name>_<suffix>.nii.gz (default suffixes {', '.join(TRANSLATED_SUFFIXES)}; "
+            f"set --target-suffix for another target name).{details}")
+    return cases, problems
+
+
+def load_cases_csv(path: str | os.PathLike) -> tuple[list[Case], list[Problem]]:
+    """Cases from a CSV with columns ``name,target,source_image,source_label``, and the rows
+    refused (bad or duplicate name, a missing field or file) with the reason."""
     path = Path(path)
     if not path.is_file():
         raise SinganInsertError(f"CSV file {path} does not exist.")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    required = {"name", "target", "source_image", "source_label"}
-    if not rows or not required <= set(rows[0]):
-        raise SinganInsertError(f"{path} must have a header with columns {sorted(required)} and rows.")
-    cases = []
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise SinganInsertError(f"{path} is not a readable CSV file: {error}.") from None
+    required = ("name", "target", "source_image", "source_label")
+    if not rows or not set(required) <= set(rows[0]):
+        raise SinganInsertError(f"{path} must have a header with columns {list(required)} and rows.")
+    counts: dict[str, int] = {}
     for row in rows:
-        paths = [Path(row[key]) if Path(row[key]).is_absolute() else path.parent / row[key]
-                 for key in ("target", "source_image", "source_label")]
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise SinganInsertError(f"{path}, case {row['name']!r}: missing file(s) {missing}.")
-        cases.append(Case(row["name"], *paths))
+        counts[row.get("name")] = counts.get(row.get("name"), 0) + 1
+    cases, problems = [], []
+    for line, row in enumerate(rows, start=2):
+        label = row.get("name") or f"line {line}"
+        try:
+            name = check_case_name(row.get("name"))
+            if counts[name] > 1:
+                raise SinganInsertError(
+                    f"the name {name!r} is given {counts[name]} times; outputs would overwrite "
+                    "each other. Give every row its own name.")
+            empty = [key for key in required[1:] if not (row.get(key) or "").strip()]
+            if empty:
+                raise SinganInsertError(f"line {line} has no {', '.join(empty)}.")
+            paths = [Path(row[key]) if Path(row[key]).is_absolute() else path.parent / row[key]
+                     for key in required[1:]]
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                raise SinganInsertError(f"not found or not a file: {missing}.")
+            cases.append(Case(name, *paths))
+        except SinganInsertError as error:
+            problems.append(Problem(label, str(error)))
+    return cases, problems
+
+
+def read_cases_csv(path: str | os.PathLike) -> list[Case]:
+    """Cases from a CSV (see :func:`load_cases_csv`); raises on the first refused row."""
+    cases, problems = load_cases_csv(path)
+    if problems:
+        raise SinganInsertError(f"{path}, case {problems[0].name!r}: {problems[0].message}")
     return cases
 
 
 def output_paths(out_dir: Path, case: Case, index: int) -> dict[str, Path]:
-    stem = out_dir / f"{case.name}_aug{index}"
+    stem = Path(out_dir) / f"{check_case_name(case.name)}_aug{index}"
     return {"image": Path(f"{stem}_image.nii.gz"), "label": Path(f"{stem}_label.nii.gz"),
             "record": Path(f"{stem}.json"), "panel": Path(f"{stem}.png")}
 
@@ -149,116 +323,293 @@ def derived_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def augment_case(case: Case, index: int, model: str, settings: InsertSettings, out_dir: Path,
-                 torch_threads: int | None = None) -> dict[str, Any]:
-    """Write augmentation ``index`` of ``case``; return its record. Safe to run in a worker."""
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_fingerprint(case: Case, index: int, settings: InsertSettings, model_sha256: str) -> str:
+    """A digest of everything that decides output ``index`` of ``case`` (see the module docstring)."""
+    inputs = {}
+    for key in ("target", "source_image", "source_label"):
+        path = Path(getattr(case, key))
+        try:
+            stat = path.stat()
+            inputs[key] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            inputs[key] = [str(path), None, None]
+    settings_dict = settings.to_dict()
+    settings_dict.pop("panels")  # a missing panel is redone on its own (see _is_finished)
+    settings_dict.pop("num")  # output k does not depend on how many others there are
+    payload = {"version": FINGERPRINT_VERSION, "name": case.name, "augmentation": index,
+               "inputs": inputs, "settings": settings_dict, "model_sha256": model_sha256}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _is_finished(paths: dict[str, Path], fingerprint: str, panels: bool) -> bool:
+    try:
+        record = json.loads(paths["record"].read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return False
+    needed = ["image", "label"] + (["panel"] if panels else [])
+    return all(paths[key].is_file() and paths[key].stat().st_size > 0 for key in needed)
+
+
+def _read_volume(path: Path, what: str):
+    """A 3D real-valued NIfTI volume and its affine, or a clear error."""
     import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        dtype = image.get_data_dtype()
+        if dtype.fields is not None or np.issubdtype(dtype, np.complexfloating):
+            raise SinganInsertError(
+                f"The {what} {path} holds {dtype} voxels (RGB or complex); a real-valued "
+                "grayscale volume is needed.")
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    except SinganInsertError:
+        raise
+    except Exception as error:  # nibabel raises many types for unreadable files
+        raise SinganInsertError(f"Could not read the {what} {path}: {type(error).__name__}: {error}") from None
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise SinganInsertError(f"The {what} {path} has shape {data.shape}; a 3D volume is needed.")
+    return data, image.affine
+
+
+def augment_case(case: Case, index: int, model: str, settings: InsertSettings, out_dir: Path,
+                 torch_threads: int | None = None, fingerprint: str | None = None) -> dict[str, Any]:
+    """Write augmentation ``index`` of ``case``; return its record. Safe to run in a worker.
+
+    ``fingerprint`` (:func:`output_fingerprint`) is computed when not given.
+    """
     import torch
 
-    from singan_insert.io import write_nifti
-    from singan_insert.io import atomic_write_bytes
-    from singan_insert.insertion.placement import SourceTumor
-    from singan_insert.integrations.torchio import load_harmonizer
     from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+    from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
+    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.io import atomic_write_bytes, write_nifti
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
     paths = output_paths(out_dir, case, index)
-    seed = derived_seed(settings.seed, case.name, index)
-    rng = np.random.default_rng(seed)
-    harmonizer = load_harmonizer(model)
-    start_scale = None if not settings.start_scale else int(rng.choice(settings.start_scale))
+    model_file = resolve_model_file(model)
+    model_sha256 = file_digest(model_file)
+    if fingerprint is None:
+        fingerprint = output_fingerprint(case, index, settings, model_sha256)
+    rng = np.random.default_rng(derived_seed(settings.seed, case.name, index))
+    drawn = settings.ranges().sample(rng)
+    harmonizer = load_harmonizer(model_file)
     parameters = InsertionParameters(
-        intensity_mode=settings.intensity_mode, contrast=float(rng.choice(settings.contrast)),
-        start_scale=start_scale, axis=settings.axis, context_mm=settings.context_mm,
-        seed=int(rng.integers(0, 2**31 - 1)), label_value=settings.label_value)
-    target = nib.load(str(case.target))
-    target_data = np.asarray(target.dataobj, dtype=np.float32)
+        intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
+        start_scale=drawn.start_scale, axis=settings.axis, context_mm=settings.context_mm,
+        seed=drawn.seed, label_value=settings.label_value)
+    target_data, affine = _read_volume(Path(case.target), "target")
     source = SourceTumor.from_files(case.source_image, case.source_label,
                                     label_value=settings.source_label_value)
-    result = insert_tumor(target_data, target.affine, source, harmonizer, parameters)
-    write_nifti(paths["image"], result.image.astype(np.float32), target.affine)
-    write_nifti(paths["label"], result.label, target.affine)
-    record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()}, "augmentation": index,
-              "source_label_value": settings.source_label_value, "model_file": str(model)}
-    if settings.panels:
-        from singan_insert.evaluation.figures import before_after_panel
+    result = insert_tumor(target_data, affine, source, harmonizer, parameters)
+    record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()},
+              "augmentation": index, "source_label_value": settings.source_label_value,
+              "model_file": str(model_file), "model_sha256": model_sha256,
+              "settings": settings.to_dict(), "fingerprint": fingerprint}
+    try:
+        write_nifti(paths["image"], result.image.astype(np.float32), affine)
+        write_nifti(paths["label"], result.label, affine)
+        if settings.panels:
+            from singan_insert.evaluation.figures import before_after_panel
 
-        before_after_panel(target_data, result.image, result.mask, paths["panel"],
-                           title=f"{case.name} aug {index} (lambda={parameters.contrast})")
-    atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+            before_after_panel(target_data, result.image, result.mask, paths["panel"],
+                               title=f"{case.name} aug {index} (lambda={parameters.contrast:.3g})")
+        atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+    except BaseException:
+        # An output without its record is unfinished anyway: leave no half of it behind.
+        for key in ("image", "label", "panel"):
+            paths[key].unlink(missing_ok=True)
+        raise
     return record
+
+
+@contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir`` (a second holder gets a clear error at once).
+
+    ``fcntl.flock`` locks are released by the kernel when their holder dies, so a killed run
+    never leaves the folder locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    path = Path(out_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SinganInsertError(
+                f"Another `singan-insert insert` (pid {holder}) is writing to {out_dir}. Wait "
+                "for it to finish, or write to another --out.") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary files a killed run left (safe: the caller holds the lock)."""
+    removed = 0
+    for path in Path(out_dir).glob(".*_aug*.tmp"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _collect_cases(args: argparse.Namespace) -> tuple[list[Case], list[Problem], list[Problem]]:
+    """(cases, refused rows, incomplete folder cases) for the command line's arguments."""
+    if args.target:
+        if not (args.source_image and args.source_label):
+            raise SinganInsertError("--target needs --source-image and --source-label.")
+        name = Path(args.target).name.split(".nii")[0]
+        case = Case(check_case_name(name), Path(args.target), Path(args.source_image),
+                    Path(args.source_label))
+        for path in (case.target, case.source_image, case.source_label):
+            if not path.is_file():
+                raise SinganInsertError(f"{path} does not exist or is not a file.")
+        return [case], [], []
+    if args.csv:
+        cases, refused = load_cases_csv(args.csv)
+        if not cases:
+            details = "".join(f"\n  {p.name}: {p.message}" for p in refused[:10])
+            raise SinganInsertError(f"{args.csv}: no usable row.{details}")
+        return cases, refused, []
+    cases, incomplete = find_cases(args.data_root, args.target_suffix)
+    return cases, [], incomplete
 
 
 def run_insert(args: argparse.Namespace) -> int:
     """``singan-insert insert``: augment every case, skipping finished outputs."""
     from tqdm.auto import tqdm
 
-    if args.target:
-        if not (args.source_image and args.source_label):
-            raise SinganInsertError("--target needs --source-image and --source-label.")
-        name = Path(args.target).name.split(".nii")[0]
-        cases = [Case(name, Path(args.target), Path(args.source_image), Path(args.source_label))]
-        for path in cases[0].__dict__.values():
-            if isinstance(path, Path) and not path.exists():
-                raise SinganInsertError(f"{path} does not exist.")
-    elif args.csv:
-        cases = read_cases_csv(args.csv)
-    else:
-        cases = find_crossmoda_cases(args.data_root, args.target_suffix)
-    if args.num < 1 or args.workers < 1:
-        raise SinganInsertError("--num and --workers must be >= 1.")
-    if any(c <= 0 for c in args.contrast):
-        raise SinganInsertError("--contrast factors must be > 0.")
-    out_dir = Path(args.out)
-    check_writable_folder(out_dir)
     from singan_insert.harmonizer.model import Harmonizer
+    from singan_insert.insertion.model_cache import resolve_model_file
 
-    Harmonizer.load(args.model)  # fail early, in the main process, on a bad model file
+    workers = check_integer(args.workers, "--workers", 1)
     settings = InsertSettings(
-        num=args.num, contrast=tuple(args.contrast), start_scale=tuple(args.start_scale) if args.start_scale else None,
+        num=args.num, contrast=args.contrast, start_scale=args.start_scale,
         intensity_mode=args.intensity_mode, label_value=args.label_value,
         source_label_value=args.source_label_value, axis=args.axis, context_mm=args.context_mm,
         seed=args.seed, panels=args.panels)
+    cases, refused, incomplete = _collect_cases(args)
+    model_file = resolve_model_file(args.model)
+    Harmonizer.load(model_file)  # fail early, in the main process, on a bad model file
     if settings.panels:
         from singan_insert.evaluation.figures import require_matplotlib
 
         require_matplotlib()
-    jobs = [(case, k) for case in cases for k in range(settings.num)
-            if not output_paths(out_dir, case, k)["record"].exists()]
-    skipped = len(cases) * settings.num - len(jobs)
-    if skipped:
-        print(f"Resuming: {skipped} finished output(s) skipped.")
-    failures = _run_jobs(jobs, args.model, settings, out_dir, args.workers, tqdm)
-    print(f"Wrote {len(jobs) - len(failures)} augmentation(s) to {out_dir}.")
-    for (case, k), error in failures:
-        print(f"  failed: {case.name} aug {k}: {error}")
-    return 1 if failures else 0
+    out_dir = Path(args.out)
+    check_writable_folder(out_dir)
+    with output_lock(out_dir):
+        _remove_stale_temporaries(out_dir)
+        model_sha256 = file_digest(model_file)
+        jobs, skipped, redone = [], 0, 0
+        for case in cases:
+            for k in range(settings.num):
+                paths = output_paths(out_dir, case, k)
+                fingerprint = output_fingerprint(case, k, settings, model_sha256)
+                if _is_finished(paths, fingerprint, settings.panels):
+                    skipped += 1
+                    continue
+                if paths["record"].exists():
+                    redone += 1
+                    paths["record"].unlink()  # no record may vouch for outputs being replaced
+                jobs.append((case, k, fingerprint))
+        if skipped or redone:
+            print(f"Resuming: {skipped} finished output(s) skipped, {redone} redone (parameters, "
+                  "inputs or files changed).")
+        for problem in incomplete:
+            print(f"  incomplete case {problem.name}: {problem.message}.")
+        failures = _run_jobs(jobs, str(model_file), settings, out_dir, workers, tqdm)
+    print(f"Wrote {len(jobs) - len(failures)} augmentation(s) to {out_dir}; "
+          f"{len(failures)} failed, {len(refused)} case(s) refused, {skipped} already finished.")
+    for (case, k, _), message in failures:
+        print(f"  failed: {case.name} aug {k}: {message}")
+    for problem in refused:
+        print(f"  refused: {problem.name}: {problem.message}")
+    return 1 if failures or refused else 0
 
 
-def _run_jobs(jobs: Sequence[tuple[Case, int]], model, settings, out_dir, workers, tqdm):
+def _disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, SinganInsertError):
+        return str(error)
+    if isinstance(error, BrokenProcessPool):
+        return "its worker process died (killed, or out of memory); re-run to resume"
+    if _disk_full(error):
+        return ("the disk is full (no space left on device): this output was not written (no "
+                "partial file is kept) and the batch stopped; free space and re-run to resume")
+    return f"{type(error).__name__}: {error}"
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Tie a worker's life to its parent's (the kernel kills it when the parent dies)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+
+
+def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, workers, tqdm):
+    """Run every job; return ``[(job, message)]`` for those that failed (any exception)."""
     failures = []
     bar = tqdm(total=len(jobs), desc="insert", unit="volume")
-    if workers == 1:
-        for case, k in jobs:
+    if workers == 1 or len(jobs) <= 1:
+        for position, job in enumerate(jobs):
+            case, k, fingerprint = job
             try:
-                augment_case(case, k, model, settings, out_dir)
-            except SinganInsertError as error:
-                failures.append(((case, k), error))
+                augment_case(case, k, model, settings, out_dir, fingerprint=fingerprint)
+            except Exception as error:  # one bad case must not stop the batch...
+                failures.append((job, _describe(error)))
+                if _disk_full(error):  # ...but a full disk fails every later one too
+                    failures += [(j, "not run: the disk is full") for j in jobs[position + 1:]]
+                    break
             bar.update(1)
     else:
         import multiprocessing
 
         # spawn: safe with torch's thread pools (fork after torch has started threads can hang).
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = {pool.submit(augment_case, case, k, model, settings, out_dir, 1): (case, k)
-                       for case, k in jobs}
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(augment_case, case, k, model, settings, out_dir, 1, fingerprint):
+                       (case, k, fingerprint) for case, k, fingerprint in jobs}
             for future in as_completed(futures):
                 try:
                     future.result()
-                except SinganInsertError as error:
-                    failures.append((futures[future], error))
+                except Exception as error:
+                    failures.append((futures[future], _describe(error)))
                 bar.update(1)
     bar.close()
     return failures

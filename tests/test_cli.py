@@ -64,15 +64,16 @@ def test_harmonize_npy(tiny_model_dir, tmp_path):
 def test_insert_folder_resume_and_replay(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     out = tmp_path / "augmented"
     args = ["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--out", str(out),
-            "--num", "2", "--contrast", "0.5", "0.8", "--seed", "3"]
+            "--target-suffix", "hrT2", "--num", "2", "--contrast", "0.5", "0.8", "--seed", "3"]
     assert main(args) == 0
     records = sorted(out.glob("*.json"))
     assert len(records) == 4
     assert len(list(out.glob("*_image.nii.gz"))) == 4 and len(list(out.glob("*_label.nii.gz"))) == 4
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    outputs = lambda: {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".singan-insert.lock"}  # noqa: E731
+    before = outputs()
     assert main(args) == 0
-    assert "4 finished output(s) skipped" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert "4 finished output(s) skipped, 0 redone" in capsys.readouterr().out
+    assert outputs() == before
 
     # The JSON record replays the output bit for bit.
     from singan_insert.insertion.placement import SourceTumor
@@ -92,7 +93,8 @@ def test_insert_folder_resume_and_replay(tiny_model_dir, crossmoda_folder, tmp_p
 
 
 def test_insert_with_two_workers_matches_one(tiny_model_dir, crossmoda_folder, tmp_path):
-    common = ["--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--seed", "1"]
+    common = ["--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--seed", "1",
+              "--target-suffix", "hrT2"]
     assert main(["insert", *common, "--out", str(tmp_path / "one")]) == 0
     assert main(["insert", *common, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     for path in (tmp_path / "one").glob("*_image.nii.gz"):
@@ -105,12 +107,12 @@ def test_errors_are_clear(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder),
-                 "--out", str(blocker / "sub")]) == 2
+                 "--target-suffix", "hrT2", "--out", str(blocker / "sub")]) == 2
     assert "Cannot create the output folder" in capsys.readouterr().err
     bad_model = tmp_path / "bad.safetensors"
     bad_model.write_bytes(b"\x80\x04not a model")
     assert main(["insert", "--model", str(bad_model), "--data-root", str(crossmoda_folder),
-                 "--out", str(tmp_path / "o")]) == 2
+                 "--target-suffix", "hrT2", "--out", str(tmp_path / "o")]) == 2
     assert "not a safetensors file" in capsys.readouterr().err
     assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(tmp_path),
                  "--out", str(tmp_path / "o")]) == 2

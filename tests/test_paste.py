@@ -18,6 +18,7 @@ from singan_insert.insertion.placement import (
     intensity_quantiles,
     paste_tumor,
     placed_bounds,
+    planar_axes,
 )
 
 SPACING = (0.5, 0.5, 1.5)
@@ -287,3 +288,25 @@ def test_intensity_quantiles_keep_extremes_and_bound_cost():
     exact = np.percentile(values, [0.5, 50, 99.5])
     approx = np.interp([0.005, 0.5, 0.995], np.linspace(0, 1, table.size), table)
     assert np.allclose(exact, approx, atol=0.02)
+
+
+# ---------------------------------------------------------------- 2D targets and margins
+def test_a_two_dimensional_target_receives_the_tumor_section_through_its_plane(source):
+    tumor, _, mask, affine = source
+    plane = affine.copy()
+    plane[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, 10.0]) + affine[:3, 3]  # slice k = 10
+    pasted = paste_tumor(tumor, (48, 48, 1), plane, None)  # in place, margin 1 in-plane only
+    full = pasted.full_mask((48, 48, 1))
+    assert np.array_equal(full[..., 0], mask[..., 10].astype(bool))
+    assert planar_axes((48, 48, 1)) == (2,) and planar_axes((1, 48, 48)) == (0,)
+    assert planar_axes(SHAPE) == () and planar_axes((1, 1, 48)) == ()
+    with pytest.raises(SinganInsertError, match="from the border"):  # in-plane margins still apply
+        paste_tumor(tumor, (48, 48, 1), plane, Placement((8, 24, 0)))
+
+
+@pytest.mark.parametrize("margin", [-1, 1.5, True, "2"])
+def test_border_margin_must_be_a_non_negative_integer(source, margin):
+    tumor, _, _, affine = source
+    with pytest.raises(SinganInsertError, match="border_margin must be an integer >= 0"):
+        paste_tumor(tumor, SHAPE, affine, Placement((24, 24, 10)), border_margin=margin)
+    assert paste_tumor(tumor, SHAPE, affine, Placement((24, 24, 10)), border_margin=np.int64(2)).mask.any()

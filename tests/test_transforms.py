@@ -284,3 +284,133 @@ def test_queue_with_label_sampler_on_the_inserted_label(model, source_files):
     assert len(patches) == 4
     for patch in patches:
         assert patch["label"].data[0, 8, 8, 3] > 0  # LabelSampler centres patches on the tumor
+
+
+# ---------------------------------------------------------------- the README's snippet
+def test_readme_use_it_snippet_runs_and_inserts_exactly_the_tumor(tmp_path, monkeypatch):
+    """The README's "Use it" block, run as written (only the training preset is made tiny)."""
+    import re
+    from pathlib import Path
+
+    from singan_insert.datasets.phantom import Tissue, simulate_subject, write_crossmoda
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Use it", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert code.count('preset("fast")') == 1
+    code = code.replace('preset("fast")', 'preset("tiny")')
+
+    monkeypatch.chdir(tmp_path)
+    target = simulate_subject(3, shape=(64, 64, 32))
+    nib.save(nib.Nifti1Image(target.image_b.astype(np.float32), target.affine_b), "hrT2.nii.gz")
+    region = (target.tissue_b == Tissue.CSF).astype(np.uint8)
+    nib.save(nib.Nifti1Image(region, target.affine_b), "region.nii.gz")
+    files = write_crossmoda(simulate_subject(5, shape=(64, 64, 32)), tmp_path / "bank", "src")
+    Path(files["ceT1"]).rename("ceT1.nii.gz")
+    Path(files["label"]).rename("ceT1_label.nii.gz")
+    source = SourceTumor.from_files("ceT1.nii.gz", "ceT1_label.nii.gz", label_value=1)
+
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    transform, subject = namespace["transform"], namespace["subject"]
+    voxel_mm3 = float(abs(np.linalg.det(target.affine_b[:3, :3])))
+    outcomes = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        out = transform(subject)
+        label = out["label"].data[0].numpy()
+        assert set(np.unique(label)) <= {0, 1}
+        insertion = next(t for t in out.history if t.name == "TumorInsertion")
+        if insertion.source is None:
+            assert label.sum() == 0
+            outcomes.append("skipped")
+            continue
+        # Exactly the tumor: its volume (after the random scale and RandomAffine's resampling),
+        # not the placement region's, and centred on a voxel of the region.
+        assert 0.5 < label.sum() * voxel_mm3 / source.volume_mm3 < 1.8
+        assert label.sum() < 0.5 * region.sum()
+        assert region[tuple(np.round(insertion.location).astype(int))] == 1
+        outcomes.append("inserted")
+    assert {"skipped", "inserted"} <= set(outcomes)
+
+
+# ---------------------------------------------------------------- what the label receives
+def _labelled_subject(seed=5):
+    """A subject whose own label holds a tumor (1) and a 'cochlea' (2), crossMoDA-like."""
+    image, label = synthetic_volume(seed, tumor=TUMOR)
+    label[30:33, 10:13, 7:9] = 2
+    return tio.Subject(image=tio.ScalarImage(tensor=image[None], affine=AFFINE),
+                       label=tio.LabelMap(tensor=label[None], affine=AFFINE)), label
+
+
+def test_the_label_receives_exactly_the_tumor_and_keeps_existing_labels(model, source_files):
+    subject, label = _labelled_subject()
+    region = np.zeros(SHAPE, np.uint8)
+    region[16:32, 16:32, 6:10] = 1
+    subject.add_image(tio.LabelMap(tensor=region[None], affine=AFFINE), "region")
+    out = RandomTumorInsertion(model, [source_files], placement_key="region", label_value=3,
+                               degrees=0, scales=0, flip_axes=())(subject)
+    new = out["label"].data[0].numpy()
+    tumor = new == 3
+    assert tumor.sum() == ellipsoid(SHAPE, *TUMOR).sum()  # the tumor, nothing of the region
+    assert np.array_equal(new[~tumor], label[~tumor])  # every other voxel as it was
+    assert torch.equal(out["region"].data, subject["region"].data)  # the region untouched
+
+
+def test_placement_on_the_label_map_itself_needs_its_values(model, source_files):
+    subject, label = _labelled_subject()
+    with pytest.raises(SinganInsertError, match="placement_values"):
+        RandomTumorInsertion(model, "image", placement_key="label")
+    # A crossMoDA-like map as a separate region: several values, so it must say which.
+    subject.add_image(tio.LabelMap(tensor=label[None], affine=AFFINE), "anatomy")
+    with pytest.raises(SinganInsertError, match="several labels"):
+        RandomTumorInsertion(model, [source_files], placement_key="anatomy", degrees=0, scales=0,
+                             include=["image"])(subject)
+    # GBA in place: over the tumor (1), never the cochlea (2); the cochlea stays labelled.
+    out = RandomTumorInsertion(model, "image", placement_key="label", placement_values=(1,),
+                               placement_mode="centroid", degrees=0, scales=0, flip_axes=(),
+                               source_label_value=1)(subject)
+    assert label[tuple(np.round(out.history[-1].location).astype(int))] == 1
+    assert np.array_equal(out["label"].data[0].numpy(), label)
+
+
+def test_centroid_placement_stays_inside_a_crescent_region(model, source_files):
+    crescent = (ellipsoid(SHAPE, (24, 24, 8), (14, 14, 4)) & ~ellipsoid(SHAPE, (24, 28, 8), (13, 13, 5)))
+    subject = target_subject(region=tio.LabelMap(tensor=crescent[None].astype(np.uint8), affine=AFFINE))
+    centre = np.argwhere(crescent).mean(axis=0)
+    assert not crescent[tuple(np.round(centre).astype(int))]  # its centre of mass lies outside
+    transform = RandomTumorInsertion(model, [source_files], placement_key="region",
+                                     placement_mode="centroid", degrees=0, scales=0.0,
+                                     flip_axes=(), border_margin=0)
+    location = transform._sample_location(
+        subject, subject["image"], SourceTumor.from_files(*source_files),
+        transform.ranges.sample())
+    assert crescent[tuple(np.round(location).astype(int))]
+
+
+# ---------------------------------------------------------------- 2D subjects
+def test_two_dimensional_subjects_work(model):
+    rng = np.random.default_rng(0)
+    shape2d = (48, 48, 1)
+    image = (100 + ndimage.gaussian_filter(rng.normal(size=shape2d), (2, 2, 0)) * 60).astype(np.float32)
+    source_image = image.copy()
+    tumor = ellipsoid(shape2d, (24, 24, 0), (6, 5, 1))
+    source_image[tumor] = 40
+    affine = np.diag([0.5, 0.5, 1.0, 1.0])
+    bank = tio.Subject(image=tio.ScalarImage(tensor=source_image[None], affine=affine),
+                       label=tio.LabelMap(tensor=tumor[None].astype(np.uint8), affine=affine))
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image[None], affine=affine))
+    transform = RandomTumorInsertion(model, [bank], placement_key=None, degrees=20, scales=0.1)
+    placed = RandomTumorInsertion(model, [bank], degrees=20, scales=0.1,
+                                  placement_key="prior", border_margin=2, include=["image"])
+    prior = np.ones(shape2d, np.float32)
+    for t, s in ((transform, subject),
+                 (placed, tio.Subject(image=subject["image"],
+                                      prior=tio.ScalarImage(tensor=prior[None], affine=affine)))):
+        torch.manual_seed(1)
+        out = t(s)
+        label = out["label"].data[0].numpy()
+        assert label.shape == shape2d and 0.7 * tumor.sum() < label.sum() < 1.4 * tumor.sum()
+        assert out.history[-1].rotation[:2] == (0.0, 0.0)  # only the in-plane rotation
+        assert not torch.equal(out["image"].data, s["image"].data)
+        assert same(out, out.get_composed_history()(s))

@@ -110,20 +110,27 @@ class InsertionParameters:
         if self.intensity_mode not in ("normalized", "matched"):
             raise SinganInsertError(
                 f"intensity_mode must be 'normalized' or 'matched', got {self.intensity_mode!r}.")
-        if not (isinstance(self.contrast, (int, float)) and math.isfinite(self.contrast)
-                and self.contrast > 0):
-            raise SinganInsertError(f"The contrast factor must be a positive number, got {self.contrast!r}.")
+        # Numbers: the checks the samplers use (NaN, booleans, fractions and overflows refused).
+        from singan_insert.insertion import sampling
+
+        sampling.check_contrast(self.contrast, "contrast")
+        sampling.check_start_scale(self.start_scale)
+        if self.seed is not None:
+            sampling.check_seed(self.seed)
+        for name in ("dilation_mm", "feather_mm"):
+            if getattr(self, name) is not None:
+                sampling.check_non_negative(getattr(self, name), name)
+        sampling.check_integer(self.border_margin, "border_margin", 0)
+        if sampling.check_number(self.max_anisotropy, "max_anisotropy") < 1:
+            raise SinganInsertError(f"max_anisotropy must be >= 1, got {self.max_anisotropy!r}.")
+        sampling.check_non_negative(self.context_mm, "context_mm")
+        sampling.check_integer(self.label_value, "label_value", 1)
+        if not isinstance(self.clip_to_fov, (bool, np.bool_)):
+            raise SinganInsertError(f"clip_to_fov must be True or False, got {self.clip_to_fov!r}.")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise SinganInsertError(f"axis must be 0, 1, 2 or None, got {self.axis!r}.")
-        if not (math.isfinite(self.context_mm) and self.context_mm >= 0):
-            raise SinganInsertError(f"context_mm must be >= 0, got {self.context_mm!r}.")
-        if isinstance(self.label_value, bool) or int(self.label_value) != self.label_value \
-                or self.label_value <= 0:
-            raise SinganInsertError(f"label_value must be a positive integer, got {self.label_value!r}.")
         if self.overlap not in ("replace", "keep", "error"):
             raise SinganInsertError(f"overlap must be 'replace', 'keep' or 'error', got {self.overlap!r}.")
-        if self.seed is not None and (isinstance(self.seed, bool) or int(self.seed) != self.seed):
-            raise SinganInsertError(f"seed must be an integer or None, got {self.seed!r}.")
         if self.placement is not None and not isinstance(self.placement, Placement):
             raise SinganInsertError("placement must be a singan_insert.insertion.placement.Placement or None.")
 

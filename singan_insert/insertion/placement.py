@@ -69,6 +69,11 @@ MAX_QUANTILE_SAMPLES = 2**18
 
 _AFFINE_MAX_CONDITION = 1e8
 
+# Only InsertionParameters and TumorInsertion have clip_to_fov (a random placement or a batch
+# never cuts a tumor), so the advice names them.
+_CLIP_ADVICE = (", or cut the tumor at the border with clip_to_fov=True (InsertionParameters "
+                "or TumorInsertion)")
+
 
 # --------------------------------------------------------------------------------------------
 # Validation helpers
@@ -521,6 +526,12 @@ def source_to_target_matrix(
     return np.linalg.inv(source.affine) @ np.linalg.inv(world) @ target_affine
 
 
+def planar_axes(shape: Sequence[int]) -> tuple[int, ...]:
+    """The axes of size 1 of a 2D image stored as a 3D volume (``()`` for a 3D volume)."""
+    shape = tuple(int(n) for n in shape)
+    return tuple(a for a, n in enumerate(shape) if n == 1) if sum(n > 1 for n in shape) == 2 else ()
+
+
 def placed_bounds(
     source: SourceTumor, target_affine: np.ndarray, placement: Placement | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -574,8 +585,9 @@ def paste_tumor(
     target_shape = tuple(int(n) for n in target_shape)
     if len(target_shape) != 3 or min(target_shape) < 1:
         raise SinganInsertError(f"The target must be a 3D volume, got shape {target_shape}.")
-    if border_margin < 0:
-        raise SinganInsertError(f"border_margin must be >= 0, got {border_margin}.")
+    if isinstance(border_margin, bool) or not isinstance(border_margin, (int, np.integer)) \
+            or border_margin < 0:
+        raise SinganInsertError(f"border_margin must be an integer >= 0, got {border_margin!r}.")
     target_affine = check_affine(target_affine, "target affine")
     check_anisotropy(spacing_from_affine(target_affine), max_anisotropy, "target image")
     check_anisotropy(source.spacing, max_anisotropy, "source image")
@@ -600,17 +612,20 @@ def paste_tumor(
     lows, highs = lows + low, highs + low  # tight tumor bounds in target voxels
     inside_low = np.maximum(lows, 0)
     inside_high = np.minimum(highs, np.array(target_shape) - 1)
-    outside = np.any(lows < 0) or np.any(highs >= np.array(target_shape))
+    # Along the normal of a 2D target (an axis of size 1) the plane cuts a section of the
+    # tumor: neither the field of view nor the border margin applies there.
+    spatial = np.array(target_shape) > 1
+    outside = np.any(((lows < 0) | (highs >= np.array(target_shape))) & spatial)
     if outside and not clip_to_fov:
         raise _outside_error(lows, highs, target_shape, partly=True)
-    if not clip_to_fov:
-        near = np.minimum(lows, np.array(target_shape) - 1 - highs).min()
+    if not clip_to_fov and spatial.any():
+        near = np.minimum(lows, np.array(target_shape) - 1 - highs)[spatial].min()
         if near < border_margin:
             raise SinganInsertError(
                 f"The placed tumor (target voxels {lows.tolist()} to {highs.tolist()}) is "
                 f"{int(near)} voxel(s) from the border of the {target_shape} volume, closer than "
-                f"border_margin={border_margin}. Move it inward, scale it down, lower "
-                "border_margin, or pass clip_to_fov=True to cut it at the border."
+                f"border_margin={border_margin}. Move it inward, scale it down or lower "
+                f"border_margin{_CLIP_ADVICE}."
             )
     # Crop to the tumor's bounds that lie inside the volume.
     keep = tuple(slice(int(a - low[i]), int(b - low[i] + 1))
@@ -646,7 +661,7 @@ def _outside_error(low, high, target_shape, partly: bool = False) -> SinganInser
         f"The placed tumor (target voxels {np.asarray(low).tolist()} to "
         f"{np.asarray(high).tolist()}) is {where} the target's field of view "
         f"(shape {tuple(target_shape)}). Choose a location inside the volume, check the units "
-        "('voxel' vs 'mm') and the affines" + (", or pass clip_to_fov=True." if partly else ".")
+        "('voxel' vs 'mm') and the affines" + (f"{_CLIP_ADVICE}." if partly else ".")
     )
 
 

@@ -10,7 +10,8 @@ They follow TorchIO's conventions:
   ``subject.get_composed_history()`` replays the insertion bit for bit (same data, same model
   file). The harmonizer noise is seeded by the recorded ``seed``.
 * The network is never carried by a transform or a sample: transforms hold the model's file
-  path and load it lazily, once per process (and device), through :func:`load_harmonizer`.
+  path and load it lazily, once per process (and device), through
+  :func:`singan_insert.insertion.model_cache.load_harmonizer` (re-exported here).
   Transforms pickle and deep-copy cheaply, so they work in ``DataLoader`` workers started by
   ``fork`` or ``spawn``.
 * The label map ``label_key`` is always present in the output, also when the transform is
@@ -39,10 +40,9 @@ size when training on patches of the inserted label.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -52,105 +52,119 @@ from torchio.transforms.augmentation import RandomTransform
 from torchio.transforms.transform import Transform
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.harmonizer.model import Harmonizer
-from singan_insert.devices import select_device
-from singan_insert.insertion.intensity import IntensityMode
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
     SourceTumor,
-    check_same_grid,
     placed_bounds,
+    planar_axes,
 )
-from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
+from singan_insert.insertion.sampling import (
+    InsertionRanges,
+    check_contrast,
+    check_integer,
+    check_non_negative,
+    check_number,
+    check_probability,
+    check_seed,
+    check_start_scale,
+    uniform01,
+)
+from singan_insert.integrations.subjects import (
+    SourceSpec,
+    add_empty_label,
+    existing_label,
+    normalize_source,
+    placement_weights,
+    region_centre,
+    select_target,
+    source_from_files,
+    source_from_subject,
+    world_axis,
+)
 
 __all__ = ["RandomTumorInsertion", "TumorInsertion", "load_harmonizer"]
 
-SourceSpec = str | tuple[str, str] | SourceTumor | tio.Subject | None
 
-# (resolved path, file mtime_ns, device, pid) -> Harmonizer. Keyed by pid so that a forked
-# DataLoader worker loads its own copy instead of sharing the parent's torch state.
-_MODEL_CACHE: dict[tuple[str, int, str, int], Harmonizer] = {}
+#: The arguments both transforms take, with their defaults: written once here (documented in
+#: :class:`TumorInsertion`); :class:`RandomTumorInsertion` passes them on unchanged to the
+#: :class:`TumorInsertion` it applies.
+SHARED_ARGUMENTS: dict[str, Any] = {
+    "intensity_mode": "normalized",
+    "label_key": "label",
+    "label_value": 1,
+    "source_label_key": "label",
+    "source_label_value": None,
+    "axis": None,
+    "context_mm": 20.0,
+    "overlap": "replace",
+    "border_margin": 1,
+    "dilation_mm": None,
+    "feather_mm": None,
+    "modality": None,
+    "device": "cpu",
+    "max_anisotropy": DEFAULT_MAX_ANISOTROPY,
+}
 
-
-def load_harmonizer(path: str | os.PathLike, device: str | torch.device | None = "cpu") -> Harmonizer:
-    """Load a harmonizer once per process and device (later calls return the same object).
-
-    The file's modification time is part of the key, so a retrained model is reloaded.
-    """
-    resolved = Path(path)
-    if resolved.is_dir():
-        resolved = resolved / "harmonizer.safetensors"
-    if not resolved.is_file():
-        raise SinganInsertError(
-            f"The harmonizer model {os.fspath(path)!r} does not exist. Pass the path of a model "
-            "file (or a training output folder) written by `singan-insert train`.")
-    device = str(select_device(device))
-    pid = os.getpid()
-    key = (str(resolved.resolve()), resolved.stat().st_mtime_ns, device, pid)
-    if key not in _MODEL_CACHE:
-        for stale in [k for k in _MODEL_CACHE if k[3] != pid]:  # inherited from a parent
-            del _MODEL_CACHE[stale]
-        _MODEL_CACHE[key] = Harmonizer.load(resolved, device=device)
-    return _MODEL_CACHE[key]
+#: TorchIO's own keyword arguments (``torchio.transforms.Transform``) other than ``p``.
+_BASE_ARGUMENTS = ("copy", "include", "exclude", "keep", "parse_input", "label_keys")
 
 
-@functools.lru_cache(maxsize=64)
-def _load_source_files(image_path: str, image_mtime: int, label_path: str, label_mtime: int,
-                       label_value: int | None, max_anisotropy: float) -> SourceTumor:
-    return SourceTumor.from_files(image_path, label_path, label_value=label_value,
-                                  max_anisotropy=max_anisotropy)
-
-
-def _source_from_files(paths: tuple[str, str], label_value: int | None, max_anisotropy: float) -> SourceTumor:
-    stats = []
-    for path in paths:
-        try:
-            stats.append(os.stat(path).st_mtime_ns)
-        except OSError:
-            raise SinganInsertError(f"The source file {path!r} does not exist.") from None
-    return _load_source_files(paths[0], stats[0], paths[1], stats[1], label_value, max_anisotropy)
-
-
-def _source_from_subject(subject: tio.Subject, image_key: str | None, label_key: str,
-                         label_value: int | None, max_anisotropy: float, origin: str) -> SourceTumor:
-    if image_key is None:
-        scalars = list(subject.get_images_dict(intensity_only=True))
-        if len(scalars) != 1:
+def _parse_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop and validate the shared arguments from ``kwargs`` (what is left is TorchIO's)."""
+    values = {name: kwargs.pop(name, default) for name, default in SHARED_ARGUMENTS.items()}
+    for name in ("label_key", "source_label_key"):
+        if not isinstance(values[name], str) or not values[name]:
+            raise SinganInsertError(f"{name} must be a non-empty string, got {values[name]!r}.")
+    values["label_value"] = check_integer(values["label_value"], "label_value", 1)
+    if values["source_label_value"] is not None:
+        values["source_label_value"] = check_integer(values["source_label_value"], "source_label_value")
+    if values["axis"] is not None:
+        values["axis"] = check_integer(values["axis"], "axis", 0, 2)
+    values["context_mm"] = check_non_negative(values["context_mm"], "context_mm")
+    values["border_margin"] = check_integer(values["border_margin"], "border_margin", 0)
+    for name in ("dilation_mm", "feather_mm"):
+        if values[name] is not None:
+            values[name] = check_non_negative(values[name], name)
+    if values["modality"] is not None and not isinstance(values["modality"], str):
+        raise SinganInsertError(f"modality must be a string or None, got {values['modality']!r}.")
+    if not isinstance(values["device"], (str, torch.device)):
+        raise SinganInsertError(f"device must be a string such as 'cpu' or 'cuda:0', got {values['device']!r}.")
+    values["device"] = str(values["device"])
+    if values["device"] != "auto":
+        try:  # the name only: whether CUDA is there is checked where the model loads
+            torch.device(values["device"])
+        except RuntimeError:
             raise SinganInsertError(
-                f"The source subject has the scalar images {scalars}; pass source_image_key to "
-                "say which one holds the tumor.")
-        image_key = scalars[0]
-    for key in (image_key, label_key):
-        if key not in subject or not isinstance(subject[key], tio.Image):
-            raise SinganInsertError(
-                f"The source subject has no image {key!r} (it has {list(subject.get_images_dict(False))}).")
-    image, label = subject[image_key], subject[label_key]
-    if image.data.shape[0] != 1 or label.data.shape[0] != 1:
-        raise SinganInsertError("Source image and label must have a single channel.")
-    return SourceTumor.from_arrays(
-        image.data[0].numpy(), label.data[0].numpy(), image.affine, label_value=label_value,
-        label_affine=label.affine, max_anisotropy=max_anisotropy, origin=origin,
-    )
-
-
-def _normalize_source(source: Any, image_key: str | None, label_key: str, label_value: int | None,
-                      max_anisotropy: float) -> SourceSpec:
-    """The compact, picklable form a transform stores for a source."""
-    if source is None or isinstance(source, (str, SourceTumor)):
-        return source
-    if isinstance(source, tio.Subject):
-        return _source_from_subject(source, image_key, label_key, label_value, max_anisotropy,
-                                    origin="subject")
-    if isinstance(source, os.PathLike):
+                f"Unknown device {values['device']!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
+    values["max_anisotropy"] = check_number(values["max_anisotropy"], "max_anisotropy")
+    if values["max_anisotropy"] < 1:
         raise SinganInsertError(
-            "A source file needs its label: pass source=(image_path, label_path).")
-    if isinstance(source, Sequence) and len(source) == 2 and \
-            all(isinstance(p, (str, os.PathLike)) for p in source):
-        return (os.fspath(source[0]), os.fspath(source[1]))
-    raise SinganInsertError(
-        f"Unsupported source {source!r}: use an image key of the subject (str), an "
-        "(image_path, label_path) pair, a torchio.Subject or a SourceTumor.")
+            f"max_anisotropy is a ratio max(spacing) / min(spacing) and must be >= 1, got "
+            f"{values['max_anisotropy']!r}.")
+    return values
+
+
+def _base_arguments(transform: Transform) -> dict[str, Any]:
+    """The TorchIO keyword arguments a transform was built with (``p`` excluded)."""
+    return {name: getattr(transform, name) for name in _BASE_ARGUMENTS}
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise SinganInsertError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def _triple(value: Any, name: str) -> tuple:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise SinganInsertError(f"{name} must have 3 values (one per axis), got {value!r}.")
+    items = tuple(value)
+    if len(items) != 3:
+        raise SinganInsertError(f"{name} must have 3 values (one per axis), got {value!r}.")
+    return items
 
 
 class TumorInsertion(Transform):
@@ -159,45 +173,60 @@ class TumorInsertion(Transform):
     The target image (see ``include``/``exclude``) receives the source tumor, whose intensities
     are mapped into the target's units (``intensity_mode``, then the contrast factor
     :math:`\lambda`), pasted at ``location`` (or where it physically is) and harmonized slice by
-    slice along ``axis``; ``label_value`` is written into the label map ``label_key`` (created
-    when missing). See :func:`singan_insert.insertion.insert.insert_tumor` for the method.
+    slice along ``axis``; see :func:`singan_insert.insertion.insert.insert_tumor` for the method.
+
+    **The label map** ``label_key`` receives exactly the tumor: its voxels get ``label_value``;
+    every other voxel keeps the value it had (existing labels describe structures that are
+    still in the image), or 0 when the subject had no such map (one is created). A placement
+    region is never copied into it (see :class:`RandomTumorInsertion`). Where the tumor covers
+    existing labels, ``overlap`` decides.
+
+    **2D subjects** (one spatial axis of size 1, e.g. ``(W, H, 1)``) receive the section of the
+    tumor by their plane: no border margin applies along that axis, and the plane is the
+    harmonized slice (unless ``axis`` says otherwise).
 
     Args:
         model: path of the harmonizer model file (or training folder). Loaded lazily, once per
-            process (:func:`load_harmonizer`); the transform carries only the path.
+            process (:func:`~singan_insert.insertion.model_cache.load_harmonizer`); the
+            transform carries only the path.
         source: the tumor: the key of a scalar image of the same subject (its label is
             ``source_label_key``), an ``(image_path, label_path)`` pair of files, a
-            :class:`~singan_insert.insertion.placement.SourceTumor`, or a ``torchio.Subject`` (converted
-            to a compact ``SourceTumor`` at construction). ``None`` inserts nothing but still
-            creates the label map: this is what :class:`RandomTumorInsertion` records when it
-            is skipped.
-        location: target position of the tumor's centroid, ``(i, j, k)`` in ``location_units``;
-            ``None`` keeps the tumor's physical position (co-registered source, or in place).
+            :class:`~singan_insert.insertion.placement.SourceTumor`, or a ``torchio.Subject``
+            (converted to a compact ``SourceTumor`` at construction). ``None`` inserts nothing
+            but still creates the label map: this is what a skipped insertion records.
+        location: target position of the tumor's centroid, ``(i, j, k)`` in ``location_units``
+            (finite); ``None`` keeps the tumor's physical position.
         location_units: ``"voxel"`` or ``"mm"``.
-        start_scale: harmonizer start scale; ``None``: the model's default.
+        start_scale: harmonizer start scale, an integer (negative counts from the finest);
+            ``None``: the model's default.
         contrast: :math:`\lambda > 0` (GBA: 0.5, 0.8, 1.5).
-        intensity_mode: ``"normalized"`` or ``"matched"``.
-        seed: seed of the harmonizer noise (an int).
-        flip: flip the tumor along world axes x, y, z.
-        rotation: rotation about world axes x, y, z in degrees.
+        seed: seed of the harmonizer noise, an integer in :math:`[0, 2^{63})`.
+        flip: flip the tumor along world axes x, y, z (three booleans).
+        rotation: rotation about world axes x, y, z in degrees (finite).
         scale: scale factor (one, or one per world axis), > 0.
-        label_key: name of the label map that receives the tumor.
-        label_value: value written for the tumor (> 0).
+        clip_to_fov: cut the tumor at the border of the field of view instead of raising.
+        source_image_key: for a ``torchio.Subject`` source, which image holds the tumor
+            (``None``: its only scalar image). Used at construction only.
+        intensity_mode: ``"normalized"`` or ``"matched"``.
+        label_key: name of the label map that receives the tumor (see above).
+        label_value: value written for the tumor, an integer >= 1.
         source_label_key: label map of the source (same subject, or source subject).
         source_label_value: the tumor's value in the source label when it holds several.
-        source_image_key: for a ``torchio.Subject`` source, which image holds the tumor
-            (``None``: its only scalar image).
-        axis: slicing axis for the harmonization; ``None``: the through-plane axis.
-        context_mm: in-plane context kept around the tumor for the harmonizer.
+        axis: slicing axis for the harmonization (0, 1, 2); ``None``: the through-plane axis
+            (the plane's normal for a 2D subject).
+        context_mm: in-plane context kept around the tumor for the harmonizer, >= 0 mm.
         overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see :mod:`singan_insert.insertion.insert`).
-        border_margin: minimum voxels between the tumor and the border of the volume.
-        clip_to_fov: cut the tumor at the border instead of raising.
+        border_margin: minimum voxels (integer >= 0) between the tumor and the volume's border.
+        dilation_mm, feather_mm: the harmonizer's blend weight (>= 0 mm); ``None``: its defaults.
         modality: declared modality of the target, checked against the model's.
         device: where the harmonizer runs (default ``"cpu"``: right for DataLoader workers).
-        max_anisotropy: see :func:`singan_insert.insertion.placement.check_anisotropy`.
+        max_anisotropy: largest ``max(spacing) / min(spacing)`` accepted (>= 1), see
+            :func:`singan_insert.insertion.placement.check_anisotropy`.
         **kwargs: see :class:`torchio.transforms.Transform` (``p``, ``include``, ``exclude``,
             ``copy``, ``keep``, ``label_keys``). When ``p`` skips the insertion, the label map is
             still created.
+
+    Every argument is validated here, when the transform is built, not in a worker.
     """
 
     def __init__(
@@ -209,67 +238,41 @@ class TumorInsertion(Transform):
         location_units: str = "voxel",
         start_scale: int | None = None,
         contrast: float = 1.0,
-        intensity_mode: IntensityMode = "normalized",
         seed: int = 0,
         flip: Sequence[bool] = (False, False, False),
         rotation: Sequence[float] = (0.0, 0.0, 0.0),
         scale: float | Sequence[float] = 1.0,
-        label_key: str = "label",
-        label_value: int = 1,
-        source_label_key: str = "label",
-        source_label_value: int | None = None,
-        source_image_key: str | None = None,
-        axis: int | None = None,
-        context_mm: float = 20.0,
-        overlap: str = "replace",
-        border_margin: int = 1,
         clip_to_fov: bool = False,
-        modality: str | None = None,
-        device: str = "cpu",
-        max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
+        source_image_key: str | None = None,
         **kwargs,
     ):
+        shared = _parse_shared(kwargs)
         # TorchIO's own `p` would return the input untouched, without the label map; the
         # probability is applied in __call__ instead, which records the skip.
-        self.insertion_probability = self.parse_probability(kwargs.pop("p", 1))
+        self.insertion_probability = check_probability(kwargs.pop("p", 1), "p")
         super().__init__(**kwargs)
-        self.model = os.fspath(model)
-        self.source = _normalize_source(source, source_image_key, source_label_key,
-                                        source_label_value, max_anisotropy)
-        self.location = None if location is None else tuple(float(v) for v in location)
+        self.__dict__.update(shared)
+        self.model = _check_model_path(model)
+        self.source = normalize_source(source, source_image_key, self.source_label_key,
+                                        self.source_label_value, self.max_anisotropy)
+        self.location = None if location is None else tuple(
+            check_number(v, "location") for v in _triple(location, "location"))
         self.location_units = location_units
-        self.start_scale = None if start_scale is None else int(start_scale)
-        self.contrast = float(contrast)
-        self.intensity_mode = intensity_mode
-        self.seed = int(seed)
-        self.flip = tuple(bool(v) for v in flip)
-        self.rotation = tuple(float(v) for v in rotation)
-        self.scale = (float(scale),) * 3 if np.isscalar(scale) else tuple(float(v) for v in scale)
-        self.label_key = label_key
-        self.label_value = int(label_value)
-        self.source_label_key = source_label_key
-        self.source_label_value = None if source_label_value is None else int(source_label_value)
-        self.axis = axis
-        self.context_mm = float(context_mm)
-        self.overlap = overlap
-        self.border_margin = int(border_margin)
-        self.clip_to_fov = bool(clip_to_fov)
-        self.modality = modality
-        self.device = device
-        self.max_anisotropy = float(max_anisotropy)
-        self.args_names = [
-            "model", "source", "location", "location_units", "start_scale", "contrast",
-            "intensity_mode", "seed", "flip", "rotation", "scale", "label_key", "label_value",
-            "source_label_key", "source_label_value", "axis", "context_mm", "overlap",
-            "border_margin", "clip_to_fov", "modality", "device", "max_anisotropy",
-        ]
-        # Validate every parameter now rather than in a DataLoader worker.
-        self.insertion_parameters()
+        self.start_scale = check_start_scale(start_scale)
+        self.contrast = check_contrast(contrast)
+        self.seed = check_seed(seed)
+        self.flip = tuple(_check_bool(v, "flip") for v in _triple(flip, "flip"))
+        self.rotation = tuple(check_number(v, "rotation") for v in _triple(rotation, "rotation"))
+        scales = (scale,) * 3 if np.isscalar(scale) else _triple(scale, "scale")
+        self.scale = tuple(check_number(v, "scale") for v in scales)
+        self.clip_to_fov = _check_bool(clip_to_fov, "clip_to_fov")
+        self.args_names = [*_OWN_ARGUMENTS, *SHARED_ARGUMENTS]
+        self.insertion_parameters()  # the remaining checks (units, scale > 0, modes)
 
     def __call__(self, data):
-        if self.insertion_probability < 1 and torch.rand(1).item() > self.insertion_probability:
-            skipped = TumorInsertion(**{**self._get_named_arguments(), "source": None},
-                                     **self._get_base_args())
+        if self.insertion_probability < 1 and uniform01() > self.insertion_probability:
+            named = {name: getattr(self, name) for name in self.args_names}
+            skipped = TumorInsertion(**{**named, "source": None}, **_base_arguments(self))
             return skipped(data)
         return super().__call__(data)
 
@@ -283,21 +286,26 @@ class TumorInsertion(Transform):
             placement=placement, intensity_mode=self.intensity_mode, contrast=self.contrast,
             start_scale=self.start_scale, axis=self.axis, context_mm=self.context_mm,
             seed=self.seed, label_value=self.label_value, overlap=self.overlap,
+            dilation_mm=self.dilation_mm, feather_mm=self.feather_mm,
             border_margin=self.border_margin, clip_to_fov=self.clip_to_fov,
             max_anisotropy=self.max_anisotropy,
         )
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        target_name, target = _select_target(self, subject)
-        label = _existing_label(subject, self.label_key, target)
+        target_name, target = select_target(self, subject, self.label_key)
+        label = existing_label(subject, self.label_key, target)
         if self.source is None:
             if label is None:
-                _add_empty_label(subject, self.label_key, self.label_value, target)
+                add_empty_label(subject, self.label_key, self.label_value, target)
             return subject
         source = self.resolve_source(subject)
         harmonizer = load_harmonizer(self.model, self.device)
+        parameters = self.insertion_parameters()
+        plane = planar_axes(target.spatial_shape)
+        if plane and self.axis is None:
+            parameters = replace(parameters, axis=plane[0])  # the plane is the one slice
         result = insert_tumor(
-            target.data[0].numpy(), target.affine, source, harmonizer, self.insertion_parameters(),
+            target.data[0].numpy(), target.affine, source, harmonizer, parameters,
             target_label=None if label is None else label.data[0].numpy(), modality=self.modality,
         )
         target.set_data(torch.from_numpy(result.image[np.newaxis]))
@@ -313,10 +321,15 @@ class TumorInsertion(Transform):
         if isinstance(self.source, SourceTumor):
             return self.source
         if isinstance(self.source, tuple):
-            return _source_from_files(self.source, self.source_label_value, self.max_anisotropy)
-        return _source_from_subject(subject, self.source, self.source_label_key,
+            return source_from_files(self.source, self.source_label_value, self.max_anisotropy)
+        return source_from_subject(subject, self.source, self.source_label_key,
                                     self.source_label_value, self.max_anisotropy,
                                     origin=f"subject[{self.source!r}]")
+
+
+#: TumorInsertion's own recorded arguments (its ``args_names`` are these plus SHARED_ARGUMENTS).
+_OWN_ARGUMENTS = ("model", "source", "location", "location_units", "start_scale", "contrast",
+                  "seed", "flip", "rotation", "scale", "clip_to_fov")
 
 
 class RandomTumorInsertion(RandomTransform):
@@ -325,43 +338,60 @@ class RandomTumorInsertion(RandomTransform):
     For each subject it draws (from torch's global generator): whether to insert (``p``), a
     source from ``sources``, flips, a rotation and a scale, a location in the placement region
     such that the placed tumor stays ``border_margin`` voxels inside the volume (up to
-    ``max_attempts`` draws), a start scale, a contrast factor :math:`\lambda` and a noise seed;
-    then it applies :class:`TumorInsertion` with those values (which the history records).
+    ``max_attempts`` draws), a start scale, a contrast factor :math:`\lambda` and a noise seed
+    (all with :class:`~singan_insert.insertion.sampling.InsertionRanges`, the sampler the
+    command line uses too); then it applies :class:`TumorInsertion` with those values, which
+    the history records.
+
+    **Placement and the label.** The placement region only decides where the tumor's centroid
+    goes; it is never copied into the label map ``label_key``, which receives exactly the tumor
+    (see :class:`TumorInsertion`). When ``placement_key`` *is* ``label_key`` (e.g. GBA's
+    in-place insertion over the existing tumor), that map keeps all its values in the output,
+    so ``placement_values`` must say which of its labels the tumor may go to (e.g. ``(1,)``:
+    the schwannoma, never a cochlea); a region that is not a label of the image (a brain or CSF
+    mask) belongs under its own key. A label map holding several values also needs
+    ``placement_values``. The chosen location is always a voxel of the region: with
+    ``placement_mode="centroid"``, the region's centre of mass, or the region's voxel nearest
+    to it when the centre falls outside the region (e.g. a crescent).
+
+    **2D subjects** work as in :class:`TumorInsertion`; only the rotation about the plane's
+    normal is drawn for them (a tilt would cut the tumor out of its plane).
 
     Args:
         model: path of the harmonizer model (see :class:`TumorInsertion`).
         sources: the bank: the key of a scalar image of the same subject (the tumor is the
             subject's own, label ``source_label_key``); or a sequence of
             ``(image_path, label_path)`` pairs, ``torchio.Subject`` instances (converted to
-            compact :class:`~singan_insert.insertion.placement.SourceTumor` crops at construction) or
-            ``SourceTumor`` instances; one is drawn uniformly per subject.
+            compact :class:`~singan_insert.insertion.placement.SourceTumor` crops at
+            construction) or ``SourceTumor`` instances; one is drawn uniformly per subject.
         placement_key: where the tumor's centroid may go: the name of a label map of the
-            subject (voxels whose value is in ``placement_values``, default any non-zero), or
-            of a scalar image used as a probability map (non-negative weights, need not sum to
-            one). ``None``: the tumor keeps its physical position (co-registered source or in
-            place).
-        placement_values: label values of the region (with a label map ``placement_key``).
+            subject (voxels whose value is in ``placement_values``), or of a scalar image used
+            as a probability map (finite weights >= 0, need not sum to one). ``None``: the tumor
+            keeps its physical position (co-registered source or in place).
+        placement_values: label values (integers) of the region, with a label map
+            ``placement_key``; ``None``: any non-zero voxel of a single-valued map.
         placement_mode: ``"sample"`` a voxel with probability proportional to the region's
-            weights, or ``"centroid"``: the region's centre of mass (e.g. ``placement_key`` =
-            the label map and ``placement_values=(1,)``: over the existing tumor, as in GBA).
-        start_scale: ``None`` (the model's default), an int, or ``(a, b)``: uniform integer in
-            ``[a, b]`` (both negative to count from the finest scale).
-        contrast: :math:`\lambda`, a number or ``(a, b)``: :math:`\lambda \sim U(a, b)`, > 0.
-        intensity_mode: ``"normalized"`` or ``"matched"``.
+            weights, or ``"centroid"``: the region's centre of mass (see above).
+        start_scale: ``None`` (the model's default), an int, ``(a, b)`` (uniform integer in
+            :math:`[a, b]`, both >= 0 or both < 0) or a set of ints.
+        contrast: :math:`\lambda` (> 0): a number, ``(a, b)`` for :math:`\lambda \sim U(a, b)`,
+            or a set such as ``{0.5, 0.8, 1.5}`` (GBA; one of them with equal probability).
         flip_axes: world axes (0 = x, 1 = y, 2 = z) that may be flipped, each with
-            ``flip_probability``.
-        flip_probability: probability of flipping each axis of ``flip_axes``.
-        degrees: rotation ranges, as in ``tio.RandomAffine``: :math:`d` gives
+            ``flip_probability`` (in :math:`[0, 1]`).
+        degrees: rotation ranges, as in ``tio.RandomAffine``: :math:`d \ge 0` gives
             :math:`\theta_i \sim U(-d, d)`; ``(a, b)`` or six values for per-axis ranges.
         scales: scaling ranges, as in ``tio.RandomAffine``: :math:`s` gives
-            :math:`U(1 - s, 1 + s)`; ``(a, b)`` or six values.
+            :math:`U(1 - s, 1 + s)`; ``(a, b)`` or six values; factors must stay > 0.
         isotropic: one scale factor for all axes.
-        max_attempts: location draws before giving up (the tumor must fit in the volume).
-        p: probability of inserting a tumor; when skipped the label map is still created.
-        label_key, label_value, source_label_key, source_label_value, source_image_key, axis,
-        context_mm, overlap, border_margin, modality, device, max_anisotropy:
-            see :class:`TumorInsertion`.
-        **kwargs: see :class:`torchio.transforms.Transform`.
+        max_attempts: location draws before giving up (an integer >= 1).
+        p: probability of inserting a tumor, in :math:`[0, 1]`; when skipped the label map is
+            still created.
+        source_image_key: see :class:`TumorInsertion`.
+        **kwargs: the arguments shared with :class:`TumorInsertion` (``intensity_mode``,
+            ``label_key``, ``label_value``, ``source_label_key``, ``source_label_value``,
+            ``axis``, ``context_mm``, ``overlap``, ``border_margin``, ``dilation_mm``,
+            ``feather_mm``, ``modality``, ``device``, ``max_anisotropy``), then those of
+            :class:`torchio.transforms.Transform`.
     """
 
     def __init__(
@@ -374,34 +404,22 @@ class RandomTumorInsertion(RandomTransform):
         placement_mode: str = "sample",
         start_scale: int | tuple[int, int] | None = None,
         contrast: float | tuple[float, float] = 1.0,
-        intensity_mode: IntensityMode = "normalized",
         flip_axes: Sequence[int] = (0, 1, 2),
         flip_probability: float = 0.5,
         degrees: float | Sequence[float] = 10.0,
         scales: float | Sequence[float] = 0.1,
         isotropic: bool = True,
         max_attempts: int = 20,
-        label_key: str = "label",
-        label_value: int = 1,
-        source_label_key: str = "label",
-        source_label_value: int | None = None,
         source_image_key: str | None = None,
-        axis: int | None = None,
-        context_mm: float = 20.0,
-        overlap: str = "replace",
-        border_margin: int = 1,
-        modality: str | None = None,
-        device: str = "cpu",
-        max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
         p: float = 1.0,
         **kwargs,
     ):
+        self.twin_arguments = _parse_shared(kwargs)
         super().__init__(**kwargs)  # TorchIO's p stays 1: the skip is applied (and recorded) below
-        self.insertion_probability = self.parse_probability(p)
-        self.model = os.fspath(model)
-        self.source_label_key = source_label_key
-        self.source_label_value = source_label_value
-        self.max_anisotropy = float(max_anisotropy)
+        self.insertion_probability = check_probability(p, "p")
+        self.model = _check_model_path(model)
+        self.label_key = self.twin_arguments["label_key"]
+        max_anisotropy = self.twin_arguments["max_anisotropy"]
         if isinstance(sources, str):
             self.sources: list[SourceSpec] = [sources]
         else:
@@ -409,8 +427,10 @@ class RandomTumorInsertion(RandomTransform):
                     isinstance(sources, Sequence) and len(sources) == 2
                     and all(isinstance(s, (str, os.PathLike)) for s in sources)):
                 sources = [sources]  # a single source, not a bank
-            self.sources = [_normalize_source(s, source_image_key, source_label_key,
-                                              source_label_value, self.max_anisotropy)
+            if not isinstance(sources, Sequence):
+                raise SinganInsertError(f"sources must be a sequence, got {type(sources).__name__}.")
+            self.sources = [normalize_source(s, source_image_key, self.twin_arguments["source_label_key"],
+                                              self.twin_arguments["source_label_value"], max_anisotropy)
                             for s in sources]
             if not self.sources or any(isinstance(s, str) or s is None for s in self.sources):
                 raise SinganInsertError(
@@ -418,77 +438,63 @@ class RandomTumorInsertion(RandomTransform):
                     "(image_path, label_path) pairs, torchio.Subjects or SourceTumors.")
         if placement_mode not in ("sample", "centroid"):
             raise SinganInsertError(f"placement_mode must be 'sample' or 'centroid', got {placement_mode!r}.")
+        if placement_key is not None and not isinstance(placement_key, str):
+            raise SinganInsertError(f"placement_key must be an image key (str) or None, got {placement_key!r}.")
+        if placement_values is not None:
+            if isinstance(placement_values, (int, np.integer)):
+                placement_values = (placement_values,)
+            placement_values = tuple(check_integer(v, "placement_values") for v in placement_values)
+            if not placement_values:
+                raise SinganInsertError("placement_values must name at least one label value (or be None).")
+        if placement_key is not None and placement_key == self.label_key and placement_values is None:
+            raise SinganInsertError(
+                f"placement_key={placement_key!r} is also the label map that receives the tumor "
+                "(label_key), which keeps all its values in the output. Say which of its labels "
+                "the tumor may go to with placement_values=(...), e.g. (1,) over the existing "
+                "tumor; or store a placement region (a brain or CSF mask) under its own key, "
+                "e.g. placement_key='region'.")
         self.placement_key = placement_key
-        self.placement_values = None if placement_values is None else tuple(int(v) for v in placement_values)
+        self.placement_values = placement_values
         self.placement_mode = placement_mode
-        self.start_scale_range = _parse_start_scale(start_scale)
-        if isinstance(contrast, (int, float)):
-            contrast = (contrast, contrast)  # a number is a fixed factor, not TorchIO's (0, d)
-        self.contrast_range = self._parse_range(tuple(float(c) for c in contrast), "contrast")
-        if self.contrast_range[0] <= 0:
-            raise SinganInsertError(f"contrast must be > 0, got {contrast!r}.")
-        self.intensity_mode = intensity_mode
-        self.flip_axes = tuple(int(a) for a in flip_axes)
-        if any(a not in (0, 1, 2) for a in self.flip_axes):
-            raise SinganInsertError(f"flip_axes must be among 0, 1, 2, got {flip_axes!r}.")
-        self.flip_probability = self.parse_probability(flip_probability)
-        self.degrees = self.parse_params(degrees, None, "degrees")
-        self.scales = self.parse_params(scales, 1, "scales", min_constraint=0)
-        if min(self.scales) <= 0:
-            raise SinganInsertError(f"scales must give positive factors, got {scales!r}.")
-        self.isotropic = bool(isotropic)
-        if max_attempts < 1:
-            raise SinganInsertError("max_attempts must be >= 1.")
-        self.max_attempts = int(max_attempts)
-        self.twin_arguments = dict(
-            intensity_mode=intensity_mode, label_key=label_key, label_value=label_value,
-            source_label_key=source_label_key, source_label_value=source_label_value,
-            axis=axis, context_mm=context_mm, overlap=overlap, border_margin=border_margin,
-            modality=modality, device=device, max_anisotropy=self.max_anisotropy,
-        )
+        self.ranges = InsertionRanges(
+            contrast=contrast, start_scale=start_scale, flip_axes=flip_axes,
+            flip_probability=flip_probability, degrees=degrees, scales=scales, isotropic=isotropic)
+        self.max_attempts = check_integer(max_attempts, "max_attempts", 1)
         # Validate the fixed arguments now (a twin with no source loads nothing).
         TumorInsertion(self.model, None, **self.twin_arguments)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         arguments: dict[str, Any] = {**self.twin_arguments, "model": self.model}
-        if torch.rand(1).item() > self.insertion_probability:
-            transform = TumorInsertion(source=None, **arguments, **self._get_base_args())
+        if uniform01() > self.insertion_probability:
+            transform = TumorInsertion(source=None, **arguments, **_base_arguments(self))
             return transform(subject)
-        _, target = _select_target(self, subject, self.sources[0] if isinstance(self.sources[0], str) else None)
+        same_subject = self.sources[0] if isinstance(self.sources[0], str) else None
+        _, target = select_target(self, subject, self.label_key, same_subject)
         index = int(torch.randint(0, len(self.sources), (1,)).item())
         source_spec = self.sources[index]
-        flip = tuple(bool(a in self.flip_axes and torch.rand(1).item() < self.flip_probability)
-                     for a in range(3))
-        rotation = self.sample_uniform_sextet(self.degrees)
-        if self.isotropic:
-            scale = (self.sample_uniform(*self.scales[:2]),) * 3
-        else:
-            scale = self.sample_uniform_sextet(self.scales)
+        plane = planar_axes(target.spatial_shape)
+        normal = [world_axis(target.affine, a) for a in plane]
+        drawn = self.ranges.sample(fixed_axes=normal)
         location = None
         if self.placement_key is not None:
             probe = TumorInsertion(self.model, source_spec, **self.twin_arguments)
             source = probe.resolve_source(subject)
-            location = self._sample_location(subject, target, source, flip, rotation, scale)
-        start_scale = None
-        if self.start_scale_range is not None:
-            low, high = self.start_scale_range
-            start_scale = int(torch.randint(low, high + 1, (1,)).item())
-        contrast = self.sample_uniform(*self.contrast_range)
-        seed = self._get_random_seed()
+            location = self._sample_location(subject, target, source, drawn)
         transform = TumorInsertion(
             source=source_spec, location=location, location_units="voxel",
-            start_scale=start_scale, contrast=contrast, seed=seed, flip=flip,
-            rotation=rotation, scale=scale, **arguments, **self._get_base_args(),
+            start_scale=drawn.start_scale, contrast=drawn.contrast, seed=drawn.seed,
+            flip=drawn.flip, rotation=drawn.rotation, scale=drawn.scale,
+            **arguments, **_base_arguments(self),
         )
         return transform(subject)
 
-    def _sample_location(self, subject, target, source, flip, rotation, scale) -> tuple[float, float, float]:
-        weights = _placement_weights(subject, self.placement_key, self.placement_values, target)
+    def _sample_location(self, subject, target, source, drawn) -> tuple[float, float, float]:
+        weights = placement_weights(subject, self.placement_key, self.placement_values, target)
         shape = np.array(target.spatial_shape)
         margin = self.twin_arguments["border_margin"]
+        inside = shape > 1  # along a 2D subject's normal the tumor is cut by the plane
         if self.placement_mode == "centroid":
-            candidates = [tuple(float(v) for v in
-                                (np.argwhere(weights > 0) * 1.0).T @ weights[weights > 0] / weights.sum())]
+            candidates = [region_centre(weights)]
         else:
             cumulative = torch.from_numpy(np.cumsum(weights.ravel(), dtype=np.float64))
             candidates = []
@@ -497,13 +503,13 @@ class RandomTumorInsertion(RandomTransform):
                 flat = int(torch.searchsorted(cumulative, draw, right=True).clamp(max=len(cumulative) - 1))
                 candidates.append(tuple(float(v) for v in np.unravel_index(flat, weights.shape)))
         for location in candidates:
-            placement = Placement(location=location, units="voxel", flips=flip,
-                                  rotation_degrees=rotation, scale=scale)
+            placement = Placement(location=location, units="voxel", flips=drawn.flip,
+                                  rotation_degrees=drawn.rotation, scale=drawn.scale)
             low, high = placed_bounds(source, target.affine, placement)
-            if np.all(low >= margin) and np.all(high <= shape - 1 - margin):
+            if np.all((low >= margin) | ~inside) and np.all((high <= shape - 1 - margin) | ~inside):
                 return location
         raise SinganInsertError(
-            f"Could not place the tumor ({source.mask.shape} crop, scale {scale[0]:.2f}) inside "
+            f"Could not place the tumor ({source.mask.shape} crop, scale {drawn.scale[0]:.2f}) inside "
             f"the {tuple(shape)} volume with border_margin={margin} in {len(candidates)} "
             f"attempt(s) from the placement region {self.placement_key!r}. Use a larger region, "
             "smaller scales or a smaller border_margin.")
@@ -512,82 +518,9 @@ class RandomTumorInsertion(RandomTransform):
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the two transforms
 # --------------------------------------------------------------------------------------------
-def _select_target(transform: Transform, subject: tio.Subject, source_key: str | None = None):
-    """The one scalar image selected by include/exclude (a same-subject source only if alone)."""
-    if source_key is None and isinstance(getattr(transform, "source", None), str):
-        source_key = transform.source
-    label_key = getattr(transform, "label_key", None) or transform.twin_arguments["label_key"]
-    if label_key in subject and not isinstance(subject[label_key], tio.LabelMap):
-        raise SinganInsertError(
-            f"{label_key!r} must be a label map, but it is a {type(subject[label_key]).__name__}. "
-            "With dictionary input, also pass label_keys=[...] naming it.")
-    images = subject.get_images_dict(intensity_only=True, include=transform.include,
-                                     exclude=transform.exclude)
-    if len(images) > 1 and source_key in images:
-        images = {k: v for k, v in images.items() if k != source_key}
-    if len(images) != 1:
-        raise SinganInsertError(
-            f"Exactly one target image is needed, but include/exclude select {sorted(images)} "
-            f"among the subject's scalar images. Pass include=[name] (plus the label keys for a "
-            "dictionary input).")
-    name, image = next(iter(images.items()))
-    if image.data.shape[0] != 1:
-        raise SinganInsertError(f"The target image {name!r} has {image.data.shape[0]} channels; "
-                                "one is needed (insert per channel with include).")
-    return name, image
+def _check_model_path(model: Any) -> str:
+    if not isinstance(model, (str, os.PathLike)):
+        raise SinganInsertError(f"model must be the path of a model file or folder, got {model!r}.")
+    resolve_model_file(model)  # exists now, not only in a DataLoader worker
+    return os.fspath(model)
 
-
-def _existing_label(subject: tio.Subject, label_key: str, target: tio.Image) -> tio.LabelMap | None:
-    if label_key not in subject:
-        return None
-    label = subject[label_key]
-    if not isinstance(label, tio.LabelMap):
-        raise SinganInsertError(f"{label_key!r} must be a torchio.LabelMap.")
-    check_same_grid(label.spatial_shape, label.affine, target.spatial_shape, target.affine,
-                    f"label map {label_key!r}", "target image")
-    if label.data.shape[0] != 1:
-        raise SinganInsertError(f"The label map {label_key!r} must have one channel.")
-    return label
-
-
-def _add_empty_label(subject: tio.Subject, label_key: str, label_value: int, target: tio.Image) -> None:
-    dtype = default_label_dtype(label_value)
-    empty = torch.from_numpy(np.zeros((1, *target.spatial_shape), dtype=dtype))
-    subject.add_image(tio.LabelMap(tensor=empty, affine=target.affine), label_key)
-
-
-def _placement_weights(subject, key, values, target) -> np.ndarray:
-    if key not in subject or not isinstance(subject[key], tio.Image):
-        raise SinganInsertError(f"The placement region {key!r} is not an image of the subject "
-                                f"(it has {list(subject.get_images_dict(False))}).")
-    region = subject[key]
-    check_same_grid(region.spatial_shape, region.affine, target.spatial_shape, target.affine,
-                    f"placement region {key!r}", "target image")
-    data = region.data[0].numpy()
-    if isinstance(region, tio.LabelMap):
-        mask = data != 0 if values is None else np.isin(data, values)
-        weights = mask.astype(np.float64)
-    else:
-        weights = data.astype(np.float64)
-        if not np.isfinite(weights).all() or weights.min() < 0:
-            raise SinganInsertError(f"The probability map {key!r} must hold finite values >= 0.")
-    if not weights.any():
-        raise SinganInsertError(
-            f"The placement region {key!r} is empty" +
-            (f" (no voxel has a value in {list(values)})." if values is not None else "."))
-    return weights
-
-
-def _parse_start_scale(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value), int(value)
-    try:
-        low, high = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise SinganInsertError(f"start_scale must be None, an int or (a, b), got {value!r}.") from None
-    if low > high or (low < 0) != (high < 0):
-        raise SinganInsertError(
-            f"start_scale range {value!r} must satisfy a <= b with both >= 0 or both < 0.")
-    return low, high

@@ -414,14 +414,14 @@ class CrossModaPipeline:
         from singan_insert.batch import InsertSettings, augment_case, find_crossmoda_cases, output_paths
         from singan_insert.io import atomic_write_bytes
         from singan_insert.insertion.placement import SourceTumor
-        from singan_insert.integrations.torchio import load_harmonizer
+        from singan_insert.insertion.model_cache import load_harmonizer
         from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
         self.translate_sources()
         model = self.harmonizer_dir
         if not (model / "harmonizer.safetensors").is_file():
             raise SinganInsertError("The harmonizer is not trained yet: run step 3 (03_train_harmonizer.py).")
-        settings = InsertSettings(num=self.settings.augmentations, contrast=self.settings.contrast,
+        settings = InsertSettings(num=self.settings.augmentations, contrast=set(self.settings.contrast),
                                   axis=_SLICE_AXIS, seed=self.settings.seed, source_label_value=TUMOR_LABEL,
                                   label_value=TUMOR_LABEL)
         harmonized_dir, naive_dir = self.bprime_dir("harmonized"), self.bprime_dir("naive")
