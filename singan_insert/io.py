@@ -245,7 +245,7 @@ def read_nifti(path: str | os.PathLike, *, what: str = "image", ndim: int | None
         raise SinganInsertError(
             f"The {what} {str(path)!r} has shape {data.shape}; {wanted} axes are expected. For a 4D "
             "series, save one volume (e.g. nibabel: image.slicer[..., 0]).")
-    zooms = np.asarray(image.header.get_zooms()[: min(data.ndim, 3)], dtype=float)
+    zooms = np.asarray(_stored_zooms(path, image)[: min(data.ndim, 3)], dtype=float)
     affine = np.asarray(image.affine, dtype=float)
     if not (np.all(np.isfinite(zooms)) and np.all(zooms > 0)):
         raise SinganInsertError(
@@ -259,6 +259,17 @@ def read_nifti(path: str | os.PathLike, *, what: str = "image", ndim: int | None
     if data.dtype.kind == "f":
         check_finite(data, f"{what} {str(path)!r}")
     return type(image)(data, affine, image.header)
+
+
+def _stored_zooms(path: Path, image) -> tuple[float, ...]:
+    """The voxel sizes as stored: nibabel silently replaces a zero pixdim by 1 when it loads."""
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            return type(image.header).from_fileobj(handle, check=False).get_zooms()
+    except Exception:  # not a single-file format nibabel can re-read raw: trust the loaded header
+        return image.header.get_zooms()
 
 
 def nifti_spacing(image, axes: tuple[int, ...] | None = None) -> tuple[float, ...]:
