@@ -664,3 +664,20 @@ def test_error_fractional_crop_box(tmp_path, volume):
     path = save_nifti(tmp_path / "v.nii.gz", volume)
     with pytest.raises(SinganInsertError, match="crop box value must be an integer"):
         load_training_slice(path, index=1, crop=(0, 10.5, 0, 10))
+
+
+def test_correct_truncated_checkpoint_advice_does_not_loop(tiny_model_dir, tmp_path, capsys):
+    """A truncated checkpoint says 'delete it and re-run'; doing so trains from the start."""
+    np.save(tmp_path / "slice.npy", textured_slice())
+    out = tmp_path / "out"
+    out.mkdir()
+    data = (tiny_model_dir / "checkpoint.safetensors").read_bytes()
+    (out / "checkpoint.safetensors").write_bytes(data[: len(data) // 2])
+    argv = ["train", str(tmp_path / "slice.npy"), "--preset", "tiny", "--iterations", "2", "--out", str(out),
+            "--no-samples"]
+    assert main(argv) == 2
+    assert "truncated" in (err := capsys.readouterr().err) and "delete it and re-run" in err
+    assert_clean(out, {"checkpoint.safetensors"})
+    (out / "checkpoint.safetensors").unlink()
+    assert main(argv) == 0
+    assert_clean(out, {"checkpoint.safetensors", "harmonizer.safetensors", "training_log.json"})

@@ -71,7 +71,14 @@ _DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-_REDO = "re-train it, or copy it again from a good source"
+
+
+def _advice(kind: str) -> str:
+    """What to do with a damaged file; re-running on a damaged checkpoint would only loop."""
+    if kind.endswith("checkpoint"):
+        return ("delete it and re-run: training then starts over (a checkpoint cannot be "
+                "repaired, and resuming from it would fail again)")
+    return "re-train it, or copy it again from a good source"
 
 
 class UnverifiedModelFileWarning(UserWarning):
@@ -100,6 +107,7 @@ class ModelFileHeader:
         digest: the stored SHA-256 hex digest, or ``None`` for a format-version-1 file.
         data_start: offset of the first tensor byte in the file.
         data_size: number of tensor bytes.
+        advice: what to do when the file turns out damaged (for messages).
     """
 
     path: Path
@@ -109,6 +117,7 @@ class ModelFileHeader:
     digest: str | None
     data_start: int
     data_size: int
+    advice: str = _advice("")
 
 
 MetadataCheck = Callable[[dict[str, Any], ModelFileHeader], None]
@@ -182,25 +191,29 @@ def load_tensors(
             truncated or corrupt (digest mismatch), written by another program, of another
             kind or format version, inconsistent with its own metadata, or holds NaN/inf.
     """
-    header = _parse_header(Path(path))
-    path = header.path
-    with open(path, "rb") as handle:
-        handle.seek(header.data_start)
-        buffer = bytearray(header.data_size)
-        if handle.readinto(buffer) != header.data_size:
-            raise ModelFileError(f"{str(path)!r} is truncated (did it change while being read?): {_REDO}.")
+    header = _parse_header(Path(path), kind)
+    path, redo = header.path, header.advice
     names = sorted(header.tensors)
+    # One buffer per tensor (not one for the file): a tensor kept alive later, e.g. an
+    # optimizer moment, then keeps only its own bytes alive.
+    buffers: dict[str, bytearray] = {}
+    with open(path, "rb") as handle:
+        for name in names:
+            entry = header.tensors[name]
+            buffers[name] = bytearray(entry.end - entry.begin)
+            handle.seek(header.data_start + entry.begin)
+            if handle.readinto(buffers[name]) != len(buffers[name]):
+                raise ModelFileError(f"{str(path)!r} is truncated (did it change while being read?): {redo}.")
     version = header.meta.get("format_version")
     # Verify first, so that damage anywhere is reported as damage, not as a puzzling field.
     if header.digest is not None and not (type(version) is int and version > FORMAT_VERSION):
-        view = memoryview(buffer)
         entries = header.tensors
-        actual = _digest(header.meta_text, ((name, entries[name].dtype, entries[name].shape,
-                                             view[entries[name].begin:entries[name].end]) for name in names))
+        actual = _digest(header.meta_text, ((name, entries[name].dtype, entries[name].shape, buffers[name])
+                                            for name in names))
         if actual != header.digest:
             raise ModelFileError(
                 f"{str(path)!r} is corrupt: its content does not match the digest stored when it "
-                f"was written (a changed byte in the header or in the tensors). Do not use it: {_REDO}.")
+                f"was written (a changed byte in the header or in the tensors). Do not use it: {redo}.")
     _check_identity(header, kind)
     for run_check in filter(None, (_METADATA_CHECKS.get(kind), check)):
         try:
@@ -210,7 +223,7 @@ def load_tensors(
         except (KeyError, TypeError, ValueError) as error:  # SinganInsertError is a ValueError
             raise ModelFileError(
                 f"{str(path)!r} is not a valid {kind} file ({type(error).__name__}: {error}). It was "
-                f"damaged or not written by singan-insert: {_REDO}.") from error
+                f"damaged or not written by singan-insert: {redo}.") from error
     if header.digest is None:
         warnings.warn(
             f"{str(path)!r} has format version 1 (no digest): it loads, but corruption cannot be "
@@ -218,11 +231,11 @@ def load_tensors(
             UnverifiedModelFileWarning, stacklevel=2)
     tensors: dict[str, torch.Tensor] = {}
     for name in names:
-        tensor = _tensor_from(buffer, header.tensors[name])
+        tensor = _tensor_from(buffers.pop(name), header.tensors[name])
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise ModelFileError(
                 f"{str(path)!r}: tensor {name!r} holds NaN or infinite values, so the model would "
-                f"output NaN. Do not use it: {_REDO}.")
+                f"output NaN. Do not use it: {redo}.")
         tensors[name] = tensor.to(device)
     return tensors, header.meta
 
@@ -236,7 +249,7 @@ def read_header(path: str | os.PathLike, kind: str) -> ModelFileHeader:
     Raises:
         ModelFileError: see :func:`load_tensors`.
     """
-    header = _parse_header(Path(path))
+    header = _parse_header(Path(path), kind)
     _check_identity(header, kind)
     return header
 
@@ -265,21 +278,22 @@ def check_module_tensors(header: ModelFileHeader, prefix: str, build: Callable[[
         wrong = sorted(n for n in set(expected) & set(present) if expected[n] != present[n])[:3]
         raise ModelFileError(
             f"{str(header.path)!r} does not hold the network its metadata describes under {prefix!r} "
-            f"(missing {missing}, unexpected {extra}, other shape or dtype {wrong}): {_REDO}.")
+            f"(missing {missing}, unexpected {extra}, other shape or dtype {wrong}): {header.advice}.")
 
 
 # ------------------------------------------------------------------------------ internals
-def _parse_header(path: Path) -> ModelFileHeader:
+def _parse_header(path: Path, kind: str) -> ModelFileHeader:
     """The safetensors layout and the metadata JSON, checked against each other and the file size."""
     if not path.exists():
         raise ModelFileError(f"Model file {str(path)!r} does not exist.")
     if path.is_dir():
         raise ModelFileError(f"{str(path)!r} is a folder, not a model file.")
+    redo = _advice(kind)
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(9)
         if len(head) < 9:
-            raise ModelFileError(f"{str(path)!r} is empty or truncated ({size} bytes): {_REDO}.")
+            raise ModelFileError(f"{str(path)!r} is empty or truncated ({size} bytes): {redo}.")
         header_len = int.from_bytes(head[:8], "little")
         if head[8:9] != b"{" or header_len > _MAX_HEADER_BYTES:
             pickle_like = head[:1] == b"\x80" or head[:2] == b"PK"
@@ -289,11 +303,11 @@ def _parse_header(path: Path) -> ModelFileHeader:
                 "singan-insert never unpickles files; convert or re-train the model with this package.")
         if 8 + header_len > size:
             raise ModelFileError(
-                f"{str(path)!r} is truncated (its header says {header_len} bytes, the file has {size}): {_REDO}.")
+                f"{str(path)!r} is truncated (its header says {header_len} bytes, the file has {size}): {redo}.")
         raw = head[8:] + handle.read(header_len - 1)
 
     def corrupt(detail: str) -> ModelFileError:
-        return ModelFileError(f"{str(path)!r} is corrupt or truncated ({detail}): {_REDO}.")
+        return ModelFileError(f"{str(path)!r} is corrupt or truncated ({detail}): {redo}.")
 
     try:
         table = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
@@ -324,7 +338,7 @@ def _parse_header(path: Path) -> ModelFileHeader:
     version = meta.get("format_version")
     if type(version) is not int or version < 1:
         raise corrupt(f"format_version {version!r}")
-    return ModelFileHeader(path, meta, raw_meta[_METADATA_KEY], entries, digest, 8 + header_len, data_size)
+    return ModelFileHeader(path, meta, raw_meta[_METADATA_KEY], entries, digest, 8 + header_len, data_size, redo)
 
 
 def _check_identity(header: ModelFileHeader, kind: str) -> None:
@@ -339,7 +353,7 @@ def _check_identity(header: ModelFileHeader, kind: str) -> None:
             "singan-insert wrote it, the file is damaged.)")
     if header.digest is None and version != 1:
         # Version 1 is the only one without a digest: a later file lost it to damage.
-        raise ModelFileError(f"{str(path)!r} is corrupt (format version {version} without its digest): {_REDO}.")
+        raise ModelFileError(f"{str(path)!r} is corrupt (format version {version} without its digest): {header.advice}.")
     if meta.get("format") != kind:
         raise ModelFileError(f"{str(path)!r} holds a {meta.get('format')!r}, but a {kind!r} was expected.")
 
@@ -376,13 +390,9 @@ def _tensor_entries(table: dict[str, Any], data_size: int, corrupt) -> dict[str,
 
 def _tensor_from(buffer: bytearray, entry: TensorEntry) -> torch.Tensor:
     dtype = _DTYPES[entry.dtype]
-    count = math.prod(entry.shape)
-    if count == 0:
+    if not buffer:
         return torch.empty(entry.shape, dtype=dtype)
-    if entry.begin % dtype.itemsize:
-        # A misaligned range (safetensors aligns its own): copy it to an aligned buffer.
-        return torch.frombuffer(bytearray(buffer[entry.begin:entry.end]), dtype=dtype).reshape(entry.shape)
-    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=entry.begin).reshape(entry.shape)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
