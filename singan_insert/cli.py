@@ -196,7 +196,7 @@ def _argument_type(check, *bounds, **options):
 
 
 _positive_int = _argument_type(check_int, 1)
-_seed = _argument_type(lambda value, name: check_seed(value, name))
+_seed = _argument_type(check_seed)
 _positive_float = _argument_type(check_real, 0, open_minimum=True)
 _non_negative_float = _argument_type(check_real, 0)
 

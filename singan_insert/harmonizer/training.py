@@ -192,7 +192,7 @@ def validate_slice(image: Any, name: str = "training slice") -> torch.Tensor:
     """Check a 2D slice and return it as a float32 tensor (clear errors for bad input)."""
     if isinstance(image, np.ndarray):
         if np.iscomplexobj(image) or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a numeric array.")
+            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a real-valued numeric array.")
         image = torch.from_numpy(np.ascontiguousarray(image).astype(np.float32))
     elif torch.is_tensor(image):
         if image.is_complex() or image.dtype == torch.bool:
