@@ -82,10 +82,9 @@ def test_foreign_safetensors_file(tmp_path):
         Harmonizer.load(path)
 
 
-def test_other_kind_and_other_version(tmp_path):
-    other_kind = save_tensors(tmp_path / "ck.safetensors", {"x": torch.zeros(1)}, "singan-insert-checkpoint")
-    with pytest.raises(ModelFileError, match="was expected"):
-        Harmonizer.load(other_kind)
+def test_other_kind_and_other_version(tiny_model_dir, tmp_path):
+    with pytest.raises(ModelFileError, match="holds a 'singan-insert-checkpoint'.*was expected"):
+        Harmonizer.load(tiny_model_dir / "checkpoint.safetensors")
     future = write_raw(tmp_path / "v.safetensors", {"x": torch.zeros(1)},
                        {"format": "singan-insert-harmonizer", "format_version": FORMAT_VERSION + 1})
     with pytest.raises(ModelFileError, match="format version 3.*reads versions \\[1, 2\\]"):
@@ -177,3 +176,17 @@ def test_module_check_builds_nothing_real(tiny_model_dir, monkeypatch):
     with pytest.raises(ModelFileError, match="does not hold the network"):
         model_file.check_module_tensors(header, "generators.0", lambda: ScaleGenerator(width=50_000, num_layers=5))
     assert sizes == []
+
+
+def test_what_load_would_refuse_is_not_saved(tiny_harmonizer, tmp_path):
+    """The registered checks run at save too: a saved file always loads again."""
+    broken = tiny_harmonizer.__class__(
+        tiny_harmonizer.pyramid, tiny_harmonizer.geometry, tiny_harmonizer.normalization,
+        (0.0, 0.5), tiny_harmonizer.reconstruction_noise, tiny_harmonizer.metadata)
+    with pytest.raises(ModelFileError, match="Refusing to write.*spacing must be in"):
+        broken.save(tmp_path / "m.safetensors")
+    with pytest.raises(ModelFileError, match="Refusing to write.*unexpected tensors"):
+        save_tensors(tmp_path / "c.safetensors", {"x": torch.zeros(1)}, "singan-insert-checkpoint",
+                     {"fingerprint": "f", "seed": 0, "scale": 0, "iteration": 0, "amplitudes": [], "log": [],
+                      "normalization": {"low": 0.0, "high": 1.0, "percentiles": [0.5, 99.5]}})
+    assert list(tmp_path.iterdir()) == []

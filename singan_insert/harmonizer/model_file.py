@@ -162,6 +162,15 @@ def save_tensors(
                 f"Refusing to save {str(path)!r}: tensor {name!r} holds NaN or infinite values "
                 "(training diverged?). Lower the learning rate or re-train from another seed.")
     text = json.dumps(header)
+    # What load_tensors would refuse is not written: a saved file always loads again.
+    entries, offset = {}, 0
+    for name, tensor in cpu_tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        entries[name] = TensorEntry(_DTYPE_NAMES[tensor.dtype], tuple(tensor.shape), offset, offset + nbytes)
+        offset += nbytes
+    planned = ModelFileHeader(Path(path), json.loads(text), text, entries, None, 0, offset)
+    _run_checks(kind, None, planned, f"Refusing to write {str(path)!r}: its metadata is not a valid {kind}",
+                "This is a bug in the code that saves it; please report it.")
     digest = _digest(text, ((name, _DTYPE_NAMES[t.dtype], tuple(t.shape), _raw_bytes(t))
                             for name, t in cpu_tensors.items()))
     atomic_write_bytes(path, save(cpu_tensors, metadata={_METADATA_KEY: text, _DIGEST_KEY: digest}))
@@ -215,15 +224,8 @@ def load_tensors(
                 f"{str(path)!r} is corrupt: its content does not match the digest stored when it "
                 f"was written (a changed byte in the header or in the tensors). Do not use it: {redo}.")
     _check_identity(header, kind)
-    for run_check in filter(None, (_METADATA_CHECKS.get(kind), check)):
-        try:
-            run_check(header.meta, header)
-        except ModelFileError:
-            raise
-        except (KeyError, TypeError, ValueError) as error:  # SinganInsertError is a ValueError
-            raise ModelFileError(
-                f"{str(path)!r} is not a valid {kind} file ({type(error).__name__}: {error}). It was "
-                f"damaged or not written by singan-insert: {redo}.") from error
+    _run_checks(kind, check, header, f"{str(path)!r} is not a valid {kind} file",
+                f"It was damaged or not written by singan-insert: {redo}.")
     if header.digest is None:
         warnings.warn(
             f"{str(path)!r} has format version 1 (no digest): it loads, but corruption cannot be "
@@ -339,6 +341,17 @@ def _parse_header(path: Path, kind: str) -> ModelFileHeader:
     if type(version) is not int or version < 1:
         raise corrupt(f"format_version {version!r}")
     return ModelFileHeader(path, meta, raw_meta[_METADATA_KEY], entries, digest, 8 + header_len, data_size, redo)
+
+
+def _run_checks(kind: str, check: MetadataCheck | None, header: ModelFileHeader, what: str, advice: str) -> None:
+    """The kind's registered check and the caller's, any failure as one ModelFileError."""
+    for run_check in filter(None, (_METADATA_CHECKS.get(kind), check)):
+        try:
+            run_check(header.meta, header)
+        except (KeyError, TypeError, ValueError) as error:  # ModelFileError is a ValueError too
+            if isinstance(error, ModelFileError) and not what.startswith("Refusing"):
+                raise
+            raise ModelFileError(f"{what} ({type(error).__name__}: {error}). {advice}") from error
 
 
 def _check_identity(header: ModelFileHeader, kind: str) -> None:
