@@ -86,7 +86,8 @@ def test_other_kind_and_other_version(tiny_model_dir, tmp_path):
     with pytest.raises(ModelFileError, match="holds a 'singan-insert-checkpoint'.*was expected"):
         Harmonizer.load(tiny_model_dir / "checkpoint.safetensors")
     future = write_raw(tmp_path / "v.safetensors", {"x": torch.zeros(1)},
-                       {"format": "singan-insert-harmonizer", "format_version": FORMAT_VERSION + 1})
+                       {"format": "singan-insert-harmonizer", "format_version": FORMAT_VERSION + 1,
+                        "package_version": "9.0"})
     with pytest.raises(ModelFileError, match="format version 3.*reads versions \\[1, 2\\]"):
         Harmonizer.load(future)
 
@@ -190,3 +191,12 @@ def test_what_load_would_refuse_is_not_saved(tiny_harmonizer, tmp_path):
                      {"fingerprint": "f", "seed": 0, "scale": 0, "iteration": 0, "amplitudes": [], "log": [],
                       "normalization": {"low": 0.0, "high": 1.0, "percentiles": [0.5, 99.5]}})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_newer_version_from_this_package_version_is_damage(tmp_path):
+    from singan_insert import __version__
+
+    path = write_raw(tmp_path / "v.safetensors", {"x": torch.zeros(1)},
+                     {"format": "singan-insert-harmonizer", "format_version": 3, "package_version": __version__})
+    with pytest.raises(ModelFileError, match="corrupt \\(format version 3 from singan-insert"):
+        Harmonizer.load(path)

@@ -19,14 +19,15 @@ Loading (:func:`load_tensors`) never unpickles anything and trusts nothing in th
 1. the safetensors header is parsed here (not by the safetensors library): its length, every
    tensor's dtype, shape and byte range are checked against each other and against the file
    size, so no shape can ask for more memory than the file holds;
-2. the kind's metadata (for a harmonizer: geometry, widths, layer count, noise amplitudes,
-   normalisation, spacing) is checked field by field — types, counts, ranges — and the tensor
-   shapes it implies are compared with the header (networks are built on PyTorch's ``meta``
-   device, which allocates nothing), so a crafted file cannot make the loader build huge
-   networks;
+2. the kind, the format version and the kind's metadata (for a harmonizer: geometry, widths,
+   layer count, noise amplitudes, normalisation, spacing) are checked field by field — types,
+   counts, ranges — and the tensor shapes they imply are compared with the header (networks
+   are built on PyTorch's ``meta`` device, which allocates nothing), all before a single
+   tensor byte is read, so a crafted file cannot make the loader build huge networks;
 3. the digest is recomputed and compared: any change of a byte of the header or of the
    tensors (a bit flip on disk, a truncated copy) is a :class:`~singan_insert.errors.ModelFileError`
-   saying the file is corrupt;
+   saying the file is corrupt (when step 2 fails on a file with a digest, the digest decides
+   whether the message says "corrupt" or "not valid");
 4. tensors holding NaN or infinity are refused (they would turn every output pixel into NaN).
 
 Files of format version 1 (singan-insert 0.1, no digest) still load after the checks of steps
@@ -190,8 +191,8 @@ def load_tensors(
         path: the file.
         kind: the expected ``format`` (file kind).
         device: where the tensors go.
-        check: an extra check of the metadata against the header, run before any tensor is
-            built, ``check(meta, header)``; it raises :class:`ModelFileError` (or any
+        check: an extra check of the metadata against the header, run before any tensor
+            byte is read, ``check(meta, header)``; it raises :class:`ModelFileError` (or any
             ``ValueError``) for a bad file. The kinds registered with
             :func:`register_metadata_check` (harmonizer, checkpoint) run theirs as well.
 
@@ -202,37 +203,31 @@ def load_tensors(
     """
     header = _parse_header(Path(path), kind)
     path, redo = header.path, header.advice
-    names = sorted(header.tensors)
-    # One buffer per tensor (not one for the file): a tensor kept alive later, e.g. an
-    # optimizer moment, then keeps only its own bytes alive.
-    buffers: dict[str, bytearray] = {}
-    with open(path, "rb") as handle:
-        for name in names:
-            entry = header.tensors[name]
-            buffers[name] = bytearray(entry.end - entry.begin)
-            handle.seek(header.data_start + entry.begin)
-            if handle.readinto(buffers[name]) != len(buffers[name]):
-                raise ModelFileError(f"{str(path)!r} is truncated (did it change while being read?): {redo}.")
-    version = header.meta.get("format_version")
-    # Verify first, so that damage anywhere is reported as damage, not as a puzzling field.
-    if header.digest is not None and not (type(version) is int and version > FORMAT_VERSION):
-        entries = header.tensors
-        actual = _digest(header.meta_text, ((name, entries[name].dtype, entries[name].shape, buffers[name])
-                                            for name in names))
-        if actual != header.digest:
-            raise ModelFileError(
-                f"{str(path)!r} is corrupt: its content does not match the digest stored when it "
-                f"was written (a changed byte in the header or in the tensors). Do not use it: {redo}.")
-    _check_identity(header, kind)
-    _run_checks(kind, check, header, f"{str(path)!r} is not a valid {kind} file",
-                f"It was damaged or not written by singan-insert: {redo}.")
+    corrupt = ModelFileError(
+        f"{str(path)!r} is corrupt: its content does not match the digest stored when it was "
+        f"written (a changed byte in the header or in the tensors). Do not use it: {redo}.")
+    try:
+        # Kind, version and every metadata field, from the header alone: nothing is read or
+        # built before they pass.
+        _check_identity(header, kind)
+        _run_checks(kind, check, header, f"{str(path)!r} is not a valid {kind} file",
+                    f"It was damaged or not written by singan-insert: {redo}.")
+    except ModelFileError as error:
+        # Damage must be reported as damage, not as a puzzling field: consult the digest.
+        version = header.meta["format_version"]
+        if header.digest is not None and version <= FORMAT_VERSION and not _digest_matches(header, _read(header)):
+            raise corrupt from error
+        raise
+    buffers = _read(header)
+    if header.digest is not None and not _digest_matches(header, buffers):
+        raise corrupt
     if header.digest is None:
         warnings.warn(
             f"{str(path)!r} has format version 1 (no digest): it loads, but corruption cannot be "
             "detected. Load it and save it again with this version to add one.",
             UnverifiedModelFileWarning, stacklevel=2)
     tensors: dict[str, torch.Tensor] = {}
-    for name in names:
+    for name in sorted(header.tensors):
         tensor = _tensor_from(buffers.pop(name), header.tensors[name])
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise ModelFileError(
@@ -358,6 +353,10 @@ def _check_identity(header: ModelFileHeader, kind: str) -> None:
     """The format version and the kind (after the digest, when there is one, was verified)."""
     path, meta = header.path, header.meta
     version = meta["format_version"]
+    if version > FORMAT_VERSION and meta.get("package_version") == __version__:
+        # This very version never writes a newer format: the version number was damaged.
+        raise ModelFileError(f"{str(path)!r} is corrupt (format version {version} from singan-insert "
+                             f"{__version__}, which writes {FORMAT_VERSION}): {header.advice}.")
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{str(path)!r} has format version {version}; this singan-insert ({__version__}) reads "
@@ -399,6 +398,26 @@ def _tensor_entries(table: dict[str, Any], data_size: int, corrupt) -> dict[str,
     if cursor != data_size:
         raise corrupt(f"the header accounts for {cursor} tensor bytes, the file holds {data_size}")
     return entries
+
+
+def _read(header: ModelFileHeader) -> dict[str, bytearray]:
+    """The tensors' bytes (at most the file's size), one buffer per tensor: a tensor kept alive
+    later, e.g. an optimizer moment, then keeps only its own bytes alive."""
+    buffers: dict[str, bytearray] = {}
+    with open(header.path, "rb") as handle:
+        for name, entry in header.tensors.items():
+            buffers[name] = bytearray(entry.end - entry.begin)
+            handle.seek(header.data_start + entry.begin)
+            if handle.readinto(buffers[name]) != len(buffers[name]):
+                raise ModelFileError(
+                    f"{str(header.path)!r} is truncated (did it change while being read?): {header.advice}.")
+    return buffers
+
+
+def _digest_matches(header: ModelFileHeader, buffers: dict[str, bytearray]) -> bool:
+    entries = header.tensors
+    return header.digest == _digest(header.meta_text, (
+        (name, entries[name].dtype, entries[name].shape, buffers[name]) for name in entries))
 
 
 def _tensor_from(buffer: bytearray, entry: TensorEntry) -> torch.Tensor:
