@@ -31,3 +31,63 @@ def check_finite(values: ArrayLike, name: str) -> None:
 
 def _as_numpy(x: ArrayLike) -> np.ndarray:
     return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+#: Largest seed accepted anywhere in the package (numpy's legacy range): every seed derived
+#: from it (per scale, per worker, per case) still fits torch's and numpy's 64-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
+def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as an ``int`` when it is an integer in ``[minimum, maximum]``.
+
+    Python and numpy integers are accepted; ``bool``, floats (also ``2.0``: a fractional value
+    would otherwise be truncated silently) and strings are refused.
+
+    Raises:
+        SinganInsertError: (a ``ValueError``) saying what was expected and what was given.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise SinganInsertError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    value = int(value)
+    _check_range(value, name, minimum, maximum)
+    return value
+
+
+def check_real(
+    value: object, name: str, minimum: float | None = None, maximum: float | None = None,
+    *, open_minimum: bool = False, open_maximum: bool = False,
+) -> float:
+    """Return ``value`` as a ``float`` when it is a finite real number in the given interval.
+
+    ``open_minimum`` / ``open_maximum`` exclude the bounds (``(0, 1)`` for a ratio).
+
+    Raises:
+        SinganInsertError: NaN, infinity, a bool, a non-number or a value out of range.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise SinganInsertError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    value = float(value)
+    if not np.isfinite(value):
+        raise SinganInsertError(f"{name} must be a finite number, got {value}.")
+    _check_range(value, name, minimum, maximum, open_minimum, open_maximum)
+    return value
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """An integer seed in ``[0, MAX_SEED]`` (``2**32 - 1``), as ``int``."""
+    return check_int(seed, name, 0, MAX_SEED)
+
+
+def _check_range(value, name, minimum, maximum, open_minimum=False, open_maximum=False) -> None:
+    low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
+    high_bad = maximum is not None and (value >= maximum if open_maximum else value > maximum)
+    if low_bad or high_bad:
+        low = "-inf" if minimum is None else _show(minimum)
+        high = "inf" if maximum is None else _show(maximum)
+        interval = f"{'(' if open_minimum or minimum is None else '['}{low}, {high}{')' if open_maximum or maximum is None else ']'}"
+        raise SinganInsertError(f"{name} must be in {interval}, got {_show(value)}.")
+
+
+def _show(number: float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"

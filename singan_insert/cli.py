@@ -18,7 +18,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from singan_insert.checks import MAX_SEED, check_int, check_real, check_seed
 from singan_insert.errors import SinganInsertError
+from singan_insert.io import read_2d, read_nifti
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"],
                        help="fast (default: minutes on a CPU), reference (the official SinGAN schedule), "
                             "tiny (seconds, for tests)")
-    train.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
+    train.add_argument("--iterations", type=_positive_int,
+                       help="override the preset's iterations per scale (>= 1; 0 is refused, not ignored)")
     train.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
-    train.add_argument("--seed", type=int, default=0, help="seed of every random draw (default: 0)")
+    train.add_argument("--seed", type=_seed, default=0, help=f"seed of every random draw, 0..{MAX_SEED} (default: 0)")
     train.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
     train.add_argument("--no-samples", action="store_true", help="do not write the per-scale sample PNGs")
 
@@ -59,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     harmonize.add_argument("--mask", required=True, help="mask of the paste (non-zero = tumor)")
     harmonize.add_argument("--out", required=True, help="output file (.png, .npy or .nii.gz)")
     harmonize.add_argument("--start-scale", type=int, help="injection scale (negative: from the finest)")
-    harmonize.add_argument("--spacing", type=float, nargs=2, metavar=("ROW_MM", "COL_MM"),
+    harmonize.add_argument("--spacing", type=_positive_float, nargs=2, metavar=("ROW_MM", "COL_MM"),
                            help="pixel size of the slice (default: read from NIfTI, else the model's)")
-    harmonize.add_argument("--dilation-mm", type=float, default=1.0,
+    harmonize.add_argument("--dilation-mm", type=_non_negative_float, default=1.0,
                            help="blend weight is 1 up to this distance from the mask (default: 1.0)")
-    harmonize.add_argument("--feather-mm", type=float, default=2.0,
+    harmonize.add_argument("--feather-mm", type=_non_negative_float, default=2.0,
                            help="width of the smooth fall-off of the blend weight (default: 2.0)")
-    harmonize.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    harmonize.add_argument("--seed", type=_seed, default=0, help=f"noise seed, 0..{MAX_SEED} (default: 0)")
     harmonize.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
 
     from singan_insert.batch import add_insert_arguments
@@ -78,11 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Simulate subjects, train a harmonizer, insert tumors, write "
                                            "NIfTI files, a Fig.-2-style panel and a metrics summary.")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    demo.add_argument("--subjects", type=int, default=3, help="simulated subjects to augment")
+    demo.add_argument("--subjects", type=_positive_int, default=3, help="simulated subjects to augment")
     demo.add_argument("--preset", default="fast", choices=["fast", "reference", "tiny"],
                       help="training preset of the harmonizer (default: fast)")
-    demo.add_argument("--iterations", type=int, help="override the preset's iterations per scale")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the simulation and training (default: 0)")
+    demo.add_argument("--iterations", type=_positive_int, help="override the preset's iterations per scale (>= 1)")
+    demo.add_argument("--seed", type=_seed, default=0,
+                      help=f"seed of the simulation and training, 0..{MAX_SEED} (default: 0)")
     demo.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda ...")
     return parser
 
@@ -121,7 +125,8 @@ def _training_config(preset: str, iterations: int | None):
     from singan_insert.harmonizer.training import TrainingConfig
 
     config = TrainingConfig.preset(preset)
-    return replace(config, iterations=iterations) if iterations else config
+    # `is not None`: --iterations 0 must reach TrainingConfig's check, not fall back to the preset.
+    return replace(config, iterations=iterations) if iterations is not None else config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -129,14 +134,12 @@ def _train(args: argparse.Namespace) -> int:
     from singan_insert.harmonizer.training_slice import TrainingSlice, apply_crop, load_training_slice
 
     path = Path(args.input)
-    if not path.exists():
-        raise SinganInsertError(f"Input {path} does not exist.")
-    if path.name.endswith((".nii", ".nii.gz")):
+    if path.name.lower().endswith((".nii", ".nii.gz")):
         index = args.slice if args.slice == "auto" else _int(args.slice, "--slice")
         chosen = load_training_slice(path, args.axis, index, args.label, tuple(args.crop) if args.crop else None,
                                      args.modality)
     else:
-        image = apply_crop(read_2d(path), tuple(args.crop) if args.crop else None)
+        image = apply_crop(read_2d(path, what="training slice"), tuple(args.crop) if args.crop else None)
         chosen = TrainingSlice(image, None, {"source": path.name, "modality": args.modality,
                                              "crop": args.crop})
     from singan_insert.batch import check_writable_folder
@@ -158,9 +161,10 @@ def _harmonize(args: argparse.Namespace) -> int:
     from singan_insert.harmonizer.model import Harmonizer
 
     model = Harmonizer.load(args.model, device=args.device)
-    background, composite = read_2d(Path(args.background)), read_2d(Path(args.composite))
+    background = read_2d(Path(args.background), what="background")
+    composite = read_2d(Path(args.composite), what="composite")
     spacing = args.spacing or _nifti_spacing(Path(args.background))
-    mask = (read_2d(Path(args.mask)) > 0).astype(np.float32)
+    mask = (read_2d(Path(args.mask), what="mask") > 0).astype(np.float32)
     out = model.harmonize(background, composite, mask, args.start_scale, spacing=spacing,
                           dilation_mm=args.dilation_mm, feather_mm=args.feather_mm, seed=args.seed)
     write_2d(Path(args.out), out, reference=Path(args.background))
@@ -172,11 +176,29 @@ def _nifti_spacing(path: Path):
     """In-plane pixel size of a 2D (or single-slice) NIfTI, else None."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return None
-    import nibabel as nib
-
-    image = nib.load(str(path))
+    image = read_nifti(path, what="background", ndim=None)
     zooms = [float(z) for z, n in zip(image.header.get_zooms(), image.shape) if n > 1]
     return tuple(zooms[:2]) if len(zooms) >= 2 else None
+
+
+def _argument_type(check, *bounds, **options):
+    """An argparse ``type`` from a :mod:`singan_insert.checks` function (argparse's own error and exit 2)."""
+    def parse(text: str):
+        try:
+            number = float(text) if check is check_real else int(text)
+            return check(number, "the value", *bounds, **options)
+        except (ValueError, SinganInsertError) as error:
+            kind = "a number" if check is check_real else "an integer"
+            raise argparse.ArgumentTypeError(str(error) if isinstance(error, SinganInsertError)
+                                             else f"{text!r} is not {kind}") from None
+    parse.__name__ = check.__name__.replace("check_", "")
+    return parse
+
+
+_positive_int = _argument_type(check_int, 1)
+_seed = _argument_type(check_seed)
+_positive_float = _argument_type(check_real, 0, open_minimum=True)
+_non_negative_float = _argument_type(check_real, 0)
 
 
 def _int(value: str, name: str) -> int:
@@ -186,38 +208,13 @@ def _int(value: str, name: str) -> int:
         raise SinganInsertError(f"{name} must be an integer or 'auto', got {value!r}.") from None
 
 
-def read_2d(path: Path):
-    """Read a 2D image from PNG/JPEG (grayscale), NPY or a 2D (or single-slice) NIfTI."""
-    import numpy as np
-
-    if not path.exists():
-        raise SinganInsertError(f"{path} does not exist.")
-    name = path.name.lower()
-    if name.endswith(".npy"):
-        data = np.load(path, allow_pickle=False)
-    elif name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
-        data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32).squeeze()
-    else:
-        from skimage.io import imread
-
-        data = imread(str(path))
-        if data.ndim == 3:
-            data = data[..., :3].mean(axis=-1)
-    if data.ndim != 2:
-        raise SinganInsertError(f"{path} holds shape {data.shape}; a 2D slice is expected.")
-    return data.astype(np.float32)
-
-
 def write_2d(path: Path, image, reference: Path | None = None) -> None:
     """Write a 2D result as NPY, NIfTI (with the reference's affine if it is NIfTI) or 8-bit PNG."""
     import numpy as np
 
-    from singan_insert.io import atomic_write_bytes, write_nifti
+    from singan_insert.io import atomic_write_bytes, atomic_write_png, write_nifti
 
     name = path.name.lower()
-    path.parent.mkdir(parents=True, exist_ok=True)
     if name.endswith(".npy"):
         import io
 
@@ -225,15 +222,11 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
         np.save(buffer, image)
         atomic_write_bytes(path, buffer.getvalue())
     elif name.endswith((".nii", ".nii.gz")):
-        import nibabel as nib
-
         affine = np.eye(4)
         if reference is not None and reference.name.lower().endswith((".nii", ".nii.gz")):
-            affine = nib.load(str(reference)).affine
+            affine = read_nifti(reference, what="reference", ndim=None).affine
         write_nifti(path, image, affine)
     else:
-        from skimage.io import imsave
-
         if image.min() < 0 or image.max() > 255:
             # 8-bit PNG cannot hold these values: rescale (and say so) rather than saturate.
             low, high = float(image.min()), float(image.max())
@@ -241,7 +234,7 @@ def write_2d(path: Path, image, reference: Path | None = None) -> None:
                   "write .npy or .nii.gz to keep the intensities.", file=sys.stderr)
             image = (image - low) / max(high - low, 1e-12) * 255
         clipped = np.clip(np.round(image), 0, 255).astype(np.uint8)
-        imsave(str(path), clipped, check_contrast=False)
+        atomic_write_png(path, clipped)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,8 +54,9 @@ from tqdm.auto import tqdm
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_int, check_real, check_seed
 from singan_insert.harmonizer.model_file import (
+    MAX_SIZE,
     load_tensors,
     optimizer_to_tensors,
     save_tensors,
@@ -65,6 +66,7 @@ from singan_insert.harmonizer.model_file import (
 )
 from singan_insert.harmonizer.networks import GeneratorPyramid, PatchCritic, ScaleGenerator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
+from singan_insert.io import atomic_write_png, atomic_write_text
 
 CHECKPOINT_KIND = "singan-insert-checkpoint"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -150,6 +152,25 @@ class TrainingConfig:
             raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
         if self.gp_every < 1 or self.checkpoint_every < 1:
             raise SinganInsertError("gp_every and checkpoint_every must be >= 1.")
+        # Every other field: NaN, infinity, fractions and out-of-range values fail here, at
+        # construction, not as NaN losses or a crash hours into training.
+        check_real(self.scale_factor, "scale_factor", 0, 1, open_minimum=True, open_maximum=True)
+        for name, low in (("min_size", 4), ("max_size", self.min_size), ("iterations", 1), ("generator_steps", 1),
+                          ("critic_steps", 1), ("gp_every", 1), ("width", 1), ("max_width", 1),
+                          ("width_doubling_every", 0), ("finest_width_scales", 0), ("num_layers", 2),
+                          ("checkpoint_every", 1)):
+            check_int(getattr(self, name), name, low)
+        check_int(self.max_size, "max_size", maximum=MAX_SIZE)
+        for name in ("finest_width", "trained_scales", "crop_size"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1)
+        check_real(self.learning_rate, "learning_rate", 0, open_minimum=True)
+        if len(self.betas) != 2:
+            raise SinganInsertError(f"betas must be two numbers, got {self.betas!r}.")
+        for beta in self.betas:
+            check_real(beta, "betas", 0, 1, open_maximum=True)
+        for name in ("lr_decay_at", "alpha", "lambda_gp", "noise_amp_factor"):
+            check_real(getattr(self, name), name, 0)
 
     def width_at(self, scale: int, num_scales: int) -> int:
         if self.finest_width is not None and scale >= num_scales - self.finest_width_scales:
@@ -170,8 +191,8 @@ class TrainingConfig:
 def validate_slice(image: Any, name: str = "training slice") -> torch.Tensor:
     """Check a 2D slice and return it as a float32 tensor (clear errors for bad input)."""
     if isinstance(image, np.ndarray):
-        if not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
-            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a numeric array.")
+        if np.iscomplexobj(image) or not (np.issubdtype(image.dtype, np.number) or image.dtype == bool):
+            raise SinganInsertError(f"The {name} has dtype {image.dtype}; pass a real-valued numeric array.")
         image = torch.from_numpy(np.ascontiguousarray(image).astype(np.float32))
     elif torch.is_tensor(image):
         if image.is_complex() or image.dtype == torch.bool:
@@ -222,6 +243,7 @@ def train_harmonizer(
     from singan_insert.devices import select_device
 
     config = config or TrainingConfig.preset("fast")
+    seed = check_seed(seed)
     device = select_device(device)
     slice_2d = validate_slice(image)
     normalization = PercentileNormalization.fit(slice_2d)
@@ -303,7 +325,7 @@ def train_harmonizer(
     )
     if out_dir is not None:
         harmonizer.save(Path(out_dir) / MODEL_NAME)
-        (Path(out_dir) / "training_log.json").write_text(json.dumps(log, indent=2))
+        atomic_write_text(Path(out_dir) / "training_log.json", json.dumps(log, indent=2))
     return harmonizer
 
 
@@ -605,8 +627,6 @@ def augment_coarse(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
     """PNG strip: real | reconstruction | 3 random samples, at ``scale``."""
-    from skimage.io import imsave
-
     first = state.first_scale
     pyramid = GeneratorPyramid(state.generators, state.amplitudes, first)
     device = reals[0].device
@@ -623,5 +643,4 @@ def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, sca
     tiles = [reals[scale], rec, *samples]
     row = torch.cat([t[0, 0].cpu() for t in tiles], dim=1)
     image = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(str(path), image, check_contrast=False)
+    atomic_write_png(path, image)

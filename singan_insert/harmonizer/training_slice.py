@@ -41,7 +41,7 @@ def load_training_slice(
     crop: tuple[int, int, int, int] | None = None,
     modality: str | None = None,
 ) -> TrainingSlice:
-    """Cut one slice out of a NIfTI volume.
+    """Cut one slice out of a NIfTI volume, with the file's in-plane pixel size.
 
     Args:
         path: the modality-B volume (``.nii`` / ``.nii.gz``).
@@ -51,23 +51,26 @@ def load_training_slice(
         label_path: a label volume on the same grid, used by ``"auto"``.
         crop: ``(row_start, row_stop, col_start, col_stop)`` in the slice's pixels.
         modality: a name stored in the model (e.g. ``"hrT2"``).
-    """
-    import nibabel as nib
 
-    image = nib.load(str(path))
+    Raises:
+        SinganInsertError: an unreadable, truncated, complex, colour or 4D volume, NaN values,
+            a zero or NaN affine or voxel size (see :func:`singan_insert.io.read_nifti`), a
+            label on another grid or empty, a bad axis, index or crop.
+    """
+    from singan_insert.io import nifti_spacing, read_nifti
+
+    if isinstance(axis, bool) or axis not in (0, 1, 2):
+        raise SinganInsertError(f"axis must be 0, 1 or 2, got {axis!r}.")
+    # read_nifti refuses complex, colour and 4D data, NaN values and a zero/NaN affine or
+    # pixdim, so the spacing stored in the model is the file's, never an invented one.
+    image = read_nifti(path, what="training volume")
     data = np.asarray(image.dataobj, dtype=np.float32)
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SinganInsertError(f"{path} has shape {data.shape}; a 3D volume is expected.")
-    if axis not in (0, 1, 2):
-        raise SinganInsertError(f"axis must be 0, 1 or 2, got {axis}.")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    zooms = nifti_spacing(image)
     label = None
     if label_path is not None:
-        label_image = nib.load(str(label_path))
+        label_image = read_nifti(label_path, what="label")
         label = np.asarray(label_image.dataobj)
-        if label.shape[:3] != data.shape or not np.allclose(label_image.affine, image.affine, atol=1e-3):
+        if label.shape != data.shape or not np.allclose(label_image.affine, image.affine, atol=1e-3):
             raise SinganInsertError(
                 f"The label {label_path} is not on the grid of {path} (shape {label.shape} vs "
                 f"{data.shape}, or different affines). Resample it to the image first.")
@@ -99,7 +102,9 @@ def apply_crop(image: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.
         return image
     if len(crop) != 4:
         raise SinganInsertError(f"A crop box has 4 numbers (row_start, row_stop, col_start, col_stop), got {crop}.")
-    r0, r1, c0, c1 = (int(v) for v in crop)
+    from singan_insert.checks import check_int
+
+    r0, r1, c0, c1 = (check_int(v, "crop box value") for v in crop)
     height, width = image.shape
     if not (0 <= r0 < r1 <= height and 0 <= c0 < c1 <= width):
         raise SinganInsertError(
