@@ -41,13 +41,16 @@ MAX_SEED = 2**32 - 1
 def check_int(value: object, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """Return ``value`` as an ``int`` when it is an integer in ``[minimum, maximum]``.
 
-    Python and numpy integers are accepted; ``bool``, floats (also ``2.0``: a fractional value
-    would otherwise be truncated silently) and strings are refused.
+    Python and numpy integers are accepted, and so are integral floats such as ``3.0`` (JSON and
+    YAML readers produce them); a fractional ``2.5`` is refused rather than truncated, and so are
+    ``bool``, NaN and strings.
 
     Raises:
         SinganInsertError: (a ``ValueError``) saying what was expected and what was given.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    integral_float = (isinstance(value, (float, np.floating)) and np.isfinite(value)
+                      and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not (isinstance(value, (int, np.integer)) or integral_float):
         raise SinganInsertError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     value = int(value)
     _check_range(value, name, minimum, maximum)
@@ -74,6 +77,21 @@ def check_real(
     return value
 
 
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a finite float > 0."""
+    return check_real(value, name, 0, open_minimum=True)
+
+
+def check_non_negative(value: object, name: str) -> float:
+    """``value`` as a finite float >= 0."""
+    return check_real(value, name, 0)
+
+
+def check_probability(value: object, name: str) -> float:
+    """``value`` as a float in ``[0, 1]``."""
+    return check_real(value, name, 0, 1)
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     """An integer seed in ``[0, MAX_SEED]`` (``2**32 - 1``), as ``int``."""
     return check_int(seed, name, 0, MAX_SEED)
@@ -82,11 +100,16 @@ def check_seed(seed: object, name: str = "seed") -> int:
 def _check_range(value, name, minimum, maximum, open_minimum=False, open_maximum=False) -> None:
     low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
     high_bad = maximum is not None and (value >= maximum if open_maximum else value > maximum)
-    if low_bad or high_bad:
-        low = "-inf" if minimum is None else _show(minimum)
-        high = "inf" if maximum is None else _show(maximum)
-        interval = f"{'(' if open_minimum or minimum is None else '['}{low}, {high}{')' if open_maximum or maximum is None else ']'}"
-        raise SinganInsertError(f"{name} must be in {interval}, got {_show(value)}.")
+    if not (low_bad or high_bad):
+        return
+    if maximum is None:
+        allowed = f"{'>' if open_minimum else '>='} {_show(minimum)}"
+    elif minimum is None:
+        allowed = f"{'<' if open_maximum else '<='} {_show(maximum)}"
+    else:
+        allowed = (f"in {'(' if open_minimum else '['}{_show(minimum)}, "
+                   f"{_show(maximum)}{')' if open_maximum else ']'}")
+    raise SinganInsertError(f"{name} must be {allowed}, got {_show(value)}.")
 
 
 def _show(number: float) -> str:

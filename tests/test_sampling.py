@@ -58,8 +58,8 @@ def test_single_argument_checks_accept_numpy_and_refuse_the_rest():
     for bad in (2.5, True, "3", math.nan, None):
         with pytest.raises(SinganInsertError, match="n must be an integer"):
             check_integer(bad, "n")
-    assert check_seed(2**63 - 1) == 2**63 - 1
-    for bad in (-1, 2**63, 2**70):
+    assert check_seed(2**32 - 1) == 2**32 - 1
+    for bad in (-1, 2**32, 2**70):
         with pytest.raises(SinganInsertError, match="seed"):
             check_seed(bad)
     assert parse_range(10, "degrees", around=0) == (-10, 10)

@@ -220,7 +220,7 @@ def test_error_crafted_huge_shape_header_allocates_nothing(tmp_path, monkeypatch
     ("geometry", {"sizes": [[100_000, 100_000]] * 3, "scale_factor": 0.75}, "geometry.sizes must be in"),
     ("noise_amplitudes", [float("nan"), 0.1, 0.1], "finite"),
     ("first_trained_scale", -1, "first_trained_scale"),
-    ("spacing", [0, 0.5], "spacing must be in"),
+    ("spacing", [0, 0.5], "spacing must be >"),
     ("normalization", {"low": 5.0, "high": 5.0, "percentiles": [0.5, 99.5]}, "low < high"),
 ])
 def test_error_crafted_metadata_with_valid_digest(model_parts, tmp_path, monkeypatch, field, value, message):
@@ -588,18 +588,18 @@ def test_correct_grayscale_saved_as_rgba_png(tmp_path):
 # ================================================================== 3. training inputs
 @pytest.mark.parametrize("field, value, message", [
     ("learning_rate", float("nan"), "learning_rate must be a finite number"),
-    ("learning_rate", 0.0, r"learning_rate must be in \(0, inf\)"),
-    ("learning_rate", -1e-4, r"learning_rate must be in \(0, inf\)"),
+    ("learning_rate", 0.0, "learning_rate must be > 0"),
+    ("learning_rate", -1e-4, "learning_rate must be > 0"),
     ("betas", (0.5, float("nan")), "betas must be a finite number"),
     ("betas", (0.5, 1.0), r"betas must be in \[0, 1\)"),
     ("scale_factor", float("nan"), "scale_factor must be a finite"),
     ("alpha", float("inf"), "alpha must be a finite"),
-    ("lambda_gp", -0.1, "lambda_gp must be in"),
+    ("lambda_gp", -0.1, "lambda_gp must be >= 0"),
     ("noise_amp_factor", float("nan"), "noise_amp_factor must be a finite"),
     ("lr_decay_at", float("nan"), "lr_decay_at must be a finite"),
     ("crop_size", 31.5, "crop_size must be an integer"),
-    ("width", 0, "width must be in"),
-    ("max_size", 10**6, "max_size must be in"),
+    ("width", 0, "width must be >= 1"),
+    ("max_size", 10**6, "max_size must be <= 4096"),
 ])
 def test_error_training_config_values(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -607,8 +607,8 @@ def test_error_training_config_values(field, value, message):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--iterations", "0"], "--iterations: the value must be in \\[1, inf\\), got 0"),
-    (["--iterations", "-3"], "--iterations: the value must be in \\[1, inf\\)"),
+    (["--iterations", "0"], "--iterations: the value must be >= 1, got 0"),
+    (["--iterations", "-3"], "--iterations: the value must be >= 1"),
     (["--seed", str(2**63)], "--seed: the value must be in \\[0, 4294967295\\]"),
     (["--seed", "-1"], "--seed: the value must be in \\[0, 4294967295\\]"),
     (["--seed", "1.5"], "--seed: '1.5' is not an integer"),
@@ -625,8 +625,8 @@ def test_error_cli_training_numbers(argv, message, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dilation-mm", "nan"], "--dilation-mm: the value must be a finite number"),
-    (["--feather-mm", "-1"], "--feather-mm: the value must be in \\[0, inf\\)"),
-    (["--spacing", "0", "0.5"], "--spacing: the value must be in \\(0, inf\\)"),
+    (["--feather-mm", "-1"], "--feather-mm: the value must be >= 0"),
+    (["--spacing", "0", "0.5"], "--spacing: the value must be > 0"),
 ])
 def test_error_cli_harmonize_numbers(argv, message, tmp_path, capsys, tiny_model_dir):
     np.save(tmp_path / "s.npy", textured_slice())

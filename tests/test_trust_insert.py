@@ -237,12 +237,12 @@ def test_zero_spacing_is_reported_as_such(model, data):
 # CLI: bad arguments (exit 2, nothing written)
 # --------------------------------------------------------------------------------------------
 CLI_ERRORS = [
-    (["--contrast", "nan"], "contrast must be finite"),
+    (["--contrast", "nan"], "contrast must be a finite number"),
     (["--contrast", "0"], "contrast must be > 0"),
     (["--contrast", "0.5:abc"], "cannot read"),
     (["--contrast", "0.5", "0.7:0.9"], "either one range"),
-    (["--context-mm", "nan"], "context_mm must be finite"),
-    (["--seed", "-1"], "seed must be >= 0"),
+    (["--context-mm", "nan"], "context_mm must be a finite number"),
+    (["--seed", "-1"], "seed must be in [0, 4294967295]"),
     (["--num", "0"], "num must be >= 1"),
     (["--workers", "0"], "--workers must be >= 1"),
     (["--start-scale", "1.5"], "start_scale must be an integer"),

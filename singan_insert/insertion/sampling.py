@@ -27,7 +27,6 @@ from torch's global generator (TorchIO: ``torch.manual_seed`` reproduces a run).
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -35,74 +34,24 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from singan_insert.checks import (  # noqa: F401 (re-exported for the transforms and batch)
+    MAX_SEED,
+    check_int,
+    check_non_negative,
+    check_positive,
+    check_probability,
+    check_real,
+    check_seed,
+)
 from singan_insert.errors import SinganInsertError
-
-#: Seeds are stored in records and given to ``torch.Generator.manual_seed``: keep them in the
-#: range every consumer accepts (numpy, torch, JSON readers that use int64).
-MAX_SEED = 2**63 - 1
 
 Generator = np.random.Generator | None
 
 
-# --------------------------------------------------------------------------------------------
-# Single-argument checks
-# --------------------------------------------------------------------------------------------
-def check_number(value: Any, name: str) -> float:
-    """``value`` as a finite float (numpy scalars accepted; booleans, NaN and inf refused)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise SinganInsertError(f"{name} must be a number, got {value!r}.")
-    number = float(value)
-    if not math.isfinite(number):
-        raise SinganInsertError(f"{name} must be finite, got {value!r}.")
-    return number
-
-
-def check_positive(value: Any, name: str) -> float:
-    """``value`` as a finite float > 0."""
-    number = check_number(value, name)
-    if number <= 0:
-        raise SinganInsertError(f"{name} must be > 0, got {value!r}.")
-    return number
-
-
-def check_non_negative(value: Any, name: str) -> float:
-    """``value`` as a finite float >= 0."""
-    number = check_number(value, name)
-    if number < 0:
-        raise SinganInsertError(f"{name} must be >= 0, got {value!r}.")
-    return number
-
-
-def check_integer(value: Any, name: str, minimum: int | None = None,
-                  maximum: int | None = None) -> int:
-    """``value`` as an int (``np.int64`` and integral floats such as ``3.0`` accepted; ``2.5``,
-    booleans and strings refused), optionally within ``[minimum, maximum]``."""
-    if isinstance(value, (bool, np.bool_)):
-        raise SinganInsertError(f"{name} must be an integer, got {value!r}.")
-    if isinstance(value, numbers.Integral):
-        integer = int(value)
-    elif isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value).is_integer():
-        integer = int(value)
-    else:
-        raise SinganInsertError(f"{name} must be an integer, got {value!r}.")
-    if minimum is not None and integer < minimum:
-        raise SinganInsertError(f"{name} must be >= {minimum}, got {value!r}.")
-    if maximum is not None and integer > maximum:
-        raise SinganInsertError(f"{name} must be <= {maximum}, got {value!r}.")
-    return integer
-
-
-def check_probability(value: Any, name: str) -> float:
-    """``value`` as a float in ``[0, 1]``."""
-    number = check_number(value, name)
-    if not 0 <= number <= 1:
-        raise SinganInsertError(f"{name} must be in [0, 1], got {value!r}.")
-    return number
-
-
-def check_seed(value: Any, name: str = "seed") -> int:
-    """A seed: an integer in ``[0, 2**63 - 1]`` (larger ones overflow torch's generator)."""
-    return check_integer(value, name, 0, MAX_SEED)
+# The single-argument checks live in singan_insert.checks (one copy for every layer); the
+# names below are the ones this module's callers use.
+check_number = check_real
+check_integer = check_int
 
 
 def check_contrast(value: Any, name: str = "contrast") -> float:
