@@ -362,26 +362,11 @@ def _is_finished(paths: dict[str, Path], fingerprint: str, panels: bool) -> bool
 
 
 def _read_volume(path: Path, what: str):
-    """A 3D real-valued NIfTI volume and its affine, or a clear error."""
-    import nibabel as nib
+    """A 3D real-valued NIfTI volume (float32) and its affine, or a clear error (io.read_nifti)."""
+    from singan_insert.io import read_nifti
 
-    try:
-        image = nib.load(str(path))
-        dtype = image.get_data_dtype()
-        if dtype.fields is not None or np.issubdtype(dtype, np.complexfloating):
-            raise SinganInsertError(
-                f"The {what} {path} holds {dtype} voxels (RGB or complex); a real-valued "
-                "grayscale volume is needed.")
-        data = np.asarray(image.dataobj, dtype=np.float32)
-    except SinganInsertError:
-        raise
-    except Exception as error:  # nibabel raises many types for unreadable files
-        raise SinganInsertError(f"Could not read the {what} {path}: {type(error).__name__}: {error}") from None
-    if data.ndim == 4 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SinganInsertError(f"The {what} {path} has shape {data.shape}; a 3D volume is needed.")
-    return data, image.affine
+    image = read_nifti(path, what=what)
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine
 
 
 def augment_case(case: Case, index: int, model: str, settings: InsertSettings, out_dir: Path,

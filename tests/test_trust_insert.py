@@ -290,7 +290,7 @@ def _bad_nifti(kind: str, folder: Path, good_path: Path) -> str:
 
 
 BAD_TARGETS = [("garbage", "Could not read"), ("truncated", "Could not read"),
-               ("rgb", "RGB or complex"), ("complex", "RGB or complex"), ("4d", "3D volume"),
+               ("rgb", "colour (RGB"), ("complex", "holds complex64 data"), ("4d", "3 axes are expected"),
                ("directory", "not found or not a file"), ("nan", "NaN")]
 
 
