@@ -116,12 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _training_config(preset: str, iterations: int | None):
-    from dataclasses import replace
-
     from singan_insert.harmonizer.training import TrainingConfig
 
-    config = TrainingConfig.preset(preset)
-    return replace(config, iterations=iterations) if iterations else config
+    return TrainingConfig.preset(preset, iterations=iterations or None)
 
 
 def _train(args: argparse.Namespace) -> int:

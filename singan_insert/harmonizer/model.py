@@ -57,6 +57,7 @@ class Harmonizer:
         spacing: tuple[float, float] | None = None,
         reconstruction_noise: torch.Tensor | None = None,
         metadata: dict[str, Any] | None = None,
+        training_slice: torch.Tensor | None = None,
     ):
         self.pyramid = pyramid.requires_grad_(False).eval()
         self.geometry = geometry
@@ -64,6 +65,10 @@ class Harmonizer:
         self.spacing = tuple(float(v) for v in spacing) if spacing is not None else None
         self.reconstruction_noise = reconstruction_noise
         self.metadata = metadata or {}
+        # The training slice in model units at the finest scale: the automatic appearance
+        # compares a pasted tumor's patches with it (model files of earlier versions have none).
+        self.training_slice = None if training_slice is None else \
+            torch.as_tensor(training_slice, dtype=torch.float32).detach().cpu().reshape(geometry.finest)
         self.device = next(pyramid.parameters()).device
 
     # ------------------------------------------------------------------ properties
@@ -256,6 +261,8 @@ class Harmonizer:
             widths.append(generator.body[0].out_channels)
         if self.reconstruction_noise is not None:
             tensors["reconstruction_noise"] = self.reconstruction_noise
+        if self.training_slice is not None:
+            tensors["training_slice"] = self.training_slice
         meta = {
             "geometry": self.geometry.to_dict(),
             "first_trained_scale": self.pyramid.first_scale,
@@ -292,7 +299,7 @@ class Harmonizer:
                     "normalization", "spacing", "format", "format_version"}
         metadata = {k: v for k, v in meta.items() if k not in own_keys}
         harmonizer = cls(pyramid, geometry, normalization, meta.get("spacing"),
-                         tensors.get("reconstruction_noise"), metadata)
+                         tensors.get("reconstruction_noise"), metadata, tensors.get("training_slice"))
         return harmonizer.to(select_device(device))
 
 

@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -126,26 +127,52 @@ class TrainingConfig:
     checkpoint_every: int = 100
 
     @classmethod
-    def preset(cls, name: str) -> "TrainingConfig":
-        """``"reference"`` (official SinGAN), ``"fast"`` (default) or ``"tiny"`` (tests, seconds)."""
-        if name == "reference":
-            return cls()
-        if name == "fast":
-            return cls(
+    def preset(cls, name: str, **overrides: Any) -> "TrainingConfig":
+        """A named preset with any field overridden by keyword (``None`` values are ignored).
+
+        ``"reference"`` (official SinGAN), ``"fast"`` (default) or ``"tiny"`` (tests, seconds);
+        e.g. ``TrainingConfig.preset("fast", iterations=200)``. Unknown field names raise
+        :class:`~singan_insert.errors.SinganInsertError`; values are checked as for any config.
+        """
+        presets = {
+            "reference": {},
+            "fast": dict(
                 max_size=256, iterations=400, generator_steps=1, critic_steps=1, gp_every=4,
                 max_width=32, finest_width=16, finest_width_scales=2, trained_scales=5,
                 augment=True, crop_size=64, checkpoint_every=50,
-            )
-        if name == "tiny":
-            return cls(
+            ),
+            "tiny": dict(
                 min_size=12, max_size=48, iterations=30, generator_steps=1, critic_steps=1,
                 gp_every=2, width=8, max_width=8, trained_scales=3, augment=True, checkpoint_every=10,
-            )
-        raise SinganInsertError(f"Unknown preset {name!r}; choose 'fast', 'reference' or 'tiny'.")
+            ),
+        }
+        if name not in presets:
+            raise SinganInsertError(f"Unknown preset {name!r}; choose 'fast', 'reference' or 'tiny'.")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SinganInsertError(
+                f"Unknown training setting(s) {unknown}; valid ones are {sorted(cls.__dataclass_fields__)}.")
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return cls(**{**presets[name], **given})
 
     def __post_init__(self) -> None:
+        integers = ("min_size", "max_size", "iterations", "generator_steps", "critic_steps", "gp_every",
+                    "width", "max_width", "width_doubling_every", "finest_width_scales", "num_layers",
+                    "checkpoint_every")
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SinganInsertError(f"{name} must be an integer, got {value!r}.")
         if self.iterations < 1 or self.generator_steps < 1 or self.critic_steps < 1:
             raise SinganInsertError("iterations, generator_steps and critic_steps must be >= 1.")
+        if not 0 < self.learning_rate < 1 or not 0 <= self.lr_decay_at <= 1:
+            raise SinganInsertError(
+                f"learning_rate must be in (0, 1) and lr_decay_at in [0, 1], got {self.learning_rate!r} "
+                f"and {self.lr_decay_at!r}.")
+        if self.alpha < 0 or self.lambda_gp < 0 or self.noise_amp_factor < 0:
+            raise SinganInsertError("alpha, lambda_gp and noise_amp_factor must be >= 0.")
+        if self.num_layers < 2 or self.width < 1 or self.max_width < 1:
+            raise SinganInsertError("num_layers must be >= 2 and width, max_width >= 1.")
         if self.trained_scales is not None and self.trained_scales < 1:
             raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
         if self.gp_every < 1 or self.checkpoint_every < 1:
@@ -300,6 +327,7 @@ def train_harmonizer(
             },
             "provenance": provenance or {},
         },
+        training_slice=reals[-1][0, 0].cpu(),
     )
     if out_dir is not None:
         harmonizer.save(Path(out_dir) / MODEL_NAME)
@@ -545,8 +573,38 @@ class _ScaleTrainer:
             "reconstruction_rmse": rec_rmse,
             "initial_reconstruction_rmse": self.initial_rmse,
             "upsampled_input_rmse": input_rmse,
+            **scale_health(self.scale, rec_rmse, input_rmse),
             **{f"final_{k}_loss": v for k, v in self.last_losses.items()},
         }
+
+
+class TrainingHealthWarning(UserWarning):
+    """A trained scale reconstructs its real slice worse than its plain upsampled input did."""
+
+
+def scale_health(scale: int, reconstruction_rmse: float, input_rmse: float) -> dict[str, Any]:
+    """Health of one trained scale: does its generator improve on the upsampled coarser image?
+
+    A scale is healthy when :math:`\\mathrm{RMSE}(G_s(x^{rec}_s), x_s) <
+    \\mathrm{RMSE}(x^{rec}_s, x_s)`, i.e. running its generator brings the reconstruction closer
+    to the real slice than the upsampled reconstruction of the coarser scales alone (for a scale
+    trained from pure noise, scale 0 of the ``reference`` preset, that input is zeros). An
+    unhealthy scale is flagged in the training log (``"healthy": false``) and
+    reported with a :class:`TrainingHealthWarning`: harmonizing through it degrades the image.
+
+    Returns:
+        ``{"healthy": bool, "improvement": input_rmse / reconstruction_rmse}`` (``None`` for a
+        perfect reconstruction).
+    """
+    improvement = input_rmse / reconstruction_rmse if reconstruction_rmse > 0 else None
+    healthy = bool(reconstruction_rmse < input_rmse)
+    if not healthy:
+        warnings.warn(
+            f"Scale {scale} reconstructs the training slice worse than its upsampled input "
+            f"(RMSE {reconstruction_rmse:.4f} vs {input_rmse:.4f}): harmonizing from or through this "
+            "scale degrades the image. Train longer (iterations), with another seed, or start "
+            "harmonization above it.", TrainingHealthWarning, stacklevel=2)
+    return {"healthy": healthy, "improvement": None if improvement is None else float(improvement)}
 
 
 def _gradient_penalty(critic, real, fake, rng) -> torch.Tensor:
@@ -604,7 +662,7 @@ def augment_coarse(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
 
 
 def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
-    """PNG strip: real | reconstruction | 3 random samples, at ``scale``."""
+    """Labelled PNG strip at ``scale``: real | reconstruction | 3 random samples."""
     from skimage.io import imsave
 
     first = state.first_scale
@@ -623,5 +681,19 @@ def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, sca
     tiles = [reals[scale], rec, *samples]
     row = torch.cat([t[0, 0].cpu() for t in tiles], dim=1)
     image = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    width = tiles[0].shape[-1]
+    image = _labelled(image, [(0, "real"), (width, "reconstruction"), (2 * width, "samples")])
     path.parent.mkdir(parents=True, exist_ok=True)
     imsave(str(path), image, check_contrast=False)
+
+
+def _labelled(image: np.ndarray, labels: list[tuple[int, str]], band: int = 14) -> np.ndarray:
+    """``image`` (uint8, H x W) under a black band with white ``(x, text)`` labels (Pillow's font)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (image.shape[1], image.shape[0] + band), 0)
+    canvas.paste(Image.fromarray(image), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for x, text in labels:
+        draw.text((x + 2, 1), text, fill=255)
+    return np.asarray(canvas)

@@ -1,0 +1,308 @@
+"""The automatic appearance of an inserted tumor: its level in B, chosen by realism, and B's texture.
+
+A tumor pasted from modality A carries A's contrast: in crossMoDA a ceT1 schwannoma is bright
+and its CSF surroundings dark, while in hrT2 the tumor is darker than the CSF around it. A
+fixed contrast factor :math:`\\lambda` is right for one tumor and wrong for the next, and at
+:math:`\\lambda = 1` the tumor takes the CSF's brightness and vanishes. Here the level is
+chosen per tumor, by the model's ONE training slice of B (which shows a real tumor of B):
+
+**Realism score.** For a candidate tumor mean level :math:`L` (in the model's units
+:math:`[-1, 1]`), the tumor slices are rendered with the tumor region at :math:`L` and cut to
+the model's pixel size, then shrunk by each factor :math:`f \\in` ``factors`` (default 0.5: a
+patch of 9 px then covers 18 model pixels, about 7 mm at 0.4 mm, a small tumor with its rim).
+Every patch centred on the tumor or its rim is compared with its nearest neighbour among the training slice's patches
+at the same factor,
+
+.. math::
+
+    S(L) = \\sum_f \\frac{1}{|Q_f|} \\sum_{q \\in Q_f} \\min_{p \\in P_f} \\lVert q(L) - p \\rVert_2 .
+
+A level that exists in B next to such surroundings (a tumor in CSF) has near neighbours; a
+level B never shows there (a grey blob as bright as nothing around it) has none. At the finest
+scale alone the best match is often the surroundings' own level (the tumor vanished into CSF),
+which is why a coarser factor, whose patches see the blob in its rim, decides. (Measured on
+12 simulated subjects, ``benchmarks/dev_harmonizer.py``: factor 0.5 with 9 px patches chose
+levels closer to the truth than 0.5 + 0.25 with 7 px, 0.35, or 1 + 0.5 + 0.25.)
+
+**Visibility constraint.** Only levels with :math:`|L - \\bar s| \\ge 2\\,\\phi` are eligible,
+where :math:`\\bar s` is the mean of the background within ``shell_mm`` of the tumor (model
+units) and :math:`\\phi` the ``visibility_floor`` as a fraction of the model's range: "vanished"
+is never chosen. The best eligible grid level is refined by a parabola through its neighbours.
+
+**Mapping.** The tumor's mapped intensities :math:`v_1` (``"normalized"`` or ``"matched"`` at
+:math:`\\lambda = 1`) keep their internal structure (ranks and relative contrasts); their mean
+is moved to the chosen level :math:`\\ell` (in intensity units) and their deviations scaled by
+:math:`g = \\min(\\lambda^*, 1)`,
+
+.. math::
+
+    v = \\ell + g\\,(v_1 - \\bar v_1), \\qquad \\lambda^* = \\frac{\\ell - t_{lo}}{\\bar v_1 - t_{lo}},
+
+where :math:`t_{lo}` is the target's dark reference: for :math:`\\lambda^* \\le 1` this is exactly
+the paper's contrast factor, :math:`v = t_{lo} + \\lambda^* (v_1 - t_{lo})`, chosen by the model
+per tumor (a user's :math:`\\lambda` has no effect here); a tumor that must be brightened is
+shifted rather than stretched, so a source tumor near the dark end does not get its noise
+multiplied.
+
+**Texture.** After harmonization, seeded zero-mean noise is added inside the mask so that the
+tumor's high-pass energy matches that of B's tissue around it:
+
+.. math::
+
+    x \\leftarrow x + a\\, \\frac{h(n)}{\\operatorname{sd}(h(n))},\\qquad
+    a = \\sqrt{\\max(\\sigma_B^2 - \\sigma_x^2, 0)},
+
+where :math:`h(y) = y - G_1 * y` is the in-plane high-pass (Gaussian :math:`\\sigma = 1` px),
+:math:`\\sigma_B` the robust sd (:math:`1.4826\\,` median absolute deviation, so that the edges of
+structures crossing the rim do not count as texture) of :math:`h` of the background within
+``shell_mm`` of the tumor, :math:`\\sigma_x` that of the harmonized tumor, and :math:`n` Gaussian
+noise of the given seed with B's correlation there: white noise smoothed by a Gaussian whose
+in-plane and through-plane widths :math:`s` reproduce the lag-1 autocorrelations :math:`\\rho` of
+:math:`h` in the rim (:math:`\\rho = e^{-1/(4 s^2)}`; white, :math:`s = 0`, for :math:`\\rho \\le 0.05`,
+e.g. acquisition noise, independent across slices). The mean level is unchanged in expectation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from singan_insert.errors import SinganInsertError
+from singan_insert.harmonizer.pyramid import resize
+
+#: Shrink factors (relative to the model's pixel size) at which patches are compared.
+DEFAULT_FACTORS: tuple[float, ...] = (0.5,)
+#: Side of the compared patches in pixels.
+PATCH_SIZE = 9
+#: Candidate levels of the first pass (model units, evenly spaced over [-1, 1]).
+NUM_LEVELS = 17
+#: Default minimum |tumor - surroundings| difference, as a fraction of the model's range.
+DEFAULT_VISIBILITY_FLOOR = 0.05
+#: At most this many bank patches per factor and query patches per candidate and factor.
+MAX_BANK_PATCHES = 2048
+MAX_QUERY_PATCHES = 256
+#: At most this many tumor slices (the largest, evenly spread) take part in the choice.
+MAX_SCORED_SLICES = 4
+
+
+class PatchBank:
+    """Patches of a harmonizer's training slice at several shrink factors (see the module docstring).
+
+    Args:
+        training_slice: the slice in the model's units, ``(H, W)`` at the model's pixel size.
+        factors: shrink factors in (0, 1].
+        patch_size: odd patch side in pixels (>= 3).
+    """
+
+    def __init__(self, training_slice: torch.Tensor, factors: Sequence[float] = DEFAULT_FACTORS,
+                 patch_size: int = PATCH_SIZE):
+        if patch_size < 3 or patch_size % 2 == 0:
+            raise SinganInsertError(f"patch_size must be an odd integer >= 3, got {patch_size}.")
+        if not factors or not all(0 < f <= 1 for f in factors):
+            raise SinganInsertError(f"factors must be numbers in (0, 1], got {factors!r}.")
+        image = torch.as_tensor(training_slice, dtype=torch.float32).reshape(1, 1, *training_slice.shape[-2:])
+        self.factors = tuple(float(f) for f in factors)
+        self.patch_size = int(patch_size)
+        self.patches: list[torch.Tensor] = []
+        for factor in self.factors:
+            shrunk = resize(image, _scaled(image.shape[-2:], factor))
+            if min(shrunk.shape[-2:]) < patch_size:
+                raise SinganInsertError(
+                    f"The training slice ({image.shape[-2]}x{image.shape[-1]} px) is too small for "
+                    f"patches of {patch_size} px at factor {factor}.")
+            patches = F.unfold(shrunk, patch_size)[0].T.contiguous()
+            # A regular stride keeps the bank small and the choice deterministic.
+            step = max(1, math.ceil(patches.shape[0] / MAX_BANK_PATCHES))
+            self.patches.append(patches[::step].contiguous())
+
+    @classmethod
+    def of(cls, harmonizer: Any) -> "PatchBank | None":
+        """The bank of a harmonizer's stored training slice (cached on it), or ``None`` without one."""
+        bank = getattr(harmonizer, "_patch_bank", None)
+        if bank is None and getattr(harmonizer, "training_slice", None) is not None:
+            bank = cls(harmonizer.training_slice.float().cpu())
+            harmonizer._patch_bank = bank
+        return bank
+
+    def score(self, images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """:math:`S` per candidate: ``images`` ``(K, S, H, W)`` at the model's pixel size, ``region`` ``(S, H, W)``."""
+        candidates, slices, height, width = images.shape
+        half = self.patch_size // 2
+        total = torch.zeros(candidates)
+        for factor, bank in zip(self.factors, self.patches):
+            size = _scaled((height, width), factor)
+            if min(size) < self.patch_size:
+                continue
+            shrunk = resize(images.reshape(candidates * slices, 1, height, width), size)
+            where = resize(region[:, None].float(), size)[:, 0]
+            centre = where[:, half:size[0] - half, half:size[1] - half] > 0.25
+            index = torch.nonzero(centre.reshape(-1)).flatten()
+            if index.numel() == 0:
+                continue
+            index = index[::max(1, math.ceil(index.numel() / MAX_QUERY_PATCHES))]
+            patches = F.unfold(shrunk, self.patch_size)  # (K*S, P, L)
+            patches = patches.reshape(candidates, slices, patches.shape[1], -1)
+            patches = patches.permute(0, 1, 3, 2).reshape(candidates, -1, patches.shape[2])[:, index]
+            distance = torch.cdist(patches, bank[None].expand(candidates, -1, -1))
+            total += distance.min(dim=2).values.mean(dim=1)
+        return total
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    """Result of :func:`choose_level` (model units)."""
+
+    level: float
+    shell: float
+    levels: list[float]
+    scores: list[float]
+    eligible: list[bool]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"level": self.level, "shell": self.shell,
+                "levels": [round(v, 4) for v in self.levels],
+                "scores": [round(v, 4) for v in self.scores],
+                "eligible": self.eligible}
+
+
+def choose_level(
+    bank: PatchBank,
+    background: torch.Tensor,
+    mask: torch.Tensor,
+    region: torch.Tensor,
+    shell: float,
+    visibility_floor: float = DEFAULT_VISIBILITY_FLOOR,
+    num_levels: int = NUM_LEVELS,
+) -> LevelChoice:
+    """Pick the most realistic visible tumor level (see the module docstring).
+
+    Args:
+        bank: the training slice's patches.
+        background: ``(S, H, W)`` tumor slices without the tumor, model units, model pixel size.
+        mask: ``(S, H, W)`` tumor mask in [0, 1] on the same grid.
+        region: ``(S, H, W)`` where patches are scored (the tumor and its rim).
+        shell: mean background level around the tumor, model units.
+        visibility_floor: minimum :math:`|L - \\bar s|` as a fraction of the model range, in [0, 0.5).
+        num_levels: candidates of the first pass (>= 3).
+    """
+    if not 0 <= visibility_floor < 0.5:
+        raise SinganInsertError(f"visibility_floor must be in [0, 0.5), got {visibility_floor!r}.")
+    levels = torch.linspace(-1, 1, int(num_levels))
+    composites = background[None] * (1 - mask[None]) + levels.view(-1, 1, 1, 1) * mask[None]
+    scores = bank.score(composites, region)
+    eligible = (levels - shell).abs() >= 2 * visibility_floor
+    if not bool(eligible.any()):  # only when the floor exceeds the room on both sides
+        eligible = (levels - shell).abs() == (levels - shell).abs().max()
+    masked = torch.where(eligible, scores, torch.full_like(scores, float("inf")))
+    best = int(torch.argmin(masked))
+    level = float(levels[best])
+    if 0 < best < len(levels) - 1 and bool(eligible[best - 1]) and bool(eligible[best + 1]):
+        left, mid, right = (float(scores[best - 1]), float(scores[best]), float(scores[best + 1]))
+        curvature = left - 2 * mid + right
+        if curvature > 0:
+            step = float(levels[1] - levels[0])
+            level += step * 0.5 * (left - right) / curvature
+    return LevelChoice(level, float(shell), levels.tolist(), scores.tolist(), eligible.tolist())
+
+
+def scoring_slices(mask_slices: np.ndarray, limit: int = MAX_SCORED_SLICES) -> np.ndarray:
+    """Indices of at most ``limit`` tumor slices, evenly spread over the largest half by area."""
+    areas = mask_slices.reshape(mask_slices.shape[0], -1).sum(axis=1)
+    order = np.argsort(-areas, kind="stable")
+    largest = np.sort(order[:max(limit, (len(order) + 1) // 2)])
+    pick = np.unique(np.round(np.linspace(0, len(largest) - 1, min(limit, len(largest)))).astype(int))
+    return largest[pick]
+
+
+def ring(mask_slices: np.ndarray, spacing: tuple[float, float], width_mm: float) -> np.ndarray:
+    """Per slice: pixels outside the mask within ``width_mm`` of it (in-plane distance)."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = np.zeros(mask_slices.shape, dtype=bool)
+    for index, inside in enumerate(mask_slices > 0):
+        if inside.any():
+            distance = distance_transform_edt(~inside, sampling=spacing)
+            out[index] = (distance > 0) & (distance <= width_mm)
+    return out
+
+
+def highpass(slices: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:
+    """In-plane high-pass :math:`h(y) = y - G_\\sigma * y` of ``(S, H, W)`` slices."""
+    from scipy.ndimage import gaussian_filter
+
+    slices = np.asarray(slices, dtype=np.float64)
+    return slices - gaussian_filter(slices, sigma=(0, sigma_px, sigma_px), mode="reflect")
+
+
+def inject_texture(
+    harmonized: np.ndarray,
+    background: np.ndarray,
+    mask_slices: np.ndarray,
+    surroundings: np.ndarray,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Add seeded noise inside the mask up to B's local high-pass energy (see the module docstring).
+
+    Args:
+        harmonized: ``(S, H, W)`` harmonized tumor slices (intensity units).
+        background: the same slices without the tumor (B's own texture around it).
+        mask_slices: ``(S, H, W)`` tumor mask (non-zero = tumor).
+        surroundings: ``(S, H, W)`` bool, where B's texture is measured (the rim of the tumor).
+        seed: noise seed; two seeds give different textures of the same statistics.
+
+    Returns:
+        The textured slices (same dtype) and ``{"target_std", "tumor_std", "added_std"}``.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    inside = mask_slices > 0
+    texture = highpass(background)
+    target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
+    tumor_std = robust_std(highpass(harmonized)[inside])
+    added = math.sqrt(max(target_std ** 2 - tumor_std ** 2, 0.0))
+    widths = (_correlation_width(texture, surroundings, 0),
+              _correlation_width(texture, surroundings, 1, 2))
+    out = np.array(harmonized, copy=True)
+    if added > 0:
+        white = np.random.default_rng(seed).standard_normal(harmonized.shape)
+        noise = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"))
+        noise /= max(float(noise[inside].std()), 1e-12)
+        out[inside] = (out[inside] + added * noise[inside]).astype(out.dtype)
+    return out, {"target_std": target_std, "tumor_std": tumor_std, "added_std": added,
+                 "width_through_plane_px": widths[0], "width_in_plane_px": widths[1]}
+
+
+def _correlation_width(texture: np.ndarray, region: np.ndarray, *axes: int) -> float:
+    """Gaussian width (px) whose lag-1 autocorrelation is that of ``texture`` in ``region`` along ``axes``."""
+    correlations = []
+    for axis in axes:
+        if texture.shape[axis] < 2:
+            continue
+        head = [slice(None)] * 3
+        tail = [slice(None)] * 3
+        head[axis], tail[axis] = slice(0, -1), slice(1, None)
+        both = region[tuple(head)] & region[tuple(tail)]
+        if np.count_nonzero(both) < 16:
+            continue
+        a, b = texture[tuple(head)][both], texture[tuple(tail)][both]
+        if a.std() > 0 and b.std() > 0:
+            correlations.append(float(np.corrcoef(a, b)[0, 1]))
+    rho = float(np.mean(correlations)) if correlations else 0.0
+    if rho <= 0.05:
+        return 0.0
+    return float(min(math.sqrt(-1 / (4 * math.log(min(rho, 0.99)))), 3.0))
+
+
+def robust_std(values: np.ndarray) -> float:
+    """:math:`1.4826 \\cdot` the median absolute deviation (the sd for Gaussian values)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+
+
+def _scaled(shape: Sequence[int], factor: float) -> tuple[int, int]:
+    return max(round(shape[0] * factor), 1), max(round(shape[1] * factor), 1)
