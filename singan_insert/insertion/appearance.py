@@ -58,8 +58,14 @@ structures crossing the rim do not count as texture) of :math:`h` of the backgro
 ``shell_mm`` of the tumor, :math:`\\sigma_x` that of the harmonized tumor, and :math:`n` Gaussian
 noise of the given seed with B's correlation there: white noise smoothed by a Gaussian whose
 in-plane and through-plane widths :math:`s` reproduce the lag-1 autocorrelations :math:`\\rho` of
-:math:`h` in the rim (:math:`\\rho = e^{-1/(4 s^2)}`; white, :math:`s = 0`, for :math:`\\rho \\le 0.05`,
+:math:`h` in the rim (robust: :math:`\\rho = (\\sigma_+^2 - \\sigma_-^2) / (\\sigma_+^2 + \\sigma_-^2)` with
+:math:`\\sigma_\\pm` the robust sds of the sum and difference of neighbours) (:math:`\\rho = e^{-1/(4 s^2)}`; white, :math:`s = 0`, for :math:`\\rho \\le 0.05`,
 e.g. acquisition noise, independent across slices). The mean level is unchanged in expectation.
+B's tumor may be smoother (or rougher) than its surroundings, so with the training slice at
+hand :math:`\\sigma_B` is read from it instead (:class:`TextureBank`): the high-pass energy of the
+training-slice regions whose low-pass look is nearest to the harmonized tumor's. (Choosing the
+amplitude by the nearest-neighbour distance of textured candidates does not work: a smooth
+patch is always nearer to noisy patches than a noisy one is, so it always picks "no texture".)
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ MAX_BANK_PATCHES = 2048
 MAX_QUERY_PATCHES = 256
 #: At most this many tumor slices (the largest, evenly spread) take part in the choice.
 MAX_SCORED_SLICES = 4
+#: Texture: side of the low-pass patches matched against the training slice's (model pixels).
+TEXTURE_PATCH_SIZE = 5
 
 
 class PatchBank:
@@ -121,13 +129,16 @@ class PatchBank:
             self.patches.append(patches[::step].contiguous())
 
     @classmethod
-    def of(cls, harmonizer: Any) -> "PatchBank | None":
+    def of(cls, harmonizer: Any, factors: Sequence[float] = DEFAULT_FACTORS,
+           patch_size: int = PATCH_SIZE) -> "PatchBank | None":
         """The bank of a harmonizer's stored training slice (cached on it), or ``None`` without one."""
-        bank = getattr(harmonizer, "_patch_bank", None)
-        if bank is None and getattr(harmonizer, "training_slice", None) is not None:
-            bank = cls(harmonizer.training_slice.float().cpu())
-            harmonizer._patch_bank = bank
-        return bank
+        if getattr(harmonizer, "training_slice", None) is None:
+            return None
+        cache = harmonizer.__dict__.setdefault("_patch_banks", {})
+        key = (tuple(float(f) for f in factors), int(patch_size))
+        if key not in cache:
+            cache[key] = cls(harmonizer.training_slice.float().cpu(), factors, patch_size)
+        return cache[key]
 
     def score(self, images: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """:math:`S` per candidate: ``images`` ``(K, S, H, W)`` at the model's pixel size, ``region`` ``(S, H, W)``."""
@@ -140,7 +151,17 @@ class PatchBank:
                 continue
             shrunk = resize(images.reshape(candidates * slices, 1, height, width), size)
             where = resize(region[:, None].float(), size)[:, 0]
-            centre = where[:, half:size[0] - half, half:size[1] - half] > 0.25
+            rows = torch.nonzero((where > 0.25).any(dim=(0, 2))).flatten()
+            cols = torch.nonzero((where > 0.25).any(dim=(0, 1))).flatten()
+            if rows.numel() == 0:
+                continue
+            # Only the region's bounding box (plus half a patch) is cut into patches.
+            top, bottom = max(int(rows[0]) - half, 0), min(int(rows[-1]) + half + 1, size[0])
+            left, right = max(int(cols[0]) - half, 0), min(int(cols[-1]) + half + 1, size[1])
+            shrunk, where = shrunk[..., top:bottom, left:right], where[..., top:bottom, left:right]
+            if min(bottom - top, right - left) < self.patch_size:
+                continue
+            centre = where[:, half:where.shape[1] - half, half:where.shape[2] - half] > 0.25
             index = torch.nonzero(centre.reshape(-1)).flatten()
             if index.numel() == 0:
                 continue
@@ -245,7 +266,8 @@ def inject_texture(
     mask_slices: np.ndarray,
     surroundings: np.ndarray,
     seed: int,
-) -> tuple[np.ndarray, dict[str, float]]:
+    target_std: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Add seeded noise inside the mask up to B's local high-pass energy (see the module docstring).
 
     Args:
@@ -254,27 +276,82 @@ def inject_texture(
         mask_slices: ``(S, H, W)`` tumor mask (non-zero = tumor).
         surroundings: ``(S, H, W)`` bool, where B's texture is measured (the rim of the tumor).
         seed: noise seed; two seeds give different textures of the same statistics.
+        target_std: :math:`\\sigma_B` when known otherwise (e.g. :meth:`TextureBank.texture_std`);
+            default: measured in ``surroundings``.
 
     Returns:
-        The textured slices (same dtype) and ``{"target_std", "tumor_std", "added_std"}``.
+        The textured slices (same dtype) and ``{"target_std", "tumor_std", "added_std", ...}``.
     """
     from scipy.ndimage import gaussian_filter
 
     inside = mask_slices > 0
     texture = highpass(background)
-    target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
+    if target_std is None:
+        target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
     tumor_std = robust_std(highpass(harmonized)[inside])
     added = math.sqrt(max(target_std ** 2 - tumor_std ** 2, 0.0))
     widths = (_correlation_width(texture, surroundings, 0),
               _correlation_width(texture, surroundings, 1, 2))
     out = np.array(harmonized, copy=True)
+    info: dict[str, Any] = {"target_std": target_std, "tumor_std": tumor_std,
+                            "width_through_plane_px": widths[0], "width_in_plane_px": widths[1]}
     if added > 0:
         white = np.random.default_rng(seed).standard_normal(harmonized.shape)
         noise = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"))
         noise /= max(float(noise[inside].std()), 1e-12)
         out[inside] = (out[inside] + added * noise[inside]).astype(out.dtype)
-    return out, {"target_std": target_std, "tumor_std": tumor_std, "added_std": added,
-                 "width_through_plane_px": widths[0], "width_in_plane_px": widths[1]}
+    info["added_std"] = added
+    return out, info
+
+
+class TextureBank:
+    """B's texture per look: low-pass patches of the training slice with their high-pass energy.
+
+    For a tumor that, smoothed, looks like some region of the training slice (in B: like the
+    real tumor it shows), B's texture there is the texture that region has. Each low-pass patch
+    :math:`G_1 * x` (``patch_size`` px) of the training slice is stored with the mean of
+    :math:`h(x)^2` over it; :meth:`texture_std` returns the square root of the median energy of
+    the nearest low-pass neighbours of a tumor's patches (the median: a few neighbours on an
+    edge must not count as texture). Model units, model pixel size.
+    """
+
+    def __init__(self, training_slice: torch.Tensor, patch_size: int = TEXTURE_PATCH_SIZE):
+        from scipy.ndimage import gaussian_filter
+
+        image = np.asarray(torch.as_tensor(training_slice, dtype=torch.float32), dtype=np.float64)
+        low = gaussian_filter(image, 1.0, mode="reflect")
+        energy = (image - low) ** 2
+        as_tensor = lambda a: torch.from_numpy(a.astype(np.float32))[None, None]  # noqa: E731
+        patches = F.unfold(as_tensor(low), patch_size)[0].T
+        energies = F.avg_pool2d(as_tensor(energy), patch_size, stride=1).flatten()
+        step = max(1, math.ceil(patches.shape[0] / (4 * MAX_BANK_PATCHES)))
+        self.patch_size = int(patch_size)
+        self.patches, self.energies = patches[::step].contiguous(), energies[::step].contiguous()
+
+    @classmethod
+    def of(cls, harmonizer: Any) -> "TextureBank | None":
+        """The texture bank of a harmonizer's stored training slice (cached), or ``None``."""
+        if getattr(harmonizer, "training_slice", None) is None:
+            return None
+        if "_texture_bank" not in harmonizer.__dict__:
+            harmonizer.__dict__["_texture_bank"] = cls(harmonizer.training_slice.float().cpu())
+        return harmonizer.__dict__["_texture_bank"]
+
+    def texture_std(self, slices: np.ndarray, region: np.ndarray) -> float | None:
+        """B's texture sd (model units) for ``(S, H, W)`` model-unit ``slices``, patches centred in ``region``."""
+        from scipy.ndimage import gaussian_filter
+
+        low = gaussian_filter(np.asarray(slices, dtype=np.float64), (0, 1.0, 1.0), mode="reflect")
+        half = self.patch_size // 2
+        patches = F.unfold(torch.from_numpy(low.astype(np.float32))[:, None], self.patch_size)
+        patches = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])
+        centre = np.asarray(region, bool)[:, half:region.shape[1] - half, half:region.shape[2] - half]
+        index = torch.from_numpy(np.flatnonzero(centre.reshape(-1)))
+        if index.numel() == 0:
+            return None
+        index = index[::max(1, math.ceil(index.numel() / (4 * MAX_QUERY_PATCHES)))]
+        nearest = torch.cdist(patches[index], self.patches).argmin(dim=1)
+        return float(torch.sqrt(self.energies[nearest].median()))
 
 
 def _correlation_width(texture: np.ndarray, region: np.ndarray, *axes: int) -> float:
@@ -290,8 +367,11 @@ def _correlation_width(texture: np.ndarray, region: np.ndarray, *axes: int) -> f
         if np.count_nonzero(both) < 16:
             continue
         a, b = texture[tuple(head)][both], texture[tuple(tail)][both]
-        if a.std() > 0 and b.std() > 0:
-            correlations.append(float(np.corrcoef(a, b)[0, 1]))
+        # Robust correlation from the spreads of the sum and the difference, so that the
+        # edges of structures crossing the rim (outliers of h) do not count as texture.
+        plus, minus = robust_std(a + b) ** 2, robust_std(a - b) ** 2
+        if plus + minus > 0:
+            correlations.append((plus - minus) / (plus + minus))
     rho = float(np.mean(correlations)) if correlations else 0.0
     if rho <= 0.05:
         return 0.0

@@ -60,6 +60,7 @@ from singan_insert.harmonizer.model import Harmonizer
 from singan_insert.insertion.appearance import (
     DEFAULT_VISIBILITY_FLOOR,
     PatchBank,
+    TextureBank,
     choose_level,
     inject_texture,
     ring,
@@ -371,8 +372,11 @@ def insert_tumor(
             f"{background.shape[2]} px (the tumor plus {params.context_mm:g} mm of context, cut "
             f"to the {image.shape} target) failed: {error}") from error
     if texture:
+        target_std = None
+        if bank is not None:
+            target_std = _texture_std(harmonized, crop_mask, plane_spacing, harmonizer, normalization)
         harmonized, appearance_record["texture"] = inject_texture(
-            harmonized, background, crop_mask, shell, seed)
+            harmonized, background, crop_mask, shell, seed, target_std)
 
     # 5. restack and label
     out = image.astype(work_dtype, copy=True)
@@ -415,6 +419,31 @@ def insert_tumor(
                            composite=composite_volume)
 
 
+def _model_grid(slices, plane_spacing, harmonizer) -> torch.Tensor:
+    """``(..., S, H, W)`` slices resampled to the model's pixel size (bicubic), float32."""
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+    if harmonizer.spacing is None:
+        return x
+    lead, (height, width) = x.shape[:-2], x.shape[-2:]
+    shape = (max(round(height * plane_spacing[0] / harmonizer.spacing[0]), 1),
+             max(round(width * plane_spacing[1] / harmonizer.spacing[1]), 1))
+    return resize(x.reshape(-1, 1, height, width), shape).reshape(*lead, *shape)
+
+
+def _texture_std(harmonized, mask, plane_spacing, harmonizer, normalization) -> float | None:
+    """B's texture sd (intensity units) for the harmonized tumor, read from the training slice."""
+    from scipy.ndimage import binary_erosion  # the tumor's one-pixel border is no texture
+
+    picked = scoring_slices(mask)
+    interior = np.stack([binary_erosion(m) for m in mask[picked]])
+    if not interior.any():
+        interior = mask[picked]
+    images = normalization.to_model(_model_grid(harmonized[picked], plane_spacing, harmonizer))
+    region = _model_grid(interior.astype(np.float32), plane_spacing, harmonizer) > 0.5
+    std = TextureBank.of(harmonizer).texture_std(images.numpy(), region.numpy())
+    return None if std is None else std * (normalization.high - normalization.low) / 2
+
+
 def _automatic_level(mapped, background, mask, shell, plane_spacing, harmonizer, bank,
                      normalization, target_quantiles, params):
     """Rescale the mapped tumor (lambda = 1) to the level chosen by realism (see appearance)."""
@@ -422,14 +451,11 @@ def _automatic_level(mapped, background, mask, shell, plane_spacing, harmonizer,
     shell_model = float(to_model(background[shell]).mean()) if shell.any() else \
         float(to_model(background[mask]).mean())
     picked = scoring_slices(mask)
-    region = (mask | ring(mask, plane_spacing, SHELL_MM))[picked]
-    bg, m, rg = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]
-                 for a in (to_model(background[picked]).numpy(), mask[picked], region))
-    if harmonizer.spacing is not None:
-        shape = (max(round(bg.shape[-2] * plane_spacing[0] / harmonizer.spacing[0]), 1),
-                 max(round(bg.shape[-1] * plane_spacing[1] / harmonizer.spacing[1]), 1))
-        bg, m, rg = resize(bg, shape), resize(m, shape).clamp(0, 1), resize(rg, shape)
-    choice = choose_level(bank, bg[:, 0], m[:, 0], rg[:, 0], shell_model, params.visibility_floor)
+    region = (mask | shell)[picked]
+    bg = _model_grid(to_model(background[picked]).numpy(), plane_spacing, harmonizer)
+    m = _model_grid(mask[picked].astype(np.float32), plane_spacing, harmonizer).clamp(0, 1)
+    rg = _model_grid(region.astype(np.float32), plane_spacing, harmonizer)
+    choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
     level = float(normalization.from_model(torch.tensor(choice.level)))
     surroundings = float(normalization.from_model(torch.tensor(shell_model)))
     t_low = robust_range(target_quantiles)[0]

@@ -175,8 +175,10 @@ class TumorInsertion(Transform):
             ``None`` keeps the tumor's physical position (co-registered source, or in place).
         location_units: ``"voxel"`` or ``"mm"``.
         start_scale: harmonizer start scale; ``None``: the model's default.
-        contrast: :math:`\lambda > 0` (GBA: 0.5, 0.8, 1.5).
+        contrast: :math:`\lambda > 0` (GBA: 0.5, 0.8, 1.5), with ``appearance="fixed"`` only.
         intensity_mode: ``"normalized"`` or ``"matched"``.
+        appearance: ``"auto"`` (default: the model chooses the tumor's level, see
+            :mod:`singan_insert.insertion.appearance`) or ``"fixed"`` (the paper's :math:`\lambda`).
         seed: seed of the harmonizer noise (an int).
         flip: flip the tumor along world axes x, y, z.
         rotation: rotation about world axes x, y, z in degrees.
@@ -210,6 +212,7 @@ class TumorInsertion(Transform):
         start_scale: int | None = None,
         contrast: float = 1.0,
         intensity_mode: IntensityMode = "normalized",
+        appearance: str = "auto",
         seed: int = 0,
         flip: Sequence[bool] = (False, False, False),
         rotation: Sequence[float] = (0.0, 0.0, 0.0),
@@ -241,6 +244,7 @@ class TumorInsertion(Transform):
         self.start_scale = None if start_scale is None else int(start_scale)
         self.contrast = float(contrast)
         self.intensity_mode = intensity_mode
+        self.appearance = appearance
         self.seed = int(seed)
         self.flip = tuple(bool(v) for v in flip)
         self.rotation = tuple(float(v) for v in rotation)
@@ -261,7 +265,7 @@ class TumorInsertion(Transform):
             "model", "source", "location", "location_units", "start_scale", "contrast",
             "intensity_mode", "seed", "flip", "rotation", "scale", "label_key", "label_value",
             "source_label_key", "source_label_value", "axis", "context_mm", "overlap",
-            "border_margin", "clip_to_fov", "modality", "device", "max_anisotropy",
+            "border_margin", "clip_to_fov", "modality", "device", "max_anisotropy", "appearance",
         ]
         # Validate every parameter now rather than in a DataLoader worker.
         self.insertion_parameters()
@@ -284,7 +288,7 @@ class TumorInsertion(Transform):
             start_scale=self.start_scale, axis=self.axis, context_mm=self.context_mm,
             seed=self.seed, label_value=self.label_value, overlap=self.overlap,
             border_margin=self.border_margin, clip_to_fov=self.clip_to_fov,
-            max_anisotropy=self.max_anisotropy,
+            max_anisotropy=self.max_anisotropy, appearance=self.appearance,
         )
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
@@ -346,8 +350,10 @@ class RandomTumorInsertion(RandomTransform):
             the label map and ``placement_values=(1,)``: over the existing tumor, as in GBA).
         start_scale: ``None`` (the model's default), an int, or ``(a, b)``: uniform integer in
             ``[a, b]`` (both negative to count from the finest scale).
-        contrast: :math:`\lambda`, a number or ``(a, b)``: :math:`\lambda \sim U(a, b)`, > 0.
+        contrast: :math:`\lambda`, a number or ``(a, b)``: :math:`\lambda \sim U(a, b)`, > 0;
+            used with ``appearance="fixed"`` only.
         intensity_mode: ``"normalized"`` or ``"matched"``.
+        appearance: ``"auto"`` (default) or ``"fixed"``, as in :class:`TumorInsertion`.
         flip_axes: world axes (0 = x, 1 = y, 2 = z) that may be flipped, each with
             ``flip_probability``.
         flip_probability: probability of flipping each axis of ``flip_axes``.
@@ -375,6 +381,7 @@ class RandomTumorInsertion(RandomTransform):
         start_scale: int | tuple[int, int] | None = None,
         contrast: float | tuple[float, float] = 1.0,
         intensity_mode: IntensityMode = "normalized",
+        appearance: str = "auto",
         flip_axes: Sequence[int] = (0, 1, 2),
         flip_probability: float = 0.5,
         degrees: float | Sequence[float] = 10.0,
@@ -445,6 +452,7 @@ class RandomTumorInsertion(RandomTransform):
             source_label_key=source_label_key, source_label_value=source_label_value,
             axis=axis, context_mm=context_mm, overlap=overlap, border_margin=border_margin,
             modality=modality, device=device, max_anisotropy=self.max_anisotropy,
+            appearance=appearance,
         )
         # Validate the fixed arguments now (a twin with no source loads nothing).
         TumorInsertion(self.model, None, **self.twin_arguments)
