@@ -15,7 +15,8 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.evaluation.experiments import training_slice_from_subject
 from singan_insert.harmonizer import training as training_module
 from singan_insert.harmonizer.training import TrainingHealthWarning, scale_health
-from singan_insert.insertion.appearance import PatchBank, choose_level, highpass, inject_texture, ring, robust_std
+from singan_insert.insertion.appearance import (PatchBank, choose_level, highpass, inject_texture, partial_volume,
+                                                ring, robust_std)
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.intensity import map_tumor_intensities, robust_range, soft_knee
 from singan_insert.insertion.placement import SourceTumor
@@ -114,6 +115,14 @@ def test_inject_texture_matches_the_surroundings_energy():
         info["target_std"], rel=0.2)
     assert np.array_equal(out[~mask], smooth[~mask])
     assert abs(out[mask].mean() - 60.0) < 0.5
+
+
+def test_partial_volume_edge():
+    mask = np.zeros((1, 12, 12), bool)
+    mask[0, 3:9, 3:9] = True
+    fraction = partial_volume(mask)
+    assert np.all(fraction[~mask] == 0) and np.all((fraction[mask] > 0.4) & (fraction[mask] <= 1))
+    assert fraction[0, 6, 6] == pytest.approx(1.0, abs=1e-3) and fraction[0, 3, 6] < 0.9
 
 
 def test_soft_knee_keeps_the_ranks_of_an_enhancing_tumor():

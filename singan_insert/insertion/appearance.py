@@ -44,6 +44,11 @@ per tumor (a user's :math:`\\lambda` has no effect here); a tumor that must be b
 shifted rather than stretched, so a source tumor near the dark end does not get its noise
 multiplied.
 
+**Edge.** Candidates and the final composite are rendered with a partial-volume edge,
+:math:`(1 - f)\\,\\text{background} + f\\,\\text{tumor}` with :math:`f = G_{0.5} * M` inside the mask
+(:func:`partial_volume`), as any scanner's point-spread function mixes a tumor's edge voxels
+with their surroundings.
+
 **Texture.** After harmonization, seeded zero-mean noise is added inside the mask so that the
 tumor's high-pass energy matches that of B's tissue around it:
 
@@ -214,6 +219,8 @@ def choose_level(
     if not 0 <= visibility_floor < 0.5:
         raise SinganInsertError(f"visibility_floor must be in [0, 0.5), got {visibility_floor!r}.")
     levels = torch.linspace(-1, 1, int(num_levels))
+    # Flat candidates: rendering the source's internal structure at each level chose levels
+    # farther from the truth on the development subjects (median contrast ratio 1.39 vs 1.20).
     composites = background[None] * (1 - mask[None]) + levels.view(-1, 1, 1, 1) * mask[None]
     scores = bank.score(composites, region)
     eligible = (levels - shell).abs() >= 2 * visibility_floor
@@ -238,6 +245,25 @@ def scoring_slices(mask_slices: np.ndarray, limit: int = MAX_SCORED_SLICES) -> n
     largest = np.sort(order[:max(limit, (len(order) + 1) // 2)])
     pick = np.unique(np.round(np.linspace(0, len(largest) - 1, min(limit, len(largest)))).astype(int))
     return largest[pick]
+
+
+#: In-plane sd (px) of the partial-volume blur of the tumor's edge.
+PARTIAL_VOLUME_SIGMA = 0.5
+
+
+def partial_volume(mask_slices: np.ndarray, sigma_px: float = PARTIAL_VOLUME_SIGMA) -> np.ndarray:
+    """Tumor fraction per pixel: :math:`G_\\sigma * M` inside the mask, 0 outside.
+
+    Any scanner's point-spread function mixes a tumor's edge voxels with their surroundings;
+    a paste of pure tumor values up to the mask's edge would show a seam. The automatic
+    appearance renders its candidates and its composite as
+    :math:`(1 - f)\\,\\text{background} + f\\,\\text{tumor}` with this :math:`f`.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    inside = np.asarray(mask_slices) > 0
+    blurred = gaussian_filter(inside.astype(np.float32), (0, sigma_px, sigma_px), mode="constant")
+    return np.where(inside, blurred, 0.0).astype(np.float32)
 
 
 def ring(mask_slices: np.ndarray, spacing: tuple[float, float], width_mm: float) -> np.ndarray:

@@ -61,6 +61,7 @@ from singan_insert.insertion.appearance import (
     DEFAULT_VISIBILITY_FLOOR,
     PatchBank,
     TextureBank,
+    partial_volume,
     choose_level,
     inject_texture,
     ring,
@@ -349,6 +350,7 @@ def insert_tumor(
     plane_axes = [a for a in range(3) if a != axis]
     plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
     shell = ring(crop_mask, plane_spacing, SHELL_MM)
+    box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
     appearance_record: dict[str, Any] = {"mode": appearance}
     if appearance == "auto":
         mapped, appearance_record = _automatic_level(
@@ -357,9 +359,11 @@ def insert_tumor(
 
     # 4. composite, and every tumor slice along `axis` harmonized in one call
     composite_crop = background_crop.copy()
-    box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
     composite_crop[box_in_crop][mask_box] = mapped
     composite = np.moveaxis(composite_crop, axis, 0)[slice_indices]
+    if appearance == "auto":
+        composite = background + partial_volume(crop_mask) * (composite - background)
+        np.moveaxis(composite_crop, axis, 0)[slice_indices] = composite  # the returned composite
     try:
         harmonized = harmonizer.harmonize(
             background, composite, crop_mask.astype(np.float32), start_scale,
@@ -450,16 +454,16 @@ def _automatic_level(mapped, background, mask, shell, plane_spacing, harmonizer,
     to_model = lambda x: normalization.to_model(torch.from_numpy(np.asarray(x, np.float32)))  # noqa: E731
     shell_model = float(to_model(background[shell]).mean()) if shell.any() else \
         float(to_model(background[mask]).mean())
+    t_low = robust_range(target_quantiles)[0]
+    mean = float(np.mean(mapped))
     picked = scoring_slices(mask)
     region = (mask | shell)[picked]
     bg = _model_grid(to_model(background[picked]).numpy(), plane_spacing, harmonizer)
-    m = _model_grid(mask[picked].astype(np.float32), plane_spacing, harmonizer).clamp(0, 1)
+    m = _model_grid(partial_volume(mask[picked]), plane_spacing, harmonizer).clamp(0, 1)
     rg = _model_grid(region.astype(np.float32), plane_spacing, harmonizer)
     choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
     level = float(normalization.from_model(torch.tensor(choice.level)))
     surroundings = float(normalization.from_model(torch.tensor(shell_model)))
-    t_low = robust_range(target_quantiles)[0]
-    mean = float(np.mean(mapped))
     factor = (level - t_low) / (mean - t_low) if mean - t_low > 1e-3 * (normalization.high - normalization.low) \
         else math.inf
     # lambda about the dark reference, as in the paper, but the source's internal structure is
