@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--model-dir", default=str(RESULTS / "dev_model"))
     parser.add_argument("--name", default="dev_harmonizer")
+    parser.add_argument("--arch", default=None, help="generator architecture (default: the preset's)")
+    parser.add_argument("--restoration-weight", type=float, default=None,
+                        help="weight of the self-supervised restoration loss (needs --arch singan-mask)")
     args = parser.parse_args()
 
     import torch
@@ -121,7 +124,8 @@ def main() -> None:
 
     started = time.perf_counter()
     image, spacing2d, index = training_slice_from_subject(simulate_subject(0))
-    model = train_harmonizer(image, TrainingConfig.preset(args.preset), out_dir=args.model_dir, seed=0,
+    config = TrainingConfig.preset(args.preset, arch=args.arch, restoration_weight=args.restoration_weight)
+    model = train_harmonizer(image, config, out_dir=args.model_dir, seed=0,
                              spacing=spacing2d, device="cpu", progress=False,
                              provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
     train_seconds = time.perf_counter() - started
@@ -192,7 +196,8 @@ def main() -> None:
     best_blur = min(blur_rows, key=lambda n: summary[n]["lp_err"])
     keys = ["vis", "c_ratio", "lp_err", "mae", "w1", "seam", "hp", "seed_diff", "seed_mean"]
     lines = [f"Machine: {machine()['cpu_count']} CPUs, {machine()['date']}. {args.subjects} subjects, "
-             f"{args.preset} preset ({train_seconds:.0f} s training this run). Best fixed-λ blur "
+             f"{args.preset} preset, arch {config.arch}, restoration weight {config.restoration_weight:g} "
+             f"({train_seconds:.0f} s training this run). Best fixed-λ blur "
              f"(hindsight): {best_blur}.", "",
              "| method | " + " | ".join(keys) + " | lp_err / best blur |", "|" + "---|" * (len(keys) + 2)]
     for name, values in summary.items():

@@ -64,7 +64,7 @@ from singan_insert.harmonizer.model_file import (
     tensors_to_optimizer,
     tensors_to_state_dict,
 )
-from singan_insert.harmonizer.networks import GeneratorPyramid, PatchCritic, ScaleGenerator
+from singan_insert.harmonizer.networks import ARCHITECTURES, GeneratorPyramid, PatchCritic, ScaleGenerator, build_generator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 
 CHECKPOINT_KIND = "singan-insert-checkpoint"
@@ -100,6 +100,14 @@ class TrainingConfig:
             an 11 px receptive field, so a crop is a smaller bag of the same patches.
         noise_amp_factor: :math:`\\sigma_s` = factor x reconstruction RMSE.
         checkpoint_every: iterations between in-scale checkpoints when an ``out_dir`` is given.
+        arch: generator architecture, ``"singan"`` (official) or ``"singan-mask"`` (the mask of
+            the foreign region is an input channel; see :func:`~singan_insert.harmonizer.networks.build_generator`).
+        restoration_weight: weight :math:`\\beta \\ge 0` of the self-supervised restoration loss
+            (needs ``arch="singan-mask"``): regions of the scale's reconstruction input are
+            re-mapped (see :func:`corrupt_region`) and the generator, told where by the mask,
+            must restore the real slice there, :math:`\\beta\\, \\operatorname{mean}_m (G_s(\\tilde x^{rec}_s, m) - x_s)^2`.
+            The re-mappings keep the region's internal structure (only its intensities change),
+            so the restoration is a correction of a foreign region, not an inpainting of it.
     """
 
     scale_factor: float = 0.75
@@ -125,6 +133,8 @@ class TrainingConfig:
     crop_size: int | None = None
     noise_amp_factor: float = 0.1
     checkpoint_every: int = 100
+    arch: str = "singan"
+    restoration_weight: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "TrainingConfig":
@@ -173,6 +183,13 @@ class TrainingConfig:
             raise SinganInsertError("alpha, lambda_gp and noise_amp_factor must be >= 0.")
         if self.num_layers < 2 or self.width < 1 or self.max_width < 1:
             raise SinganInsertError("num_layers must be >= 2 and width, max_width >= 1.")
+        if self.arch not in ARCHITECTURES:
+            raise SinganInsertError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+        if not self.restoration_weight >= 0:
+            raise SinganInsertError(f"restoration_weight must be >= 0, got {self.restoration_weight!r}.")
+        if self.restoration_weight > 0 and self.arch != "singan-mask":
+            raise SinganInsertError(
+                "The restoration loss needs the mask as an input channel: pass arch='singan-mask'.")
         if self.trained_scales is not None and self.trained_scales < 1:
             raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
         if self.gp_every < 1 or self.checkpoint_every < 1:
@@ -335,9 +352,15 @@ def train_harmonizer(
     return harmonizer
 
 
+#: Settings added after checkpoints existed: at their defaults they leave the fingerprint as
+#: it was, so that an older run still resumes.
+_FINGERPRINT_NEUTRAL = {"arch": "singan", "restoration_weight": 0.0}
+
+
 def _fingerprint(image: torch.Tensor, config: TrainingConfig, seed: int) -> str:
     digest = hashlib.sha256(image.numpy().tobytes())
-    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    settings = {k: v for k, v in config.to_dict().items() if _FINGERPRINT_NEUTRAL.get(k, object()) != v}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(seed).encode())
     return digest.hexdigest()[:16]
 
@@ -414,7 +437,7 @@ class _TrainingState:
         generators = []
         for index, _ in enumerate(meta["amplitudes"]):
             scale = first_scale + index
-            generator = ScaleGenerator(width=config.width_at(scale, geometry.num_scales), num_layers=config.num_layers)
+            generator = build_generator(config.arch, config.width_at(scale, geometry.num_scales), config.num_layers)
             generator.load_state_dict(tensors_to_state_dict(f"generators.{index}", tensors))
             generators.append(generator.to(device).requires_grad_(False).eval())
         noise = tensors.get("reconstruction_noise")
@@ -443,7 +466,7 @@ class _ScaleTrainer:
         # without touching the caller's global random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed * 1000 + scale)
-            generator = ScaleGenerator(width=width, num_layers=config.num_layers).to(device)
+            generator = build_generator(config.arch, width, config.num_layers).to(device)
             critic = PatchCritic(width=width, num_layers=config.num_layers).to(device)
         if state.generators and config.width_at(scale - 1, geometry.num_scales) == width:
             # Official SinGAN: start from the coarser scale's weights when the widths match.
@@ -551,10 +574,18 @@ class _ScaleTrainer:
             fake = self.generator(coarse, self.amplitude * self._noise(shape))
             reconstruction = F.mse_loss(self.generator(reconstruction_input, reconstruction_noise), real)
             loss_g = -self.critic(fake).mean() + config.alpha * reconstruction
+            if config.restoration_weight > 0:
+                corrupted, region = corrupt_region(reconstruction_input, self.state.rng)
+                restored = self.generator(corrupted, reconstruction_noise, region)
+                # Mean over the re-mapped region (elsewhere the reconstruction loss already acts).
+                restoration = (((restored - real) ** 2) * region).sum() / region.sum().clamp_min(1.0)
+                loss_g = loss_g + config.restoration_weight * restoration
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             self.opt_g.step()
         self.last_losses = {"critic": loss_d.item(), "generator": loss_g.item(), "reconstruction": reconstruction.item()}
+        if config.restoration_weight > 0:
+            self.last_losses["restoration"] = restoration.item()
         return self.last_losses
 
     def finish(self) -> dict[str, Any]:
@@ -659,6 +690,74 @@ def augment_coarse(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         patch = (moved - mean) * contrast + mean
         x = x * (1 - weight) + patch * weight
     return x.clamp(-1, 1)
+
+
+REMAPS = ("dim", "brighten", "invert", "flatten", "blur")
+
+
+def corrupt_region(image: torch.Tensor, rng: torch.Generator, remap: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-map the intensities of one random soft disk of ``image`` (model units); returns it and the mask.
+
+    The disk (radius 8-25 % of the short side) is ``"dim"`` (towards -1 by a factor in
+    [0.3, 0.8]), ``"brighten"`` (away from -1 by [1.2, 1.8]), ``"invert"`` (about its mean),
+    ``"flatten"`` (deviations from its mean x 0.3) or ``"blur"`` (Gaussian, sd 1.5 px); a random
+    one of :data:`REMAPS` unless ``remap`` is given. Each keeps the region's internal structure
+    (its ranks, or for blur its coarse layout), so undoing it is a correction, not inpainting.
+    """
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=rng).item()
+
+    height, width = image.shape[-2:]
+    kind = remap or REMAPS[int(torch.randint(0, len(REMAPS), (), generator=rng))]
+    if kind not in REMAPS:
+        raise SinganInsertError(f"Unknown remap {kind!r}; choose one of {REMAPS}.")
+    radius = uniform(0.08, 0.25) * min(height, width)
+    centre = (uniform(radius, height - radius), uniform(radius, width - radius))
+    yy = torch.arange(height, device=image.device).view(-1, 1).float()
+    xx = torch.arange(width, device=image.device).view(1, -1).float()
+    distance = torch.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
+    weight = torch.clamp((radius - distance) / max(radius * 0.2, 1.0), 0, 1)[None, None]
+    mean = (image * weight).sum() / weight.sum().clamp_min(1e-6)
+    if kind == "dim":
+        remapped = -1 + (image + 1) * uniform(0.3, 0.8)
+    elif kind == "brighten":
+        remapped = -1 + (image + 1) * uniform(1.2, 1.8)
+    elif kind == "invert":
+        remapped = 2 * mean - image
+    elif kind == "flatten":
+        remapped = mean + 0.3 * (image - mean)
+    else:
+        kernel = torch.exp(-torch.arange(-4, 5, device=image.device).float() ** 2 / (2 * 1.5 ** 2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(image, (4, 4, 4, 4), mode="reflect")
+        remapped = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    corrupted = (image * (1 - weight) + remapped.clamp(-1, 1) * weight)
+    return corrupted, (weight > 0.5).to(image.dtype).expand(image.shape[0], 1, -1, -1)
+
+
+def restoration_error(harmonizer, seed: int = 0, num: int = 20) -> float:
+    """Mean RMSE, inside the re-mapped region, of the finest generator restoring :func:`corrupt_region`s.
+
+    The input is the model's stored training slice at the finest scale, downsampled to the scale
+    below and back (what that generator receives in a reconstruction); ``num`` seeded
+    corruptions. Models without the mask channel get the same inputs without the mask.
+    """
+    if harmonizer.training_slice is None:
+        raise SinganInsertError("This model file stores no training slice; retrain it to measure restoration.")
+    sizes = harmonizer.geometry.sizes
+    real = harmonizer.training_slice[None, None].to(harmonizer.device)
+    coarse = resize(resize(real, sizes[-2]), sizes[-1])
+    generator = harmonizer.pyramid.generator(harmonizer.num_scales - 1)
+    rng = torch.Generator().manual_seed(seed)
+    errors = []
+    with torch.no_grad():
+        for _ in range(num):
+            corrupted, region = corrupt_region(coarse, rng)
+            restored = generator(corrupted, 0.0, region if generator.mask_channel else None)
+            inside = region[0, 0] > 0
+            errors.append(torch.sqrt(((restored - real)[0, 0][inside] ** 2).mean()).item())
+    return float(np.mean(errors))
 
 
 def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
