@@ -120,13 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _training_config(preset: str, iterations: int | None):
-    from dataclasses import replace
-
     from singan_insert.harmonizer.training import TrainingConfig
 
-    config = TrainingConfig.preset(preset)
     # `is not None`: --iterations 0 must reach TrainingConfig's check, not fall back to the preset.
-    return replace(config, iterations=iterations) if iterations is not None else config
+    return TrainingConfig.preset(preset, **({} if iterations is None else {"iterations": iterations}))
 
 
 def _train(args: argparse.Namespace) -> int:

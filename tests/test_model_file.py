@@ -184,7 +184,7 @@ def test_what_load_would_refuse_is_not_saved(tiny_harmonizer, tmp_path):
     broken = tiny_harmonizer.__class__(
         tiny_harmonizer.pyramid, tiny_harmonizer.geometry, tiny_harmonizer.normalization,
         (0.0, 0.5), tiny_harmonizer.reconstruction_noise, tiny_harmonizer.metadata)
-    with pytest.raises(ModelFileError, match="Refusing to write.*spacing must be in"):
+    with pytest.raises(ModelFileError, match="Refusing to write.*spacing must be > 0"):
         broken.save(tmp_path / "m.safetensors")
     with pytest.raises(ModelFileError, match="Refusing to write.*unexpected tensors"):
         save_tensors(tmp_path / "c.safetensors", {"x": torch.zeros(1)}, "singan-insert-checkpoint",

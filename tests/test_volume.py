@@ -152,7 +152,8 @@ def test_intensity_modes_and_contrast(tiny_harmonizer, source, target, monkeypat
     spy = HarmonizeSpy(tiny_harmonizer, monkeypatch)
     means = {}
     for contrast in (0.5, 1.0, 1.5):
-        insert_tumor(target, AFFINE, source, tiny_harmonizer, InsertionParameters(contrast=contrast))
+        insert_tumor(target, AFFINE, source, tiny_harmonizer,
+                     InsertionParameters(appearance="fixed", contrast=contrast))
         call = spy.calls[-1]
         means[contrast] = call["composite"][call["mask"] > 0].mean()
     # lambda scales the tumor's normalised intensity above the target's dark reference:

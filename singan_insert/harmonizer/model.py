@@ -36,7 +36,7 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
 from singan_insert.harmonizer.model_file import load_tensors, save_tensors, state_dict_to_tensors, tensors_to_state_dict
-from singan_insert.harmonizer.networks import GeneratorPyramid, ScaleGenerator
+from singan_insert.harmonizer.networks import GeneratorPyramid, build_generator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 
 MODEL_KIND = "singan-insert-harmonizer"
@@ -57,6 +57,7 @@ class Harmonizer:
         spacing: tuple[float, float] | None = None,
         reconstruction_noise: torch.Tensor | None = None,
         metadata: dict[str, Any] | None = None,
+        training_slice: torch.Tensor | None = None,
     ):
         self.pyramid = pyramid.requires_grad_(False).eval()
         self.geometry = geometry
@@ -64,6 +65,10 @@ class Harmonizer:
         self.spacing = tuple(float(v) for v in spacing) if spacing is not None else None
         self.reconstruction_noise = reconstruction_noise
         self.metadata = metadata or {}
+        # The training slice in model units at the finest scale: the automatic appearance
+        # compares a pasted tumor's patches with it (model files of earlier versions have none).
+        self.training_slice = None if training_slice is None else \
+            torch.as_tensor(training_slice, dtype=torch.float32).detach().cpu().reshape(geometry.finest)
         self.device = next(pyramid.parameters()).device
 
     # ------------------------------------------------------------------ properties
@@ -170,7 +175,7 @@ class Harmonizer:
         weight = blend_weight(m.numpy(), slice_spacing or (1.0, 1.0), dilation_mm, feather_mm)
         weight = torch.from_numpy(weight)
         generated = self._generate(normalization.to_model(comp), scale, slice_spacing, generator, shared_noise,
-                                   self._autocast_dtype(precision))
+                                   self._autocast_dtype(precision), mask=m)
         generated = normalization.from_model(generated)
         blended = bg * (1 - weight) + generated * weight
         # Pixels with zero weight are copied from the caller's array, in its own dtype, so
@@ -200,7 +205,7 @@ class Harmonizer:
 
     @torch.inference_mode()
     def _generate(self, composite: torch.Tensor, scale: int, spacing, generator, shared_noise,
-                  autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  autocast_dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, height, width = composite.shape
         x = composite[:, None].to(self.device)
         working_shape = (height, width)
@@ -226,7 +231,8 @@ class Harmonizer:
 
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
-            y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise)
+            region = None if mask is None else mask[:, None].to(self.device)
+            y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise, region)
         y = resize(y, (height, width))
         return y[:, 0].float().cpu().contiguous()
 
@@ -256,12 +262,15 @@ class Harmonizer:
             widths.append(generator.body[0].out_channels)
         if self.reconstruction_noise is not None:
             tensors["reconstruction_noise"] = self.reconstruction_noise
+        if self.training_slice is not None:
+            tensors["training_slice"] = self.training_slice
         meta = {
             "geometry": self.geometry.to_dict(),
             "first_trained_scale": self.pyramid.first_scale,
             "noise_amplitudes": self.pyramid.noise_amplitudes,
             "widths": widths,
             "num_layers": len(self.pyramid.generators[0].body) // 2 + 1,
+            "arch": self.pyramid.generators[0].arch,
             "normalization": self.normalization.to_dict(),
             "spacing": list(self.spacing) if self.spacing is not None else None,
             **self.metadata,
@@ -278,7 +287,8 @@ class Harmonizer:
         try:
             generators = []
             for index, width in enumerate(meta["widths"]):
-                generator = ScaleGenerator(width=int(width), num_layers=int(meta["num_layers"]))
+                # Files written before the architecture was recorded hold the official one.
+                generator = build_generator(meta.get("arch", "singan"), int(width), int(meta["num_layers"]))
                 generator.load_state_dict(tensors_to_state_dict(f"generators.{index}", tensors))
                 generators.append(generator)
             pyramid = GeneratorPyramid(generators, meta["noise_amplitudes"], meta["first_trained_scale"])
@@ -288,11 +298,11 @@ class Harmonizer:
             from singan_insert.errors import ModelFileError
 
             raise ModelFileError(f"{str(path)!r} is an inconsistent harmonizer file ({error}).") from error
-        own_keys = {"geometry", "first_trained_scale", "noise_amplitudes", "widths", "num_layers",
+        own_keys = {"geometry", "first_trained_scale", "noise_amplitudes", "widths", "num_layers", "arch",
                     "normalization", "spacing", "format", "format_version"}
         metadata = {k: v for k, v in meta.items() if k not in own_keys}
         harmonizer = cls(pyramid, geometry, normalization, meta.get("spacing"),
-                         tensors.get("reconstruction_noise"), metadata)
+                         tensors.get("reconstruction_noise"), metadata, tensors.get("training_slice"))
         return harmonizer.to(select_device(device))
 
 

@@ -543,8 +543,11 @@ def _check_normalization(value: Any, where: str) -> None:
 def _check_harmonizer_file(meta: dict[str, Any], header: ModelFileHeader) -> None:
     """Every field :meth:`~singan_insert.harmonizer.model.Harmonizer.load` uses, and the tensors they imply."""
     from singan_insert.checks import check_int, check_real
-    from singan_insert.harmonizer.networks import ScaleGenerator
+    from singan_insert.harmonizer.networks import ARCHITECTURES, build_generator
 
+    arch = meta.get("arch", "singan")  # files written before the architecture was recorded
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch {arch!r} is not one of {ARCHITECTURES}")
     geometry = _field(meta, "geometry", dict)
     sizes = _field(geometry, "sizes", list, "geometry.")
     if not 1 <= len(sizes) <= MAX_SCALES:
@@ -576,12 +579,16 @@ def _check_harmonizer_file(meta: dict[str, Any], header: ModelFileHeader) -> Non
             check_real(value, "spacing", 0, open_minimum=True)
     for index, width in enumerate(widths):
         check_module_tensors(header, f"generators.{index}",
-                             lambda width=width: ScaleGenerator(width=width, num_layers=num_layers))
+                             lambda width=width: build_generator(arch, width, num_layers))
     others = {name: entry for name, entry in header.tensors.items()
               if not re.fullmatch(rf"generators\.({'|'.join(map(str, range(trained)))})\..+", name)}
     noise = others.pop("reconstruction_noise", None)
+    training_slice = others.pop("training_slice", None)
     if others:
         raise ValueError(f"unexpected tensors {sorted(others)[:3]}")
+    if training_slice is not None and (training_slice.dtype, training_slice.shape) != ("F32", tuple(sizes[-1])):
+        raise ValueError(f"training_slice is {training_slice.dtype} {list(training_slice.shape)}, expected F32 "
+                         f"{list(sizes[-1])} (the finest scale)")
     if noise is not None and (noise.dtype, noise.shape) != ("F32", (1, 1, *sizes[0])):
         raise ValueError(f"reconstruction_noise is {noise.dtype} {list(noise.shape)}, expected F32 "
                          f"[1, 1, {sizes[0][0]}, {sizes[0][1]}]")

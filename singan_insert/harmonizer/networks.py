@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.pyramid import resize
 
 
@@ -40,19 +41,46 @@ def _conv_stack(in_channels: int, width: int, out_channels: int, num_layers: int
     return nn.Sequential(*layers)
 
 
-class ScaleGenerator(nn.Module):
-    """Generator of one scale: adds residual detail to the upsampled coarser image."""
+#: Generator architectures (recorded in the model file as ``"arch"``; files without it are
+#: ``"singan"``): the official one, and one that also sees the tumor mask as an input channel.
+ARCHITECTURES = ("singan", "singan-mask")
 
-    def __init__(self, channels: int = 1, width: int = 32, num_layers: int = 5):
+
+class ScaleGenerator(nn.Module):
+    """Generator of one scale: adds residual detail to the upsampled coarser image.
+
+    With ``mask_channel`` (architecture ``"singan-mask"``) the body also receives the mask of
+    the foreign region (the pasted tumor), so that it can treat that region differently from
+    the rest: :math:`x_s = \\uparrow x_{s-1} + \\tanh(f_s([\\uparrow x_{s-1} + \\sigma_s z_s, m_s]))`.
+    """
+
+    def __init__(self, channels: int = 1, width: int = 32, num_layers: int = 5, mask_channel: bool = False):
         super().__init__()
-        self.body = _conv_stack(channels, width, channels, num_layers)
+        self.mask_channel = bool(mask_channel)
+        self.body = _conv_stack(channels + int(self.mask_channel), width, channels, num_layers)
         # Start as the identity (zero residual): a fresh scale then reproduces the upsampled
         # coarser image instead of adding random structure that training must first undo.
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
 
-    def forward(self, coarse: torch.Tensor, noise: torch.Tensor | float = 0.0) -> torch.Tensor:
-        return coarse + torch.tanh(self.body(coarse + noise))
+    @property
+    def arch(self) -> str:
+        return "singan-mask" if self.mask_channel else "singan"
+
+    def forward(self, coarse: torch.Tensor, noise: torch.Tensor | float = 0.0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = coarse + noise
+        if self.mask_channel:
+            mask = torch.zeros_like(coarse[:, :1]) if mask is None else mask.to(coarse.dtype).expand_as(coarse[:, :1])
+            x = torch.cat([x, mask], dim=1)
+        return coarse + torch.tanh(self.body(x))
+
+
+def build_generator(arch: str = "singan", width: int = 32, num_layers: int = 5) -> ScaleGenerator:
+    """The generator of one scale for an architecture of :data:`ARCHITECTURES`."""
+    if arch not in ARCHITECTURES:
+        raise SinganInsertError(f"Unknown generator architecture {arch!r}; choose one of {ARCHITECTURES}.")
+    return ScaleGenerator(width=int(width), num_layers=int(num_layers), mask_channel=arch == "singan-mask")
 
 
 class PatchCritic(nn.Module):
@@ -99,6 +127,7 @@ class GeneratorPyramid(nn.Module):
         start_scale: int,
         stop_scale: int,
         noise: NoiseFn | None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run :math:`G_{stop} \\circ \\dots \\circ G_{start}` on ``image`` (already at ``sizes[start]``).
 
@@ -108,6 +137,8 @@ class GeneratorPyramid(nn.Module):
             start_scale, stop_scale: first and last scale to run (inclusive).
             noise: returns a standard-normal tensor of the given shape, or ``None`` for no noise
                 (reconstruction).
+            mask: ``(B, 1, h, w)`` mask of the foreign region at any size, resized to each scale
+                for generators that take it (architecture ``"singan-mask"``); ``None``: zeros.
         Returns:
             The output at scale ``stop_scale``.
         """
@@ -115,5 +146,7 @@ class GeneratorPyramid(nn.Module):
         for scale in range(start_scale, stop_scale + 1):
             x = resize(x, sizes[scale])
             z = 0.0 if noise is None else self.amplitude(scale) * noise(tuple(x.shape))
-            x = self.generator(scale)(x, z)
+            generator = self.generator(scale)
+            m = None if mask is None or not generator.mask_channel else resize(mask, sizes[scale]).clamp(0, 1)
+            x = generator(x, z, m)
         return x

@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ from singan_insert.harmonizer.model_file import (
     tensors_to_optimizer,
     tensors_to_state_dict,
 )
-from singan_insert.harmonizer.networks import GeneratorPyramid, PatchCritic, ScaleGenerator
+from singan_insert.harmonizer.networks import ARCHITECTURES, GeneratorPyramid, PatchCritic, ScaleGenerator, build_generator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 from singan_insert.io import atomic_write_png, atomic_write_text
 
@@ -101,6 +102,14 @@ class TrainingConfig:
             an 11 px receptive field, so a crop is a smaller bag of the same patches.
         noise_amp_factor: :math:`\\sigma_s` = factor x reconstruction RMSE.
         checkpoint_every: iterations between in-scale checkpoints when an ``out_dir`` is given.
+        arch: generator architecture, ``"singan"`` (official) or ``"singan-mask"`` (the mask of
+            the foreign region is an input channel; see :func:`~singan_insert.harmonizer.networks.build_generator`).
+        restoration_weight: weight :math:`\\beta \\ge 0` of the self-supervised restoration loss
+            (needs ``arch="singan-mask"``): regions of the scale's reconstruction input are
+            re-mapped (see :func:`corrupt_region`) and the generator, told where by the mask,
+            must restore the real slice there, :math:`\\beta\\, \\operatorname{mean}_m (G_s(\\tilde x^{rec}_s, m) - x_s)^2`.
+            The re-mappings keep the region's internal structure (only its intensities change),
+            so the restoration is a correction of a foreign region, not an inpainting of it.
     """
 
     scale_factor: float = 0.75
@@ -126,28 +135,63 @@ class TrainingConfig:
     crop_size: int | None = None
     noise_amp_factor: float = 0.1
     checkpoint_every: int = 100
+    arch: str = "singan"
+    restoration_weight: float = 0.0
 
     @classmethod
-    def preset(cls, name: str) -> "TrainingConfig":
-        """``"reference"`` (official SinGAN), ``"fast"`` (default) or ``"tiny"`` (tests, seconds)."""
-        if name == "reference":
-            return cls()
-        if name == "fast":
-            return cls(
+    def preset(cls, name: str, **overrides: Any) -> "TrainingConfig":
+        """A named preset with any field overridden by keyword (``None`` values are ignored).
+
+        ``"reference"`` (official SinGAN), ``"fast"`` (default) or ``"tiny"`` (tests, seconds);
+        e.g. ``TrainingConfig.preset("fast", iterations=200)``. Unknown field names raise
+        :class:`~singan_insert.errors.SinganInsertError`; values are checked as for any config.
+        """
+        presets = {
+            "reference": {},
+            "fast": dict(
                 max_size=256, iterations=400, generator_steps=1, critic_steps=1, gp_every=4,
                 max_width=32, finest_width=16, finest_width_scales=2, trained_scales=5,
                 augment=True, crop_size=64, checkpoint_every=50,
-            )
-        if name == "tiny":
-            return cls(
+            ),
+            "tiny": dict(
                 min_size=12, max_size=48, iterations=30, generator_steps=1, critic_steps=1,
                 gp_every=2, width=8, max_width=8, trained_scales=3, augment=True, checkpoint_every=10,
-            )
-        raise SinganInsertError(f"Unknown preset {name!r}; choose 'fast', 'reference' or 'tiny'.")
+            ),
+        }
+        if name not in presets:
+            raise SinganInsertError(f"Unknown preset {name!r}; choose 'fast', 'reference' or 'tiny'.")
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SinganInsertError(
+                f"Unknown training setting(s) {unknown}; valid ones are {sorted(cls.__dataclass_fields__)}.")
+        given = {key: value for key, value in overrides.items() if value is not None}
+        return cls(**{**presets[name], **given})
 
     def __post_init__(self) -> None:
+        integers = ("min_size", "max_size", "iterations", "generator_steps", "critic_steps", "gp_every",
+                    "width", "max_width", "width_doubling_every", "finest_width_scales", "num_layers",
+                    "checkpoint_every")
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SinganInsertError(f"{name} must be an integer, got {value!r}.")
         if self.iterations < 1 or self.generator_steps < 1 or self.critic_steps < 1:
             raise SinganInsertError("iterations, generator_steps and critic_steps must be >= 1.")
+        if not 0 < self.learning_rate < 1 or not 0 <= self.lr_decay_at <= 1:
+            raise SinganInsertError(
+                f"learning_rate must be in (0, 1) and lr_decay_at in [0, 1], got {self.learning_rate!r} "
+                f"and {self.lr_decay_at!r}.")
+        if self.alpha < 0 or self.lambda_gp < 0 or self.noise_amp_factor < 0:
+            raise SinganInsertError("alpha, lambda_gp and noise_amp_factor must be >= 0.")
+        if self.num_layers < 2 or self.width < 1 or self.max_width < 1:
+            raise SinganInsertError("num_layers must be >= 2 and width, max_width >= 1.")
+        if self.arch not in ARCHITECTURES:
+            raise SinganInsertError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+        if not self.restoration_weight >= 0:
+            raise SinganInsertError(f"restoration_weight must be >= 0, got {self.restoration_weight!r}.")
+        if self.restoration_weight > 0 and self.arch != "singan-mask":
+            raise SinganInsertError(
+                "The restoration loss needs the mask as an input channel: pass arch='singan-mask'.")
         if self.trained_scales is not None and self.trained_scales < 1:
             raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
         if self.gp_every < 1 or self.checkpoint_every < 1:
@@ -322,6 +366,7 @@ def train_harmonizer(
             },
             "provenance": provenance or {},
         },
+        training_slice=reals[-1][0, 0].cpu(),
     )
     if out_dir is not None:
         harmonizer.save(Path(out_dir) / MODEL_NAME)
@@ -329,9 +374,15 @@ def train_harmonizer(
     return harmonizer
 
 
+#: Settings added after checkpoints existed: at their defaults they leave the fingerprint as
+#: it was, so that an older run still resumes.
+_FINGERPRINT_NEUTRAL = {"arch": "singan", "restoration_weight": 0.0}
+
+
 def _fingerprint(image: torch.Tensor, config: TrainingConfig, seed: int) -> str:
     digest = hashlib.sha256(image.numpy().tobytes())
-    digest.update(json.dumps(config.to_dict(), sort_keys=True).encode())
+    settings = {k: v for k, v in config.to_dict().items() if _FINGERPRINT_NEUTRAL.get(k, object()) != v}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(str(seed).encode())
     return digest.hexdigest()[:16]
 
@@ -408,7 +459,7 @@ class _TrainingState:
         generators = []
         for index, _ in enumerate(meta["amplitudes"]):
             scale = first_scale + index
-            generator = ScaleGenerator(width=config.width_at(scale, geometry.num_scales), num_layers=config.num_layers)
+            generator = build_generator(config.arch, config.width_at(scale, geometry.num_scales), config.num_layers)
             generator.load_state_dict(tensors_to_state_dict(f"generators.{index}", tensors))
             generators.append(generator.to(device).requires_grad_(False).eval())
         noise = tensors.get("reconstruction_noise")
@@ -437,7 +488,7 @@ class _ScaleTrainer:
         # without touching the caller's global random state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(state.seed * 1000 + scale)
-            generator = ScaleGenerator(width=width, num_layers=config.num_layers).to(device)
+            generator = build_generator(config.arch, width, config.num_layers).to(device)
             critic = PatchCritic(width=width, num_layers=config.num_layers).to(device)
         if state.generators and config.width_at(scale - 1, geometry.num_scales) == width:
             # Official SinGAN: start from the coarser scale's weights when the widths match.
@@ -545,10 +596,18 @@ class _ScaleTrainer:
             fake = self.generator(coarse, self.amplitude * self._noise(shape))
             reconstruction = F.mse_loss(self.generator(reconstruction_input, reconstruction_noise), real)
             loss_g = -self.critic(fake).mean() + config.alpha * reconstruction
+            if config.restoration_weight > 0:
+                corrupted, region = corrupt_region(reconstruction_input, self.state.rng)
+                restored = self.generator(corrupted, reconstruction_noise, region)
+                # Mean over the re-mapped region (elsewhere the reconstruction loss already acts).
+                restoration = (((restored - real) ** 2) * region).sum() / region.sum().clamp_min(1.0)
+                loss_g = loss_g + config.restoration_weight * restoration
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             self.opt_g.step()
         self.last_losses = {"critic": loss_d.item(), "generator": loss_g.item(), "reconstruction": reconstruction.item()}
+        if config.restoration_weight > 0:
+            self.last_losses["restoration"] = restoration.item()
         return self.last_losses
 
     def finish(self) -> dict[str, Any]:
@@ -567,8 +626,38 @@ class _ScaleTrainer:
             "reconstruction_rmse": rec_rmse,
             "initial_reconstruction_rmse": self.initial_rmse,
             "upsampled_input_rmse": input_rmse,
+            **scale_health(self.scale, rec_rmse, input_rmse),
             **{f"final_{k}_loss": v for k, v in self.last_losses.items()},
         }
+
+
+class TrainingHealthWarning(UserWarning):
+    """A trained scale reconstructs its real slice worse than its plain upsampled input did."""
+
+
+def scale_health(scale: int, reconstruction_rmse: float, input_rmse: float) -> dict[str, Any]:
+    """Health of one trained scale: does its generator improve on the upsampled coarser image?
+
+    A scale is healthy when :math:`\\mathrm{RMSE}(G_s(x^{rec}_s), x_s) <
+    \\mathrm{RMSE}(x^{rec}_s, x_s)`, i.e. running its generator brings the reconstruction closer
+    to the real slice than the upsampled reconstruction of the coarser scales alone (for a scale
+    trained from pure noise, scale 0 of the ``reference`` preset, that input is zeros). An
+    unhealthy scale is flagged in the training log (``"healthy": false``) and
+    reported with a :class:`TrainingHealthWarning`: harmonizing through it degrades the image.
+
+    Returns:
+        ``{"healthy": bool, "improvement": input_rmse / reconstruction_rmse}`` (``None`` for a
+        perfect reconstruction).
+    """
+    improvement = input_rmse / reconstruction_rmse if reconstruction_rmse > 0 else None
+    healthy = bool(reconstruction_rmse < input_rmse)
+    if not healthy:
+        warnings.warn(
+            f"Scale {scale} reconstructs the training slice worse than its upsampled input "
+            f"(RMSE {reconstruction_rmse:.4f} vs {input_rmse:.4f}): harmonizing from or through this "
+            "scale degrades the image. Train longer (iterations), with another seed, or start "
+            "harmonization above it.", TrainingHealthWarning, stacklevel=2)
+    return {"healthy": healthy, "improvement": None if improvement is None else float(improvement)}
 
 
 def _gradient_penalty(critic, real, fake, rng) -> torch.Tensor:
@@ -625,8 +714,76 @@ def augment_coarse(image: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
+REMAPS = ("dim", "brighten", "invert", "flatten", "blur")
+
+
+def corrupt_region(image: torch.Tensor, rng: torch.Generator, remap: str | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-map the intensities of one random soft disk of ``image`` (model units); returns it and the mask.
+
+    The disk (radius 8-25 % of the short side) is ``"dim"`` (towards -1 by a factor in
+    [0.3, 0.8]), ``"brighten"`` (away from -1 by [1.2, 1.8]), ``"invert"`` (about its mean),
+    ``"flatten"`` (deviations from its mean x 0.3) or ``"blur"`` (Gaussian, sd 1.5 px); a random
+    one of :data:`REMAPS` unless ``remap`` is given. Each keeps the region's internal structure
+    (its ranks, or for blur its coarse layout), so undoing it is a correction, not inpainting.
+    """
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=rng).item()
+
+    height, width = image.shape[-2:]
+    kind = remap or REMAPS[int(torch.randint(0, len(REMAPS), (), generator=rng))]
+    if kind not in REMAPS:
+        raise SinganInsertError(f"Unknown remap {kind!r}; choose one of {REMAPS}.")
+    radius = uniform(0.08, 0.25) * min(height, width)
+    centre = (uniform(radius, height - radius), uniform(radius, width - radius))
+    yy = torch.arange(height, device=image.device).view(-1, 1).float()
+    xx = torch.arange(width, device=image.device).view(1, -1).float()
+    distance = torch.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
+    weight = torch.clamp((radius - distance) / max(radius * 0.2, 1.0), 0, 1)[None, None]
+    mean = (image * weight).sum() / weight.sum().clamp_min(1e-6)
+    if kind == "dim":
+        remapped = -1 + (image + 1) * uniform(0.3, 0.8)
+    elif kind == "brighten":
+        remapped = -1 + (image + 1) * uniform(1.2, 1.8)
+    elif kind == "invert":
+        remapped = 2 * mean - image
+    elif kind == "flatten":
+        remapped = mean + 0.3 * (image - mean)
+    else:
+        kernel = torch.exp(-torch.arange(-4, 5, device=image.device).float() ** 2 / (2 * 1.5 ** 2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(image, (4, 4, 4, 4), mode="reflect")
+        remapped = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    corrupted = (image * (1 - weight) + remapped.clamp(-1, 1) * weight)
+    return corrupted, (weight > 0.5).to(image.dtype).expand(image.shape[0], 1, -1, -1)
+
+
+def restoration_error(harmonizer, seed: int = 0, num: int = 20) -> float:
+    """Mean RMSE, inside the re-mapped region, of the finest generator restoring :func:`corrupt_region`s.
+
+    The input is the model's stored training slice at the finest scale, downsampled to the scale
+    below and back (what that generator receives in a reconstruction); ``num`` seeded
+    corruptions. Models without the mask channel get the same inputs without the mask.
+    """
+    if harmonizer.training_slice is None:
+        raise SinganInsertError("This model file stores no training slice; retrain it to measure restoration.")
+    sizes = harmonizer.geometry.sizes
+    real = harmonizer.training_slice[None, None].to(harmonizer.device)
+    coarse = resize(resize(real, sizes[-2]), sizes[-1])
+    generator = harmonizer.pyramid.generator(harmonizer.num_scales - 1)
+    rng = torch.Generator().manual_seed(seed)
+    errors = []
+    with torch.no_grad():
+        for _ in range(num):
+            corrupted, region = corrupt_region(coarse, rng)
+            restored = generator(corrupted, 0.0, region if generator.mask_channel else None)
+            inside = region[0, 0] > 0
+            errors.append(torch.sqrt(((restored - real)[0, 0][inside] ** 2).mean()).item())
+    return float(np.mean(errors))
+
+
 def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
-    """PNG strip: real | reconstruction | 3 random samples, at ``scale``."""
+    """Labelled PNG strip at ``scale``: real | reconstruction | 3 random samples."""
     first = state.first_scale
     pyramid = GeneratorPyramid(state.generators, state.amplitudes, first)
     device = reals[0].device
@@ -643,4 +800,18 @@ def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, sca
     tiles = [reals[scale], rec, *samples]
     row = torch.cat([t[0, 0].cpu() for t in tiles], dim=1)
     image = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    width = tiles[0].shape[-1]
+    image = _labelled(image, [(0, "real"), (width, "reconstruction"), (2 * width, "samples")])
     atomic_write_png(path, image)
+
+
+def _labelled(image: np.ndarray, labels: list[tuple[int, str]], band: int = 14) -> np.ndarray:
+    """``image`` (uint8, H x W) under a black band with white ``(x, text)`` labels (Pillow's font)."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (image.shape[1], image.shape[0] + band), 0)
+    canvas.paste(Image.fromarray(image), (0, band))
+    draw = ImageDraw.Draw(canvas)
+    for x, text in labels:
+        draw.text((x + 2, 1), text, fill=255)
+    return np.asarray(canvas)

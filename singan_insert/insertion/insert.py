@@ -4,8 +4,12 @@ For one tumor, :func:`insert_tumor`
 
 1. places the source tumor on the target grid (:func:`singan_insert.insertion.placement.paste_tumor`);
 2. maps its intensities into the target's units with
-   :func:`singan_insert.insertion.intensity.map_tumor_intensities` (``"normalized"`` or ``"matched"``,
-   then the contrast factor :math:`\\lambda`). Both mappings are monotone functions of the
+   :func:`singan_insert.insertion.intensity.map_tumor_intensities` (``"normalized"`` or ``"matched"``),
+   then sets its level: by default (``appearance="auto"``) the model chooses, per tumor, the
+   most realistic visible level against its training slice of B
+   (:mod:`singan_insert.insertion.appearance`), which fixes the contrast factor
+   :math:`\\lambda` of that tumor; with ``appearance="fixed"`` (the paper's method) the
+   user's :math:`\\lambda` is applied as is. Both mappings are monotone functions of the
    intensity that depend on the two images only through their distributions, so they are built
    once on compact quantile tables (:func:`singan_insert.insertion.placement.intensity_quantiles`) and applied
    to the tumor voxels by linear interpolation: the cost does not grow with the volume. On
@@ -20,7 +24,10 @@ For one tumor, :func:`insert_tumor`
    every slice (``shared_noise=True``: neighbouring slices, whose composites differ little,
    receive the same noise, so no stripes appear in the through-plane view), normalised with
    the whole volume's percentiles;
-5. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
+5. with ``texture`` (default with ``appearance="auto"``), adds seeded noise inside the tumor
+   up to the high-pass energy of B's tissue around it (the pyramid's own noise is too weak to
+   texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
+6. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
    them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor are left
    bit-identical) and writes ``label_value`` into a copy of the label map.
 
@@ -41,6 +48,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Sequence
 
@@ -49,9 +57,20 @@ import torch
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.model import Harmonizer
-from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
+from singan_insert.insertion.appearance import (
+    DEFAULT_VISIBILITY_FLOOR,
+    PatchBank,
+    TextureBank,
+    partial_volume,
+    choose_level,
+    inject_texture,
+    ring,
+    scoring_slices,
+)
+from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
+from singan_insert.harmonizer.pyramid import resize
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
@@ -63,6 +82,9 @@ from singan_insert.insertion.placement import (
 )
 
 OverlapPolicy = Literal["replace", "keep", "error"]
+Appearance = Literal["auto", "fixed"]
+#: Rim (mm) around the tumor whose mean is "the surroundings" and whose texture is B's.
+SHELL_MM = 2.0
 RECORD_FORMAT = "singan-insert-insertion"
 RECORD_VERSION = 1
 
@@ -77,7 +99,9 @@ class InsertionParameters:
         placement: where and how the source tumor goes (:class:`~singan_insert.insertion.placement.Placement`);
             ``None`` keeps its physical position.
         intensity_mode: ``"normalized"`` or ``"matched"`` (see :mod:`singan_insert.insertion.intensity`).
-        contrast: the factor :math:`\\lambda > 0` (GBA uses 0.5, 0.8, 1.5).
+        contrast: the factor :math:`\\lambda > 0` of ``appearance="fixed"`` (GBA uses 0.5, 0.8,
+            1.5). With ``"auto"`` the model chooses each tumor's :math:`\\lambda` itself and this
+            value has no effect (the result is the same for any input :math:`\\lambda`).
         start_scale: harmonizer injection scale (negative counts from the finest); ``None``:
             the model's default.
         axis: array axis the slices are cut along (0, 1 or 2); ``None``: the through-plane axis
@@ -89,6 +113,14 @@ class InsertionParameters:
         overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see the module docstring).
         dilation_mm, feather_mm: blend weight of the harmonizer; ``None``: its defaults.
         border_margin, clip_to_fov, max_anisotropy: see :func:`~singan_insert.insertion.placement.paste_tumor`.
+        appearance: ``"auto"`` (default): the model picks each tumor's level in B by realism
+            under a visibility constraint; ``"fixed"``: the paper's fixed :math:`\\lambda`.
+            A model file without a stored training slice (written by an earlier version)
+            falls back to ``"fixed"`` with a warning.
+        visibility_floor: with ``"auto"``, the least tumor-vs-surroundings difference allowed,
+            as a fraction of the model's intensity range, in [0, 0.5).
+        texture: add B's texture inside the tumor after harmonization; ``None``: on with
+            ``appearance="auto"``, off with ``"fixed"`` (the paper's method unchanged).
     """
 
     placement: Placement | None = None
@@ -105,8 +137,18 @@ class InsertionParameters:
     border_margin: int = 1
     clip_to_fov: bool = False
     max_anisotropy: float = DEFAULT_MAX_ANISOTROPY
+    appearance: Appearance = "auto"
+    visibility_floor: float = DEFAULT_VISIBILITY_FLOOR
+    texture: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.appearance not in ("auto", "fixed"):
+            raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
+        if not (isinstance(self.visibility_floor, (int, float)) and 0 <= self.visibility_floor < 0.5):
+            raise SinganInsertError(
+                f"visibility_floor must be a number in [0, 0.5), got {self.visibility_floor!r}.")
+        if self.texture is not None and not isinstance(self.texture, bool):
+            raise SinganInsertError(f"texture must be True, False or None, got {self.texture!r}.")
         if self.intensity_mode not in ("normalized", "matched"):
             raise SinganInsertError(
                 f"intensity_mode must be 'normalized' or 'matched', got {self.intensity_mode!r}.")
@@ -289,37 +331,63 @@ def insert_tumor(
 
     # 2. intensities, mapped on quantile tables (see the module docstring)
     target_quantiles = intensity_quantiles(image)
-    mapped = _map_intensities(pasted.image[mask_box], source.quantiles, target_quantiles,
-                              params.intensity_mode, float(params.contrast))
     if normalization is None:
         normalization = PercentileNormalization.fit(target_quantiles)
+    appearance = params.appearance
+    bank = PatchBank.of(harmonizer) if appearance == "auto" else None
+    if appearance == "auto" and bank is None:
+        warnings.warn("This harmonizer file stores no training slice (it was written by an earlier "
+                      "version), so the tumor's appearance cannot be chosen automatically: using "
+                      f"appearance='fixed' with contrast={params.contrast:g}. Retrain the model to "
+                      "get the automatic appearance.", stacklevel=2)
+        appearance = "fixed"
+    texture = (appearance == "auto") if params.texture is None else params.texture
+    resolved = replace(resolved, appearance=appearance, texture=texture)
+    mapped = _map_intensities(pasted.image[mask_box], source.quantiles, target_quantiles,
+                              params.intensity_mode, float(params.contrast) if appearance == "fixed" else 1.0)
 
-    # 3. crop of the tumor slices with in-plane context; composite inside it
+    # 3. crop of the tumor slices with in-plane context
     work_dtype = image.dtype if np.issubdtype(image.dtype, np.floating) else np.float32
     full_mask = np.zeros(image.shape, dtype=bool)
     full_mask[box] = mask_box
     crop, slice_indices = _harmonization_crop(full_mask, box, axis, spacing, params.context_mm)
     background_crop = image[crop].astype(work_dtype, copy=True)
-    composite_crop = background_crop.copy()
-    box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
-    composite_crop[box_in_crop][mask_box] = mapped
-    # 4. every tumor slice along `axis`, harmonized in one call
     background = np.moveaxis(background_crop, axis, 0)[slice_indices]
-    composite = np.moveaxis(composite_crop, axis, 0)[slice_indices]
     crop_mask = np.moveaxis(full_mask[crop], axis, 0)[slice_indices]
     plane_axes = [a for a in range(3) if a != axis]
+    plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
+    shell = ring(crop_mask, plane_spacing, SHELL_MM)
+    box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
+    appearance_record: dict[str, Any] = {"mode": appearance}
+    if appearance == "auto":
+        mapped, appearance_record = _automatic_level(
+            mapped, background, crop_mask, shell, plane_spacing, harmonizer, bank, normalization,
+            target_quantiles, params)
+
+    # 4. composite, and every tumor slice along `axis` harmonized in one call
+    composite_crop = background_crop.copy()
+    composite_crop[box_in_crop][mask_box] = mapped
+    composite = np.moveaxis(composite_crop, axis, 0)[slice_indices]
+    if appearance == "auto":
+        composite = background + partial_volume(crop_mask) * (composite - background)
+        np.moveaxis(composite_crop, axis, 0)[slice_indices] = composite  # the returned composite
     try:
         harmonized = harmonizer.harmonize(
             background, composite, crop_mask.astype(np.float32), start_scale,
-            spacing=(spacing[plane_axes[0]], spacing[plane_axes[1]]),
-            normalization=normalization, dilation_mm=dilation_mm, feather_mm=feather_mm,
-            seed=seed, shared_noise=True,
+            spacing=plane_spacing, normalization=normalization, dilation_mm=dilation_mm,
+            feather_mm=feather_mm, seed=seed, shared_noise=True,
         )
     except SinganInsertError as error:
         raise SinganInsertError(
             f"Harmonizing the {background.shape[0]} tumor slice(s) of {background.shape[1]}x"
             f"{background.shape[2]} px (the tumor plus {params.context_mm:g} mm of context, cut "
             f"to the {image.shape} target) failed: {error}") from error
+    if texture:
+        target_std = None
+        if bank is not None:
+            target_std = _texture_std(harmonized, crop_mask, plane_spacing, harmonizer, normalization)
+        harmonized, appearance_record["texture"] = inject_texture(
+            harmonized, background, crop_mask, shell, seed, target_std)
 
     # 5. restack and label
     out = image.astype(work_dtype, copy=True)
@@ -352,6 +420,7 @@ def insert_tumor(
             "crop": [[int(s.start), int(s.stop)] for s in crop],
             "mapped_intensity_mean": float(np.mean(mapped)),
         },
+        "appearance": appearance_record,
     }
     composite_volume = None
     if return_composite:
@@ -359,6 +428,59 @@ def insert_tumor(
         composite_volume[crop] = composite_crop
     return InsertionResult(image=out, label=new_label, mask=full_mask, record=record,
                            composite=composite_volume)
+
+
+def _model_grid(slices, plane_spacing, harmonizer) -> torch.Tensor:
+    """``(..., S, H, W)`` slices resampled to the model's pixel size (bicubic), float32."""
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))
+    if harmonizer.spacing is None:
+        return x
+    lead, (height, width) = x.shape[:-2], x.shape[-2:]
+    shape = (max(round(height * plane_spacing[0] / harmonizer.spacing[0]), 1),
+             max(round(width * plane_spacing[1] / harmonizer.spacing[1]), 1))
+    return resize(x.reshape(-1, 1, height, width), shape).reshape(*lead, *shape)
+
+
+def _texture_std(harmonized, mask, plane_spacing, harmonizer, normalization) -> float | None:
+    """B's texture sd (intensity units) for the harmonized tumor, read from the training slice."""
+    from scipy.ndimage import binary_erosion  # the tumor's one-pixel border is no texture
+
+    picked = scoring_slices(mask)
+    interior = np.stack([binary_erosion(m) for m in mask[picked]])
+    if not interior.any():
+        interior = mask[picked]
+    images = normalization.to_model(_model_grid(harmonized[picked], plane_spacing, harmonizer))
+    region = _model_grid(interior.astype(np.float32), plane_spacing, harmonizer) > 0.5
+    std = TextureBank.of(harmonizer).texture_std(images.numpy(), region.numpy())
+    return None if std is None else std * (normalization.high - normalization.low) / 2
+
+
+def _automatic_level(mapped, background, mask, shell, plane_spacing, harmonizer, bank,
+                     normalization, target_quantiles, params):
+    """Rescale the mapped tumor (lambda = 1) to the level chosen by realism (see appearance)."""
+    to_model = lambda x: normalization.to_model(torch.from_numpy(np.asarray(x, np.float32)))  # noqa: E731
+    shell_model = float(to_model(background[shell]).mean()) if shell.any() else \
+        float(to_model(background[mask]).mean())
+    t_low = robust_range(target_quantiles)[0]
+    mean = float(np.mean(mapped))
+    picked = scoring_slices(mask)
+    region = (mask | shell)[picked]
+    bg = _model_grid(to_model(background[picked]).numpy(), plane_spacing, harmonizer)
+    m = _model_grid(partial_volume(mask[picked]), plane_spacing, harmonizer).clamp(0, 1)
+    rg = _model_grid(region.astype(np.float32), plane_spacing, harmonizer)
+    choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
+    level = float(normalization.from_model(torch.tensor(choice.level)))
+    surroundings = float(normalization.from_model(torch.tensor(shell_model)))
+    factor = (level - t_low) / (mean - t_low) if mean - t_low > 1e-3 * (normalization.high - normalization.low) \
+        else math.inf
+    # lambda about the dark reference, as in the paper, but the source's internal structure is
+    # never stretched beyond its lambda = 1 mapping: a tumor brightened (lambda > 1) is shifted.
+    gain = min(max(factor, 0.0), 1.0)
+    out = level + gain * (mapped.astype(np.float64) - mean)
+    factor = None if not math.isfinite(factor) else factor
+    record = {"mode": "auto", "lambda": factor, "structure_gain": gain, "level": level, "surroundings": surroundings,
+              "choice": choice.to_dict()}
+    return out.astype(np.float32), record
 
 
 def _map_intensities(values, source_quantiles, target_quantiles, mode, contrast) -> np.ndarray:

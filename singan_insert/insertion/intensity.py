@@ -17,9 +17,17 @@ A source tumor (modality A) is brought into the target's units before pasting in
 modes, then optionally contrast-scaled by a factor :math:`\\lambda` (as in the authors'
 follow-up, GBA, with :math:`\\lambda \\in \\{0.5, 0.8, 1.5\\}`):
 
-* ``"normalized"``: both images are percentile-normalised to :math:`[0, 1]` and the source's
-  normalised value is placed at the same normalised value of the target
-  (``v_t = p_lo^t + u (p_hi^t - p_lo^t)``);
+* ``"normalized"``: both images are percentile-normalised to :math:`[0, 1]` over their TISSUE
+  (in a non-negative, magnitude image: the voxels above 5 % of its 99.5th percentile, so that
+  air, whose signal is noise of a few percent of the brightest tissue, does not set the dark
+  end) and
+  the source's normalised value is placed at the same normalised value of the target
+  (``v_t = p_lo^t + u (p_hi^t - p_lo^t)``). Values beyond :math:`[0, 1]` (an enhancing tumor
+  above the source's 99.5th percentile) are not clipped flat but compressed by a soft knee,
+  :math:`u \\mapsto 1 + k \\tanh((u - 1)/k)` above 1 and :math:`k\\, e^{u/k - 1}` below
+  :math:`k` (:math:`k = 0.1`; both continuous with slope 1 where they meet the identity): the
+  mapping stays strictly increasing and positive, so the tumor keeps its internal
+  structure (ranks) for the harmonizer;
 * ``"matched"``: histogram (quantile) matching of the source image to the target image,
   evaluated at the tumor's values;
 
@@ -47,6 +55,7 @@ def map_tumor_intensities(
     mode: IntensityMode = "normalized",
     contrast: float = 1.0,
     percentiles: tuple[float, float] = (0.5, 99.5),
+    tissue_only: bool = True,
 ) -> np.ndarray:
     """Bring a source image's intensities into the target's units (see the module docstring).
 
@@ -57,6 +66,8 @@ def map_tumor_intensities(
         mode: ``"normalized"`` or ``"matched"``.
         contrast: the factor :math:`\\lambda > 0` applied in the target's normalised units.
         percentiles: robust range used by both modes.
+        tissue_only: fit the percentiles over each image's tissue (see :func:`tissue_values`),
+            not over air too; ``False`` gives the whole-image percentiles of earlier versions.
 
     Returns:
         ``source_image`` mapped to the target's units, same shape, ``float32``.
@@ -69,19 +80,54 @@ def map_tumor_intensities(
     check_finite(target, "target image")
     if not np.any(np.asarray(source_mask) > 0):
         raise SinganInsertError("The source tumor mask is empty: there is no tumor to insert.")
-    t_low, t_high = np.percentile(target, percentiles)
+    t_low, t_high = robust_range(target, percentiles, tissue_only)
     if t_high <= t_low:
         raise SinganInsertError("The target image is constant; cannot map intensities into it.")
     if mode == "normalized":
-        s_low, s_high = np.percentile(source, percentiles)
+        s_low, s_high = robust_range(source, percentiles, tissue_only)
         if s_high <= s_low:
             raise SinganInsertError("The source image is constant; cannot normalise it.")
-        unit = np.clip((source - s_low) / (s_high - s_low), 0, 1)
+        unit = soft_knee((source - s_low) / (s_high - s_low))
     elif mode == "matched":
         unit = (_quantile_match(source, target) - t_low) / (t_high - t_low)
     else:
         raise SinganInsertError(f"Unknown intensity mode {mode!r}; use 'normalized' or 'matched'.")
     return (t_low + contrast * unit * (t_high - t_low)).astype(np.float32)
+
+
+KNEE = 0.1
+
+
+def soft_knee(unit: np.ndarray, knee: float = KNEE) -> np.ndarray:
+    """Identity on :math:`[k, 1]`; smooth, strictly increasing compression into ``(0, k)`` below and ``(1, 1 + k)`` above."""
+    unit = np.asarray(unit, dtype=np.float64)
+    above = 1 + knee * np.tanh((np.maximum(unit, 1) - 1) / knee)
+    below = knee * np.exp(np.minimum(unit, knee) / knee - 1)
+    return np.where(unit > 1, above, np.where(unit < knee, below, unit))
+
+
+TISSUE_THRESHOLD = 0.05
+
+
+def tissue_values(values: np.ndarray, threshold: float = TISSUE_THRESHOLD) -> np.ndarray:
+    """The values of a magnitude image above ``threshold`` times its 99.5th percentile (tissue, not air).
+
+    Images with negative values (already standardised, CT) and images where that would leave
+    fewer than 5 % of the values are returned whole: their air cannot be told this way.
+    """
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    if flat.size == 0 or flat.min() < 0:
+        return flat
+    tissue = flat[flat > threshold * np.percentile(flat, 99.5)]
+    return tissue if tissue.size >= max(8, flat.size // 20) else flat
+
+
+def robust_range(values: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5),
+                 tissue_only: bool = True) -> tuple[float, float]:
+    """The ``percentiles`` of ``values`` (of their tissue with ``tissue_only``)."""
+    values = tissue_values(values) if tissue_only else np.asarray(values, dtype=np.float64)
+    low, high = np.percentile(values, percentiles)
+    return float(low), float(high)
 
 
 def _quantile_match(source: np.ndarray, reference: np.ndarray) -> np.ndarray:

@@ -92,6 +92,7 @@ __all__ = ["RandomTumorInsertion", "TumorInsertion", "load_harmonizer"]
 #: :class:`TumorInsertion`); :class:`RandomTumorInsertion` passes them on unchanged to the
 #: :class:`TumorInsertion` it applies.
 SHARED_ARGUMENTS: dict[str, Any] = {
+    "appearance": "auto",
     "intensity_mode": "normalized",
     "label_key": "label",
     "label_value": 1,
@@ -115,6 +116,8 @@ _BASE_ARGUMENTS = ("copy", "include", "exclude", "keep", "parse_input", "label_k
 def _parse_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Pop and validate the shared arguments from ``kwargs`` (what is left is TorchIO's)."""
     values = {name: kwargs.pop(name, default) for name, default in SHARED_ARGUMENTS.items()}
+    if values["appearance"] not in ("auto", "fixed"):
+        raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {values['appearance']!r}.")
     for name in ("label_key", "source_label_key"):
         if not isinstance(values[name], str) or not values[name]:
             raise SinganInsertError(f"{name} must be a non-empty string, got {values[name]!r}.")
@@ -199,14 +202,17 @@ class TumorInsertion(Transform):
         location_units: ``"voxel"`` or ``"mm"``.
         start_scale: harmonizer start scale, an integer (negative counts from the finest);
             ``None``: the model's default.
-        contrast: :math:`\lambda > 0` (GBA: 0.5, 0.8, 1.5).
-        seed: seed of the harmonizer noise, an integer in :math:`[0, 2^{63})`.
+        contrast: :math:`\lambda > 0` (GBA: 0.5, 0.8, 1.5), used with ``appearance="fixed"``.
+        seed: seed of the harmonizer noise, an integer in :math:`[0, 2^{32})`.
         flip: flip the tumor along world axes x, y, z (three booleans).
         rotation: rotation about world axes x, y, z in degrees (finite).
         scale: scale factor (one, or one per world axis), > 0.
         clip_to_fov: cut the tumor at the border of the field of view instead of raising.
         source_image_key: for a ``torchio.Subject`` source, which image holds the tumor
             (``None``: its only scalar image). Used at construction only.
+        appearance: ``"auto"`` (default: the model chooses the tumor's level in the target
+            modality, see :mod:`singan_insert.insertion.appearance`; ``contrast`` is then
+            unused) or ``"fixed"`` (the paper's method: the given :math:`\lambda`).
         intensity_mode: ``"normalized"`` or ``"matched"``.
         label_key: name of the label map that receives the tumor (see above).
         label_value: value written for the tumor, an integer >= 1.
@@ -288,7 +294,7 @@ class TumorInsertion(Transform):
             seed=self.seed, label_value=self.label_value, overlap=self.overlap,
             dilation_mm=self.dilation_mm, feather_mm=self.feather_mm,
             border_margin=self.border_margin, clip_to_fov=self.clip_to_fov,
-            max_anisotropy=self.max_anisotropy,
+            max_anisotropy=self.max_anisotropy, appearance=self.appearance,
         )
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
@@ -375,7 +381,8 @@ class RandomTumorInsertion(RandomTransform):
         start_scale: ``None`` (the model's default), an int, ``(a, b)`` (uniform integer in
             :math:`[a, b]`, both >= 0 or both < 0) or a set of ints.
         contrast: :math:`\lambda` (> 0): a number, ``(a, b)`` for :math:`\lambda \sim U(a, b)`,
-            or a set such as ``{0.5, 0.8, 1.5}`` (GBA; one of them with equal probability).
+            or a set such as ``{0.5, 0.8, 1.5}`` (GBA; one of them with equal probability); used
+            with ``appearance="fixed"`` only (``"auto"``, the default, chooses the level itself).
         flip_axes: world axes (0 = x, 1 = y, 2 = z) that may be flipped, each with
             ``flip_probability`` (in :math:`[0, 1]`).
         degrees: rotation ranges, as in ``tio.RandomAffine``: :math:`d \ge 0` gives

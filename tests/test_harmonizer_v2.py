@@ -1,0 +1,294 @@
+"""Harmonizer v2: automatic appearance, texture, training health, presets, old model files."""
+
+from __future__ import annotations
+
+import json
+import warnings
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from singan_insert import Harmonizer, TrainingConfig, train_harmonizer
+from singan_insert.datasets.phantom import simulate_subject
+from singan_insert.errors import SinganInsertError
+from singan_insert.evaluation.experiments import training_slice_from_subject
+from singan_insert.harmonizer import training as training_module
+from singan_insert.harmonizer.training import TrainingHealthWarning, scale_health
+from singan_insert.insertion.appearance import (PatchBank, choose_level, highpass, inject_texture, partial_volume,
+                                                ring, robust_std)
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+from singan_insert.insertion.intensity import map_tumor_intensities, robust_range, soft_knee
+from singan_insert.insertion.placement import SourceTumor
+
+
+@pytest.fixture(scope="module")
+def simulated_model(tmp_path_factory):
+    """A seconds-long training on the simulator's hrT2 slice at its own size (128 px)."""
+    image, spacing, index = training_slice_from_subject(simulate_subject(0))
+    config = TrainingConfig.preset("tiny", max_size=128, min_size=24, iterations=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)  # 20 iterations: not the point here
+        return train_harmonizer(image, config, seed=0, spacing=spacing, progress=False,
+                                provenance={"axis": 2, "modality": "hrT2"})
+
+
+def tumor_contrast(image, mask, spacing):
+    """Mean inside the mask minus mean of the 2 mm shell around it."""
+    distance = ndimage.distance_transform_edt(~mask, sampling=spacing)
+    shell = (distance > 0) & (distance <= 2.0)
+    return float(image[mask].mean() - image[shell].mean())
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_insertion_keeps_the_tumor_visible_where_the_raw_paste_vanishes(simulated_model, seed):
+    subject = simulate_subject(seed)
+    washed = subject.render_b_washed_out()
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    default = insert_tumor(washed, subject.affine_b, source, simulated_model, InsertionParameters(seed=0))
+    truth = subject.render_b(default.mask)
+    spacing = subject.spacing_b
+    true_contrast = tumor_contrast(truth, default.mask, spacing)
+    assert true_contrast < 0  # hrT2: the schwannoma is darker than the CSF around it
+    ours = tumor_contrast(default.image, default.mask, spacing)
+    assert np.sign(ours) == np.sign(true_contrast) and abs(ours) >= 0.6 * abs(true_contrast)
+    # The paper's mode at lambda = 1 (the same raw paste) gives the tumor the wrong sign or
+    # makes it vanish: the check above can fail.
+    paper = insert_tumor(washed, subject.affine_b, source, simulated_model,
+                         InsertionParameters(seed=0, appearance="fixed", contrast=1.0))
+    paper_contrast = tumor_contrast(paper.image, paper.mask, spacing)
+    assert not (np.sign(paper_contrast) == np.sign(true_contrast)
+                and abs(paper_contrast) >= 0.6 * abs(true_contrast))
+    record = default.record["appearance"]
+    assert record["mode"] == "auto" and 0 < record["lambda"] < 1
+    # The input lambda does not matter with the automatic appearance.
+    again = insert_tumor(washed, subject.affine_b, source, simulated_model,
+                         InsertionParameters(seed=0, contrast=0.5))
+    assert np.array_equal(again.image, default.image)
+
+
+def test_visibility_floor_excludes_the_surroundings_level():
+    """A bank that only knows the background level would choose "vanished" without the floor."""
+    flat = torch.zeros(64, 64)
+    bank = PatchBank(flat)
+    background = torch.zeros(1, 40, 40)
+    mask = torch.zeros(1, 40, 40)
+    mask[0, 15:25, 15:25] = 1
+    region = torch.ones(1, 40, 40)
+    free = choose_level(bank, background, mask, region, shell=0.0, visibility_floor=0.0)
+    assert abs(free.level) < 0.1
+    floored = choose_level(bank, background, mask, region, shell=0.0, visibility_floor=0.2)
+    assert abs(floored.level) >= 0.4 - 1e-6
+    with pytest.raises(SinganInsertError, match="visibility_floor"):
+        choose_level(bank, background, mask, region, shell=0.0, visibility_floor=0.7)
+
+
+def test_texture_seeds_differ_with_the_same_mean(simulated_model):
+    subject = simulate_subject(1)
+    washed = subject.render_b_washed_out()
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    results = [insert_tumor(washed, subject.affine_b, source, simulated_model, InsertionParameters(seed=s))
+               for s in (0, 1)]
+    mask = results[0].mask
+    texture = results[0].record["appearance"]["texture"]
+    assert texture["added_std"] > 0
+    difference = np.abs(results[0].image - results[1].image)[mask].mean()
+    assert difference >= 0.3 * texture["target_std"]
+    means = [r.image[mask].mean() for r in results]
+    assert abs(means[0] - means[1]) <= 0.05 * abs(means[0])
+    # Without texture, the two seeds differ only by the pyramid's own (weak) noise.
+    plain = [insert_tumor(washed, subject.affine_b, source, simulated_model,
+                          InsertionParameters(seed=s, texture=False)) for s in (0, 1)]
+    assert np.abs(plain[0].image - plain[1].image)[mask].mean() < 0.5 * difference
+
+
+def test_inject_texture_matches_the_surroundings_energy():
+    rng = np.random.default_rng(0)
+    background = 100 + 5 * rng.standard_normal((4, 48, 48))
+    mask = np.zeros(background.shape, bool)
+    mask[:, 16:32, 16:32] = True
+    smooth = np.where(mask, 60.0, background)
+    surroundings = ring(mask, (1.0, 1.0), 6.0)
+    out, info = inject_texture(smooth, background, mask, surroundings, seed=3)
+    assert info["added_std"] == pytest.approx(info["target_std"], rel=0.05)  # the flat tumor had ~none
+    assert robust_std(highpass(out)[mask & ~ring(~mask, (1.0, 1.0), 2.0)]) == pytest.approx(
+        info["target_std"], rel=0.2)
+    assert np.array_equal(out[~mask], smooth[~mask])
+    assert abs(out[mask].mean() - 60.0) < 0.5
+
+
+def test_partial_volume_edge():
+    mask = np.zeros((1, 12, 12), bool)
+    mask[0, 3:9, 3:9] = True
+    fraction = partial_volume(mask)
+    assert np.all(fraction[~mask] == 0) and np.all((fraction[mask] > 0.4) & (fraction[mask] <= 1))
+    assert fraction[0, 6, 6] == pytest.approx(1.0, abs=1e-3) and fraction[0, 3, 6] < 0.9
+
+
+def test_soft_knee_keeps_the_ranks_of_an_enhancing_tumor():
+    unit = np.array([-0.5, -0.1, 0.0, 0.05, 0.2, 0.5, 0.9, 1.0, 1.2, 1.5, 1.8])
+    knee = soft_knee(unit)
+    assert np.all(np.diff(knee) > 0)  # strictly increasing: no flat clipping
+    assert np.allclose(knee[(unit >= 0.1) & (unit <= 1)], unit[(unit >= 0.1) & (unit <= 1)])
+    assert knee.min() > 0 and knee.max() < 1.1
+    rng = np.random.default_rng(0)
+    source = rng.uniform(100, 200, (32, 32, 8))
+    source[:4] = 0.0  # air
+    source[10:14, 10:14, 2:6] = np.linspace(250, 400, 64).reshape(4, 4, 4)  # above p99.5
+    mask = np.zeros(source.shape, bool)
+    mask[10:14, 10:14, 2:6] = True
+    target = rng.uniform(50, 300, (32, 32, 8))
+    mapped = map_tumor_intensities(source, mask, target)[mask]
+    assert len(np.unique(mapped)) == mask.sum()  # every voxel keeps its own value
+    assert np.all(np.diff(mapped) > 0)
+
+
+def test_percentiles_ignore_air():
+    rng = np.random.default_rng(0)
+    image = np.concatenate([rng.uniform(0, 5, 6000), rng.uniform(100, 200, 4000)])
+    low, high = robust_range(image)
+    assert low > 95 and high < 201
+    assert robust_range(image, tissue_only=False)[0] < 5
+    standardized = rng.normal(size=1000)  # negative values: no air to tell apart
+    assert robust_range(standardized) == robust_range(standardized, tissue_only=False)
+
+
+def test_health_flag_fires_on_a_deliberately_broken_scale(tmp_path, monkeypatch):
+    from helpers import textured_slice
+
+    broken_scale = {}
+    original = training_module._ScaleTrainer.finish
+
+    def finish(self):
+        if not broken_scale:  # break the first trained scale: its residual becomes noise
+            broken_scale["scale"] = self.scale
+            with torch.no_grad():
+                last = self.generator.body[-1]
+                last.weight.copy_(torch.randn(last.weight.shape, generator=torch.Generator().manual_seed(0)))
+                last.bias.fill_(0.5)
+        return original(self)
+
+    monkeypatch.setattr(training_module._ScaleTrainer, "finish", finish)
+    with pytest.warns(TrainingHealthWarning, match="worse than its upsampled input") as caught:
+        model = train_harmonizer(textured_slice(), TrainingConfig.preset("tiny", iterations=5), out_dir=tmp_path,
+                                 seed=0, progress=False)
+    assert any(f"Scale {broken_scale['scale']} " in str(w.message) for w in caught)
+    log = json.loads((tmp_path / "training_log.json").read_text())
+    entry = next(e for e in log if e["scale"] == broken_scale["scale"])
+    assert entry["healthy"] is False and entry["improvement"] < 1
+    assert model.metadata["training"]["log"][0]["healthy"] is False
+    assert (tmp_path / f"samples_scale{broken_scale['scale']:02d}.png").exists()
+
+
+def test_scale_health_rule():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scale_health(3, 0.05, 0.10) == {"healthy": True, "improvement": pytest.approx(2.0)}
+    with pytest.warns(TrainingHealthWarning, match="Scale 4"):
+        assert scale_health(4, 0.12, 0.10)["healthy"] is False
+
+
+def test_preset_overrides_are_validated():
+    config = TrainingConfig.preset("fast", iterations=50)
+    assert config.iterations == 50 and config.trained_scales == TrainingConfig.preset("fast").trained_scales
+    assert TrainingConfig.preset("fast", iterations=None) == TrainingConfig.preset("fast")
+    with pytest.raises(SinganInsertError, match="Unknown training setting"):
+        TrainingConfig.preset("fast", iteration=50)
+    with pytest.raises(SinganInsertError, match="iterations"):
+        TrainingConfig.preset("tiny", iterations=0)
+    with pytest.raises(SinganInsertError, match="integer"):
+        TrainingConfig.preset("tiny", iterations=2.5)
+    with pytest.raises(SinganInsertError, match="Unknown preset"):
+        TrainingConfig.preset("quick")
+
+
+def test_model_file_without_training_slice_falls_back_to_the_fixed_appearance(tiny_harmonizer, tmp_path):
+    old = Harmonizer(tiny_harmonizer.pyramid, tiny_harmonizer.geometry, tiny_harmonizer.normalization,
+                     tiny_harmonizer.spacing, tiny_harmonizer.reconstruction_noise, tiny_harmonizer.metadata)
+    old.save(tmp_path / "old.safetensors")
+    loaded = Harmonizer.load(tmp_path / "old.safetensors")
+    assert loaded.training_slice is None
+    assert Harmonizer.load(tiny_harmonizer_path(tiny_harmonizer, tmp_path)).training_slice is not None
+    from test_volume import AFFINE, SHAPE, TUMOR, synthetic_volume
+
+    image, label = synthetic_volume(1, tumor=TUMOR)
+    source = SourceTumor.from_arrays(image, label, AFFINE)
+    target, _ = synthetic_volume(2)
+    with pytest.warns(UserWarning, match="appearance='fixed'"):
+        result = insert_tumor(target, AFFINE, source, loaded, InsertionParameters(seed=0))
+    fixed = insert_tumor(target, AFFINE, source, loaded, InsertionParameters(seed=0, appearance="fixed"))
+    assert np.array_equal(result.image, fixed.image)
+    assert result.record["parameters"]["appearance"] == "fixed"
+
+
+def tiny_harmonizer_path(harmonizer, folder):
+    path = folder / "new.safetensors"
+    harmonizer.save(path)
+    return path
+
+
+def test_appearance_parameters_are_validated():
+    with pytest.raises(SinganInsertError, match="appearance"):
+        InsertionParameters(appearance="manual")
+    with pytest.raises(SinganInsertError, match="visibility_floor"):
+        InsertionParameters(visibility_floor=0.6)
+    with pytest.raises(SinganInsertError, match="texture"):
+        InsertionParameters(texture="yes")
+    params = InsertionParameters(appearance="fixed", texture=True)
+    assert InsertionParameters.from_dict(params.to_dict()) == params
+
+
+# ------------------------------------------------------------------ restoration training (mask channel)
+def test_restoration_objective_lowers_the_restoration_error():
+    from helpers import textured_slice
+    from singan_insert.harmonizer.training import restoration_error
+
+    errors = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        for weight in (0.0, 10.0):
+            # Only the finest scale is trained: the one restoration_error measures.
+            config = TrainingConfig.preset("tiny", arch="singan-mask", restoration_weight=weight,
+                                           iterations=100, trained_scales=1)
+            model = train_harmonizer(textured_slice(), config, seed=0, progress=False)
+            errors[weight] = restoration_error(model, seed=123, num=30)
+    # Measured: 0.391 without, 0.376 with the objective (a tiny 8-filter generator).
+    assert errors[10.0] < 0.98 * errors[0.0], errors
+
+
+def test_architecture_is_recorded_and_old_files_load_as_singan(tmp_path):
+    from helpers import textured_slice
+    from singan_insert.harmonizer.model_file import load_tensors, save_tensors
+    from singan_insert.harmonizer.networks import build_generator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        model = train_harmonizer(textured_slice(), TrainingConfig.preset("tiny", arch="singan-mask", iterations=3),
+                                 out_dir=tmp_path / "mask", seed=0, progress=False)
+    loaded = Harmonizer.load(tmp_path / "mask")
+    assert all(g.mask_channel for g in loaded.pyramid.generators)
+    tensors, meta = load_tensors(tmp_path / "mask" / "harmonizer.safetensors", "singan-insert-harmonizer")
+    assert meta["arch"] == "singan-mask"
+    # The mask reaches the generators: with it the result differs from a zero mask's.
+    background = np.asarray(textured_slice(), np.float32)
+    mask = np.zeros(background.shape, np.float32)
+    mask[20:30, 20:30] = 1
+    composite = np.where(mask > 0, background * 0.5, background)
+    with_mask = loaded.harmonize(background, composite, mask, -1, seed=0, dilation_mm=30, feather_mm=0)
+    assert np.isfinite(with_mask).all()
+    # A file written without "arch" (earlier versions) loads as the official architecture.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        plain = train_harmonizer(textured_slice(), TrainingConfig.preset("tiny", iterations=3), seed=0, progress=False)
+    plain.save(tmp_path / "plain.safetensors")
+    tensors, meta = load_tensors(tmp_path / "plain.safetensors", "singan-insert-harmonizer")
+    del meta["arch"]
+    for key in ("format", "format_version", "kind"):
+        meta.pop(key, None)
+    save_tensors(tmp_path / "old.safetensors", tensors, "singan-insert-harmonizer", meta)
+    old = Harmonizer.load(tmp_path / "old.safetensors")
+    assert not any(g.mask_channel for g in old.pyramid.generators)
+    with pytest.raises(SinganInsertError, match="architecture"):
+        build_generator("unet")
+    with pytest.raises(SinganInsertError, match="singan-mask"):
+        TrainingConfig.preset("tiny", restoration_weight=1.0)
