@@ -95,7 +95,10 @@ class InsertSettings:
 
     Args:
         num: augmentations per case, >= 1.
-        contrast: :math:`\\lambda` (> 0), in any spelling of
+        appearance: ``"auto"`` (default: the model chooses each tumor's level in the target
+            modality, :mod:`singan_insert.insertion.appearance`; ``contrast`` is then unused) or
+            ``"fixed"`` (the paper's method with the drawn :math:`\\lambda`).
+        contrast: :math:`\\lambda` (> 0), used with ``appearance="fixed"``, in any spelling of
             :func:`~singan_insert.insertion.sampling.parse_contrast`: a number, a ``set`` of
             values (GBA's ``{0.5, 0.8, 1.5}``), a range ``(low, high)``, or the command line's
             tokens (``["0.5", "0.8"]``: a set; ``["0.5:1.5"]``: a range).
@@ -111,6 +114,7 @@ class InsertSettings:
     """
 
     num: int = 1
+    appearance: str = "auto"
     contrast: Any = 1.0
     start_scale: Any = None
     intensity_mode: str = "normalized"
@@ -124,6 +128,8 @@ class InsertSettings:
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("num", check_integer(self.num, "num", 1))
+        if self.appearance not in ("auto", "fixed"):
+            raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
         set_("contrast", parse_contrast(self.contrast, "contrast"))
         set_("start_scale", parse_start_scale(self.start_scale, "start_scale"))
         if self.intensity_mode not in ("normalized", "matched"):
@@ -164,6 +170,9 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
                              "shows the tumor)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num", type=int, default=1, help="augmentations per case (default: 1)")
+    parser.add_argument("--appearance", choices=["auto", "fixed"], default="auto",
+                        help="auto (default): the model chooses each tumor's level in the target "
+                             "modality; fixed: the paper's method with --contrast")
     parser.add_argument("--contrast", nargs="+", default=["1.0"],
                         help="contrast factors lambda to draw from (GBA: 0.5 0.8 1.5), or one range "
                              "LOW:HIGH drawn uniformly")
@@ -393,7 +402,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     drawn = settings.ranges().sample(rng)
     harmonizer = load_harmonizer(model_file)
     parameters = InsertionParameters(
-        intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
+        appearance=settings.appearance, intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
         start_scale=drawn.start_scale, axis=settings.axis, context_mm=settings.context_mm,
         seed=drawn.seed, label_value=settings.label_value)
     target_data, affine = _read_volume(Path(case.target), "target")
@@ -411,7 +420,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
             from singan_insert.evaluation.figures import before_after_panel
 
             before_after_panel(target_data, result.image, result.mask, paths["panel"],
-                               title=f"{case.name} aug {index} (lambda={parameters.contrast:.3g})")
+                               title=f"{case.name} aug {index} ({_appearance_caption(result.record)})")
         atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
     except BaseException:
         # An output without its record is unfinished anyway: leave no half of it behind.
@@ -484,6 +493,14 @@ def _collect_cases(args: argparse.Namespace) -> tuple[list[Case], list[Problem],
     return cases, [], incomplete
 
 
+def _appearance_caption(record: dict[str, Any]) -> str:
+    """How the tumor's level was set, for a panel's title."""
+    chosen = record.get("appearance") or {}
+    mode = chosen.get("mode", "fixed")
+    lam = chosen.get("lambda") if mode == "auto" else record.get("parameters", {}).get("contrast")
+    return f"{mode}, lambda={lam:.3g}" if isinstance(lam, (int, float)) else str(mode)
+
+
 def run_insert(args: argparse.Namespace) -> int:
     """``singan-insert insert``: augment every case, skipping finished outputs."""
     from tqdm.auto import tqdm
@@ -493,7 +510,7 @@ def run_insert(args: argparse.Namespace) -> int:
 
     workers = check_integer(args.workers, "--workers", 1)
     settings = InsertSettings(
-        num=args.num, contrast=args.contrast, start_scale=args.start_scale,
+        num=args.num, appearance=args.appearance, contrast=args.contrast, start_scale=args.start_scale,
         intensity_mode=args.intensity_mode, label_value=args.label_value,
         source_label_value=args.source_label_value, axis=args.axis, context_mm=args.context_mm,
         seed=args.seed, panels=args.panels)

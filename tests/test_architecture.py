@@ -154,10 +154,12 @@ def test_an_old_module_path_imports_the_new_module_and_warns_once(old, new, monk
     assert len(moved) == 1 and new in str(moved[0].message) and old in str(moved[0].message)
 
 
-def test_a_transform_pickled_under_its_old_path_loads(monkeypatch):
+def test_a_transform_pickled_under_its_old_path_loads(monkeypatch, tmp_path):
     from singan_insert.integrations.torchio import TumorInsertion
 
-    transform = TumorInsertion("harmonizer.safetensors", "ceT1", (10, 12, 4), contrast=0.5, seed=3)
+    model = tmp_path / "harmonizer.safetensors"
+    model.write_bytes(b"")  # the transform checks the path exists; it loads the model lazily
+    transform = TumorInsertion(str(model), "ceT1", (10, 12, 4), contrast=0.5, seed=3)
     # A pickle written by version 0.1 names the class by its old module (protocol 0 is text,
     # so the module name can be rewritten in place).
     data = pickle.dumps(transform, protocol=0)

@@ -588,8 +588,8 @@ def test_correct_grayscale_saved_as_rgba_png(tmp_path):
 # ================================================================== 3. training inputs
 @pytest.mark.parametrize("field, value, message", [
     ("learning_rate", float("nan"), "learning_rate must be a finite number"),
-    ("learning_rate", 0.0, "learning_rate must be > 0"),
-    ("learning_rate", -1e-4, "learning_rate must be > 0"),
+    ("learning_rate", 0.0, r"learning_rate must be in \(0, 1\)"),
+    ("learning_rate", -1e-4, r"learning_rate must be in \(0, 1\)"),
     ("betas", (0.5, float("nan")), "betas must be a finite number"),
     ("betas", (0.5, 1.0), r"betas must be in \[0, 1\)"),
     ("scale_factor", float("nan"), "scale_factor must be a finite"),

@@ -41,8 +41,8 @@ each input's table:
 ``harmonized``   the paper's mode: this input paste harmonized from a fixed start scale
                  (:func:`paper_parameters`);
 ``default``      whatever :class:`~singan_insert.insertion.insert.InsertionParameters` defaults give
-                 for this input (:func:`default_parameters`; today the paper's mode from the
-                 model's default start scale).
+                 for this input (:func:`default_parameters`: the automatic appearance, which
+                 ignores the input's :math:`\\lambda`).
 
 The last two are run with two noise seeds, for :func:`~singan_insert.evaluation.metrics.seed_difference`.
 Metrics are computed on a box around the tumor (a margin of :data:`METRIC_MARGIN` voxels, far
@@ -219,7 +219,8 @@ def paper_parameters(value: InputPaste, start_scale: int, seed: int) -> Insertio
 
     The one place to change should the default insertion stop being the paper's mode.
     """
-    return replace(default_parameters(value, seed), intensity_mode="normalized", start_scale=start_scale)
+    return replace(default_parameters(value, seed), appearance="fixed", texture=None,
+                   intensity_mode="normalized", start_scale=start_scale)
 
 
 @dataclass

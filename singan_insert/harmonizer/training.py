@@ -168,36 +168,8 @@ class TrainingConfig:
         return cls(**{**presets[name], **given})
 
     def __post_init__(self) -> None:
-        integers = ("min_size", "max_size", "iterations", "generator_steps", "critic_steps", "gp_every",
-                    "width", "max_width", "width_doubling_every", "finest_width_scales", "num_layers",
-                    "checkpoint_every")
-        for name in integers:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SinganInsertError(f"{name} must be an integer, got {value!r}.")
-        if self.iterations < 1 or self.generator_steps < 1 or self.critic_steps < 1:
-            raise SinganInsertError("iterations, generator_steps and critic_steps must be >= 1.")
-        if not 0 < self.learning_rate < 1 or not 0 <= self.lr_decay_at <= 1:
-            raise SinganInsertError(
-                f"learning_rate must be in (0, 1) and lr_decay_at in [0, 1], got {self.learning_rate!r} "
-                f"and {self.lr_decay_at!r}.")
-        if self.alpha < 0 or self.lambda_gp < 0 or self.noise_amp_factor < 0:
-            raise SinganInsertError("alpha, lambda_gp and noise_amp_factor must be >= 0.")
-        if self.num_layers < 2 or self.width < 1 or self.max_width < 1:
-            raise SinganInsertError("num_layers must be >= 2 and width, max_width >= 1.")
-        if self.arch not in ARCHITECTURES:
-            raise SinganInsertError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
-        if not self.restoration_weight >= 0:
-            raise SinganInsertError(f"restoration_weight must be >= 0, got {self.restoration_weight!r}.")
-        if self.restoration_weight > 0 and self.arch != "singan-mask":
-            raise SinganInsertError(
-                "The restoration loss needs the mask as an input channel: pass arch='singan-mask'.")
-        if self.trained_scales is not None and self.trained_scales < 1:
-            raise SinganInsertError("trained_scales must be >= 1 (or None for all scales).")
-        if self.gp_every < 1 or self.checkpoint_every < 1:
-            raise SinganInsertError("gp_every and checkpoint_every must be >= 1.")
-        # Every other field: NaN, infinity, fractions and out-of-range values fail here, at
-        # construction, not as NaN losses or a crash hours into training.
+        # NaN, infinity, fractions and out-of-range values fail here, at construction, not as
+        # NaN losses or a crash hours into training.
         check_real(self.scale_factor, "scale_factor", 0, 1, open_minimum=True, open_maximum=True)
         for name, low in (("min_size", 4), ("max_size", self.min_size), ("iterations", 1), ("generator_steps", 1),
                           ("critic_steps", 1), ("gp_every", 1), ("width", 1), ("max_width", 1),
@@ -208,13 +180,19 @@ class TrainingConfig:
         for name in ("finest_width", "trained_scales", "crop_size"):
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 1)
-        check_real(self.learning_rate, "learning_rate", 0, open_minimum=True)
+        check_real(self.learning_rate, "learning_rate", 0, 1, open_minimum=True, open_maximum=True)
         if len(self.betas) != 2:
             raise SinganInsertError(f"betas must be two numbers, got {self.betas!r}.")
         for beta in self.betas:
             check_real(beta, "betas", 0, 1, open_maximum=True)
-        for name in ("lr_decay_at", "alpha", "lambda_gp", "noise_amp_factor"):
+        check_real(self.lr_decay_at, "lr_decay_at", 0, 1)
+        for name in ("alpha", "lambda_gp", "noise_amp_factor", "restoration_weight"):
             check_real(getattr(self, name), name, 0)
+        if self.arch not in ARCHITECTURES:
+            raise SinganInsertError(f"arch must be one of {ARCHITECTURES}, got {self.arch!r}.")
+        if self.restoration_weight > 0 and self.arch != "singan-mask":
+            raise SinganInsertError(
+                "The restoration loss needs the mask as an input channel: pass arch='singan-mask'.")
 
     def width_at(self, scale: int, num_scales: int) -> int:
         if self.finest_width is not None and scale >= num_scales - self.finest_width_scales:

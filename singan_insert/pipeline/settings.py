@@ -45,7 +45,10 @@ class PipelineSettings:
             half decay), or None for the preset's.
         harmonizer_preset: ``"fast"``, ``"reference"`` or ``"tiny"``.
         harmonizer_iterations: iterations per scale (None: the preset's).
-        contrast: contrast factors :math:`\\lambda` the insertion draws from (> 0).
+        appearance: ``"auto"`` (default: the harmonizer chooses each tumor's level in B) or
+            ``"fixed"`` (the paper's method with ``contrast``).
+        contrast: contrast factors :math:`\\lambda` the insertion draws from (> 0), used with
+            ``appearance="fixed"``.
         augmentations: B' volumes per A case (>= 1).
         seed: seeds every stage.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -63,6 +66,7 @@ class PipelineSettings:
     pix2pix_iterations: int | None = None
     harmonizer_preset: str = "fast"
     harmonizer_iterations: int | None = None
+    appearance: str = "auto"
     contrast: tuple[float, ...] = (0.5,)
     augmentations: int = 1
     seed: int = 0
@@ -76,6 +80,8 @@ class PipelineSettings:
         object.__setattr__(self, "contrast", tuple(float(c) for c in self.contrast))
         if self.segmenter not in ("small", "nnunet"):
             raise SinganInsertError(f"segmenter must be 'small' or 'nnunet', got {self.segmenter!r}.")
+        if self.appearance not in ("auto", "fixed"):
+            raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
         if not self.contrast or any(not (np.isfinite(c) and c > 0) for c in self.contrast):
             raise SinganInsertError(f"contrast factors must be positive numbers, got {self.contrast}.")
         if self.augmentations < 1:

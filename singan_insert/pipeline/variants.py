@@ -159,6 +159,7 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
                                                      int(record.get("augmentation", 0))))
             parameters = replace(InsertionParameters.from_dict(record["parameters"]),
                                  contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
+                                 appearance="fixed", texture=None,
                                  placement=None)
             harmonizer = harmonizer or load_harmonizer(record["model_file"])
             # The translated tumor is its own source, in place: the mapping only scales its contrast.

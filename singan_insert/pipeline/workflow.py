@@ -421,7 +421,8 @@ class CrossModaPipeline:
         model = self.harmonizer_dir
         if not (model / "harmonizer.safetensors").is_file():
             raise SinganInsertError("The harmonizer is not trained yet: run step 3 (03_train_harmonizer.py).")
-        settings = InsertSettings(num=self.settings.augmentations, contrast=set(self.settings.contrast),
+        settings = InsertSettings(num=self.settings.augmentations, appearance=self.settings.appearance,
+                                  contrast=set(self.settings.contrast),
                                   axis=_SLICE_AXIS, seed=self.settings.seed, source_label_value=TUMOR_LABEL,
                                   label_value=TUMOR_LABEL)
         harmonized_dir, naive_dir = self.bprime_dir("harmonized"), self.bprime_dir("naive")
