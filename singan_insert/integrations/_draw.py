@@ -34,7 +34,8 @@ class ParameterRanges:
         scale: one isotropic factor :math:`s \\sim U(1 - v, 1 + v)`, ``0 <= v < 1``.
         flip_axes: world axes (0 = x, 1 = y, 2 = z) flipped, each with ``flip_probability``.
         flip_probability: in [0, 1].
-        max_attempts: location draws before giving up (the tumor must fit in the volume), >= 1.
+        max_attempts: location draws before giving up, >= 1 (only voxels where the tumor fits
+            are drawn, so one normally suffices).
     """
 
     contrast: tuple[float, float] | None = None
@@ -116,18 +117,31 @@ def draw_parameters(
 
 
 def _draw_location(rng, region, source, affine, shape, flips, rotation, scale, margin, attempts):
-    candidates = np.flatnonzero(np.asarray(region, dtype=bool))
-    if candidates.size == 0:
-        raise SinganInsertError("The placement region is empty: there is nowhere to put the tumor.")
-    shape = np.asarray(shape)
-    for _ in range(attempts):
-        location = tuple(float(v) for v in np.unravel_index(candidates[rng.randint(candidates.size)], region.shape))
+    """A voxel of ``region`` where the placed tumor fits ``margin`` voxels inside the volume.
+
+    The placed bounds move with the location by whole voxels, so one probe at the origin tells
+    which voxels of the region fit; the draw is uniform among those (and checked once more).
+    """
+    def bounds(location):
         placement = Placement(location=location, units="voxel", flips=flips,
                               rotation_degrees=rotation, scale=scale)
-        low, high = placed_bounds(source, affine, placement)
+        return placed_bounds(source, affine, placement)
+
+    shape = np.asarray(shape)
+    low0, high0 = bounds((0.0, 0.0, 0.0))
+    fits = np.zeros(region.shape, dtype=bool)
+    start = np.maximum(margin - low0, 0)
+    stop = np.minimum(shape - margin - high0, shape)  # exclusive: L + high0 <= shape - 1 - margin
+    if np.all(stop > start):
+        fits[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))] = True
+    candidates = np.flatnonzero(np.asarray(region, dtype=bool) & fits)
+    for _ in range(attempts if candidates.size else 0):
+        location = tuple(float(v) for v in np.unravel_index(candidates[rng.randint(candidates.size)], region.shape))
+        low, high = bounds(location)
         if np.all(low >= margin) and np.all(high <= shape - 1 - margin):
             return location
     raise SinganInsertError(
-        f"Could not place the tumor ({source.mask.shape} crop, scale {scale[0]:.2f}) inside the "
-        f"{tuple(int(s) for s in shape)} volume with border_margin={margin} in {attempts} "
-        "attempt(s). Use a larger placement region, smaller scales or a smaller border_margin.")
+        f"The tumor ({source.mask.shape} crop, scale {scale[0]:.2f}, placed extent "
+        f"{tuple(int(v) for v in high0 - low0 + 1)} voxels) fits nowhere in the placement region "
+        f"of the {tuple(int(s) for s in shape)} volume with border_margin={margin}. Use a larger "
+        "placement region or volume, smaller scales or a smaller border_margin.")
