@@ -390,14 +390,16 @@ class nnUNetTrainerTumorInsertion(nnUNetTrainer):  # noqa: N801 - nnU-Net's nami
 class nnUNetTrainerTumorInsertion_Smoke(nnUNetTrainerTumorInsertion):  # noqa: N801
     """On-the-fly insertion, 1 epoch of 5 training and 2 validation iterations (smoke runs)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net records these by name
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 5, 2
 
 
 class nnUNetTrainerTumorInsertion_Short(nnUNetTrainerTumorInsertion):  # noqa: N801
     """On-the-fly insertion, 20 epochs of 25 iterations (small CPU runs)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):  # nnU-Net records these by name
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 20, 25, 5
