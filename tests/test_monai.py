@@ -190,6 +190,10 @@ def test_bad_input_gives_clear_errors(model, source):
     assert passed == {"other": 1}
     with pytest.raises(SinganInsertError, match="placement region 'brain' is not"):
         random_transform(model, source)({"image": sample()["image"]})
+    shifted = sample()
+    shifted["label"] = MetaTensor(torch.zeros(1, *SHAPE, dtype=torch.uint8), affine=torch.eye(4))
+    with pytest.raises(SinganInsertError, match="label"):
+        TumorInsertiond("image", model, source)(shifted)  # the label is on another grid
 
 
 def test_missing_monai_gives_install_hint(monkeypatch):

@@ -54,7 +54,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise MissingExtraError("monai", "monai", "The MONAI transforms") from error
 
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
-from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine
+from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
 from singan_insert.integrations._draw import ParameterRanges, as_range, draw_parameters
 from singan_insert.integrations.torchio import load_harmonizer
 
@@ -95,6 +95,19 @@ def _volume_and_affine(value: Any, key: Hashable) -> tuple[np.ndarray, np.ndarra
     return array[0], check_affine(affine, f"affine of {key!r}")
 
 
+def _on_same_grid(value: Any, key: Hashable, image: Any, image_key: Hashable) -> np.ndarray:
+    """``value`` as an (X, Y, Z) array, checked to lie on ``image``'s grid (affines when both have one)."""
+    array, affine = _volume_and_affine(value, key)
+    image_array, image_affine = _volume_and_affine(image, image_key)
+    if isinstance(value, MetaTensor) and isinstance(image, MetaTensor):
+        check_same_grid(array.shape, affine, image_array.shape, image_affine, repr(key), repr(image_key))
+    elif array.shape != image_array.shape:
+        raise SinganInsertError(
+            f"{key!r} has shape {array.shape} but {image_key!r} {image_array.shape}; they must be "
+            "on one voxel grid.")
+    return array
+
+
 def _on_grid_of(values: np.ndarray, like: Any, meta_from: Any) -> torch.Tensor:
     """``values`` (X, Y, Z) as a (1, X, Y, Z) tensor carrying ``meta_from``'s metadata."""
     tensor = torch.from_numpy(np.ascontiguousarray(values[None]))
@@ -132,13 +145,7 @@ class _InsertionBase(MapTransform):
         image = d[self.image_key]
         volume, affine = _volume_and_affine(image, self.image_key)
         label_in = d.get(self.label_key)
-        label = None
-        if label_in is not None:
-            label, _ = _volume_and_affine(label_in, self.label_key)
-            if label.shape != volume.shape:
-                raise SinganInsertError(
-                    f"The label {self.label_key!r} has shape {label.shape} but the image "
-                    f"{volume.shape}; they must be on one voxel grid.")
+        label = None if label_in is None else _on_same_grid(label_in, self.label_key, image, self.image_key)
         parameters, source = parameters_for(d, volume, affine, label)
         record = ""
         if parameters is None:
@@ -302,19 +309,15 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
 
     def _draw(self, d: dict, volume: np.ndarray, affine: np.ndarray, label: np.ndarray | None):
         source = self.sources[self.R.randint(len(self.sources))]
-        region = None if self.placement_key is None else self._region(d, volume.shape)
+        region = None if self.placement_key is None else self._region(d)
         parameters = draw_parameters(self.R, source, affine, volume.shape, self.parameters,
                                      self.ranges, region)
         return parameters, source
 
-    def _region(self, d: dict, shape: tuple[int, ...]) -> np.ndarray:
+    def _region(self, d: dict) -> np.ndarray:
         value = d.get(self.placement_key)
         if value is None:
             raise SinganInsertError(
                 f"The placement region {self.placement_key!r} is not in the dictionary.")
-        region, _ = _volume_and_affine(value, self.placement_key)
-        if region.shape != shape:
-            raise SinganInsertError(
-                f"The placement region {self.placement_key!r} has shape {region.shape} but the "
-                f"image {shape}; they must be on one voxel grid.")
+        region = _on_same_grid(value, self.placement_key, d[self.image_key], self.image_key)
         return region != 0 if self.placement_values is None else np.isin(region, self.placement_values)
