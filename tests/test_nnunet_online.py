@@ -193,6 +193,7 @@ def test_real_nnunet_training_receives_inserted_tumors_and_never_reads_validatio
     counts = re.search(r"(\d+) of (\d+) training patches held the tumor label, (\d+) of them from "
                        r"cases without one", log)
     assert counts, log[-3000:]
+    print(sources.group(0), counts.group(0), sep="\n")  # shown with pytest -s
     with_tumor, patches, inserted = (int(v) for v in counts.groups())
     assert patches == 5 * 2 or patches == 5 * int(json.loads(
         (preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]["batch_size"])

@@ -75,6 +75,10 @@ def insert_tumors(
 
     Returns:
         One :class:`~singan_insert.insertion.insert.InsertionResult` per case, in order.
+
+    Give every case an explicit ``parameters.seed`` (the default, 0, is one): with
+    ``seed=None`` the seeds are drawn from torch's global generator in whatever order the case
+    threads get there, so they would not match a one-by-one run.
     """
     cases = list(cases)
     if any(not isinstance(c, InsertionCase) for c in cases):
