@@ -195,8 +195,9 @@ def test_real_nnunet_training_receives_inserted_tumors_and_never_reads_validatio
     assert counts, log[-3000:]
     print(sources.group(0), counts.group(0), sep="\n")  # shown with pytest -s
     with_tumor, patches, inserted = (int(v) for v in counts.groups())
-    assert patches == 5 * 2 or patches == 5 * int(json.loads(
-        (preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]["batch_size"])
+    batch_size = json.loads((preprocessed / "nnUNetPlans.json").read_text())[
+        "configurations"]["3d_fullres"]["batch_size"]
+    assert patches == 5 * batch_size  # the smoke trainer's 5 iterations
     # Four of the five training cases have no tumor of their own: with probability 1 their
     # patches reach the network with an inserted one.
     assert inserted > 0 and with_tumor >= inserted
