@@ -11,9 +11,13 @@ augmentation per case, written as ``.nii.gz``:
 * the multi-case path (``insertion.multicase``: one process holds the model, batches the tumor
   slices of ``--chunk`` cases per forward pass, reads and writes in background threads) on CPU,
   and on CUDA when a GPU is available (target there: >= 5 subjects/s, I/O included);
-* a breakdown of one process's time per subject into reading from disk, gunzip, NIfTI parsing,
-  compute (source crop + ``insert_tumor``), NIfTI serialisation, gzip (level 1, what
-  ``io.write_nifti`` uses) and writing to disk.
+* a breakdown of one process's time per subject (cases one after the other, no overlap) into
+  reading from disk, gunzip, NIfTI parsing, compute (source crop + ``insert_tumor``), NIfTI
+  serialisation, gzip (level 1, what ``io.write_nifti`` uses) and writing to disk;
+* the time and size of gzip at levels 0 (stored: a valid ``.nii.gz`` without compression), 1
+  and 6 on one real-size image and label, and the multi-case path once more with the images
+  at ``--gzip-level`` (default 0; labels stay at level 1): simulated (and real) MR intensities are noisy floats, which
+  gzip barely shrinks, so the compression level is the main I/O lever.
 
 The model is a ``fast``-preset pyramid trained for 2 iterations per scale (speed depends on the
 architecture, not the weights). Writes benchmarks/results/bench_batch.{json,md}.
@@ -25,7 +29,7 @@ import argparse
 import gzip
 import json
 import shutil
-import statistics
+from collections import defaultdict
 import sys
 import tempfile
 import time
@@ -40,7 +44,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import table, write_results  # noqa: E402
 
 SHAPE = (448, 448, 80)
-GZIP_LEVEL = 1  # io.write_nifti's level: ~3x faster than gzip's default 6 on float volumes
+GZIP_LEVEL = 1  # io.write_nifti's (and so the batch API's) level
+PARTS = ("read", "gunzip", "parse", "compute", "serialise", "gzip", "write")
 
 
 def make_folder(root: Path, cases: int, distinct: int, shape) -> Path:
@@ -87,7 +92,7 @@ def read_nifti(path: Path, timings: dict) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine
 
 
-def write_gz(path: Path, data: np.ndarray, affine: np.ndarray, timings: dict) -> None:
+def write_gz(path: Path, data: np.ndarray, affine: np.ndarray, level: int, timings: dict) -> None:
     import nibabel as nib
 
     from singan_insert.io import atomic_write_bytes
@@ -96,7 +101,7 @@ def write_gz(path: Path, data: np.ndarray, affine: np.ndarray, timings: dict) ->
     payload = nib.Nifti1Image(data, affine).to_bytes()
     timings["serialise"] += time.perf_counter() - started
     started = time.perf_counter()
-    payload = gzip.compress(payload, compresslevel=GZIP_LEVEL, mtime=0)
+    payload = gzip.compress(payload, compresslevel=level, mtime=0)
     timings["gzip"] += time.perf_counter() - started
     started = time.perf_counter()
     atomic_write_bytes(path, payload)
@@ -114,16 +119,16 @@ def parameters_for(case, settings):
                                seed=int(rng.integers(0, 2**31 - 1)), label_value=settings.label_value)
 
 
-def multicase_run(cases, model: Path, out: Path, device: str, chunk: int, io_threads: int,
-                  timings: dict) -> float:
-    """One process: ``chunk`` cases per insert_tumors call, I/O in ``io_threads`` threads."""
+def stages(model: Path, device: str, gzip_level: int, out: Path, timings: dict):
+    """``read``, ``process`` and ``write`` of the multi-case path, each adding to ``timings``."""
     from singan_insert.batch import InsertSettings
     from singan_insert.harmonizer.model import Harmonizer
-    from singan_insert.insertion.multicase import InsertionCase, insert_tumors, pipelined
+    from singan_insert.insertion.multicase import InsertionCase, insert_tumors
     from singan_insert.insertion.placement import SourceTumor
 
     settings = InsertSettings(contrast=(0.5, 0.8))
     harmonizer = Harmonizer.load(model, device=device)
+    out.mkdir(parents=True, exist_ok=True)
 
     def read(case):
         target, affine = read_nifti(case.target, timings)
@@ -138,21 +143,62 @@ def multicase_run(cases, model: Path, out: Path, device: str, chunk: int, io_thr
     def process(chunk_cases):
         started = time.perf_counter()
         results = insert_tumors(chunk_cases, harmonizer)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         timings["compute"] += time.perf_counter() - started
         return [(c.target_affine, r) for c, r in zip(chunk_cases, results)]
 
     def write(case, value):
         affine, result = value
-        write_gz(out / f"{case.name}_aug0_image.nii.gz", result.image.astype(np.float32), affine, timings)
-        write_gz(out / f"{case.name}_aug0_label.nii.gz", result.label, affine, timings)
+        write_gz(out / f"{case.name}_aug0_image.nii.gz", result.image.astype(np.float32), affine,
+                 gzip_level, timings)
+        # Labels are mostly zeros: level 1 shrinks them ~100x in milliseconds, whatever the image's.
+        write_gz(out / f"{case.name}_aug0_label.nii.gz", result.label, affine, GZIP_LEVEL, timings)
         (out / f"{case.name}_aug0.json").write_text(json.dumps(result.record, default=str))
 
-    out.mkdir(parents=True, exist_ok=True)
+    return read, process, write
+
+
+def multicase_run(cases, model: Path, out: Path, device: str, chunk: int, io_threads: int,
+                  gzip_level: int) -> float:
+    """One process: ``chunk`` cases per insert_tumors call, I/O in ``io_threads`` threads."""
+    from singan_insert.insertion.multicase import pipelined
+
+    read, process, write = stages(model, device, gzip_level, out, defaultdict(float))
     started = time.perf_counter()
     pipelined(cases, read, process, write, chunk_size=chunk, io_threads=io_threads)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
     return time.perf_counter() - started
+
+
+def breakdown_run(cases, model: Path, out: Path, gzip_level: int) -> tuple[dict, float]:
+    """One case after the other on one thread (no overlap): the parts add up to the wall time."""
+    timings = dict.fromkeys(PARTS, 0.0)
+    read, process, write = stages(model, "cpu", gzip_level, out, timings)
+    started = time.perf_counter()
+    for case in cases:
+        (value,) = process([read(case)])
+        write(case, value)
+    return timings, time.perf_counter() - started
+
+
+def gzip_levels(folder: Path, levels=(0, 1, 6)) -> list[dict]:
+    """Time and size of gzip at each level for one real-size image and label (serialised NIfTI)."""
+    import nibabel as nib
+
+    rows = []
+    for kind in ("hrT2", "Label"):
+        path = next(folder.glob(f"*_{kind}.nii.gz"))
+        payload = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes())).to_bytes()
+        for level in levels:
+            started = time.perf_counter()
+            compressed = gzip.compress(payload, compresslevel=level, mtime=0)
+            compress_s = time.perf_counter() - started
+            started = time.perf_counter()
+            gzip.decompress(compressed)
+            rows.append({"volume": kind, "level": level, "MB": len(compressed) / 1e6,
+                         "ratio": len(compressed) / len(payload), "gzip (s)": compress_s,
+                         "gunzip (s)": time.perf_counter() - started})
+    return rows
 
 
 def main() -> None:
@@ -161,7 +207,11 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=2, help="different simulated subjects")
     parser.add_argument("--breakdown-cases", type=int, default=3)
     parser.add_argument("--chunk", type=int, default=4, help="cases per forward pass (multi-case path)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2],
+                        help="batch-API worker counts (none: skip those rows)")
+    parser.add_argument("--gzip-level", type=int, default=0,
+                        help="also run the multi-case path with this gzip level for the images "
+                             "(0: stored, no compression; labels keep level 1)")
     parser.add_argument("--shape", type=int, nargs=3, default=list(SHAPE),
                         help="hrT2 grid (default: crossMoDA's real size; smaller for a quick check)")
     parser.add_argument("--work", help="working folder (default: a temporary one, deleted)")
@@ -190,22 +240,20 @@ def main() -> None:
         print(rows[-1], flush=True)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        timings = dict.fromkeys(["read", "gunzip", "parse", "compute", "serialise", "gzip", "write"], 0.0)
-        seconds = multicase_run(cases, model, work / f"out_multicase_{device}", device, args.chunk, 2, timings)
-        rows.append({"path": f"multicase, chunk {args.chunk}, 2 I/O threads", "device": device,
-                     "subjects": len(cases), "seconds": seconds, "subjects/s": len(cases) / seconds})
-        print(rows[-1], flush=True)
+        for level in sorted({GZIP_LEVEL, args.gzip_level}):
+            seconds = multicase_run(cases, model, work / f"out_multicase_{device}_{level}", device,
+                                    args.chunk, 2, level)
+            rows.append({"path": f"multicase, chunk {args.chunk}, 2 I/O threads, image gzip {level}",
+                         "device": device, "subjects": len(cases), "seconds": seconds,
+                         "subjects/s": len(cases) / seconds})
+            print(rows[-1], flush=True)
 
-    # Breakdown, sequential (no overlap), so the parts add up to the wall time.
-    timings = dict.fromkeys(["read", "gunzip", "parse", "compute", "serialise", "gzip", "write"], 0.0)
     subset = cases[:args.breakdown_cases]
-    started = time.perf_counter()
-    multicase_run(subset, model, work / "out_breakdown", "cpu", 1, 1, timings)
-    wall = time.perf_counter() - started
+    timings, wall = breakdown_run(subset, model, work / "out_breakdown", GZIP_LEVEL)
     breakdown = [{"part": part, "s per subject": value / len(subset), "share": value / wall}
                  for part, value in timings.items()]
-    breakdown.append({"part": "wall (1 thread of I/O, chunk 1)", "s per subject": wall / len(subset),
-                      "share": 1.0})
+    breakdown.append({"part": "wall", "s per subject": wall / len(subset), "share": 1.0})
+    levels = gzip_levels(folder)
     two = next((r for r in rows if r["path"] == "batch API, 2 worker(s)"), None)
     summary = [{"measure": "batch API, 2 CPU workers: subjects/s", "value": two["subjects/s"] if two else "-",
                 "target": ">= 0.5"}]
@@ -213,17 +261,21 @@ def main() -> None:
     summary.append({"measure": "multicase on one GPU: subjects/s", "value": cuda["subjects/s"] if cuda else
                     "no GPU here", "target": ">= 5"})
     markdown = (f"{len(cases)} cases of {'x'.join(map(str, args.shape))} (hrT2) at 0.4x0.4x1 mm, one "
-                f"augmentation each, .nii.gz (gzip level {GZIP_LEVEL})\n\n"
+                f"augmentation each, .nii.gz (gzip level {GZIP_LEVEL} unless the row says otherwise)\n\n"
                 + table(rows, ["path", "device", "subjects", "seconds", "subjects/s"]) + "\n\n"
-                + f"Time per subject, one process, {len(subset)} cases, no overlap:\n\n"
+                + f"Time per subject, one process, {len(subset)} cases one after the other (no overlap; "
+                  f"gzip level {GZIP_LEVEL}):\n\n"
                 + table(breakdown, ["part", "s per subject", "share"]) + "\n\n"
+                + "gzip of one real-size volume (serialised NIfTI) by level:\n\n"
+                + table(levels, ["volume", "level", "MB", "ratio", "gzip (s)", "gunzip (s)"]) + "\n\n"
                 + table(summary, ["measure", "value", "target"]))
     print(markdown)
     if tuple(args.shape) != SHAPE:
         print("(not the real size: results not written)")
         return
     write_results("bench_batch", {"shape": SHAPE, "cases": len(cases), "distinct_subjects": args.distinct,
-                                  "gzip_level": GZIP_LEVEL, "rows": rows, "breakdown": breakdown}, markdown)
+                                  "gzip_level": GZIP_LEVEL, "rows": rows, "breakdown": breakdown,
+                                  "gzip_levels": levels}, markdown)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
