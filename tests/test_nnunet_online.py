@@ -151,6 +151,24 @@ def test_transform_pickles_small_for_the_background_workers(model, source):
     assert len(pickle.dumps(insertion)) < len(pickle.dumps(source)) + 10_000
 
 
+def test_sources_from_a_folder_of_another_modality(tmp_path, model):
+    rng = np.random.default_rng(0)
+    shape = (24, 24, 12)
+    for name in ("src1", "src2"):
+        label = ball(shape, (12, 12, 6), 4).astype(np.uint8)
+        image = (rng.normal(size=shape) + 3 * label).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, AFFINE), tmp_path / f"{name}_ceT1.nii.gz")
+        nib.save(nib.Nifti1Image(label, AFFINE), tmp_path / f"{name}_Label.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.uint8), AFFINE), tmp_path / "lonely_Label.nii.gz")
+    sources = online.sources_from_folder(OnlineInsertionSettings(model=model, sources=str(tmp_path)))
+    assert len(sources) == 2 and all(s.num_voxels == ball(shape, (12, 12, 6), 4).sum() for s in sources)
+    with pytest.raises(SinganInsertError, match="No source case"):
+        online.sources_from_folder(OnlineInsertionSettings(model=model, sources=str(tmp_path),
+                                                           source_suffix="T1w"))
+    with pytest.raises(SinganInsertError, match="not a folder"):
+        online.sources_from_folder(OnlineInsertionSettings(model=model, sources=str(tmp_path / "no")))
+
+
 def test_2d_patches_are_refused(model, source):
     with pytest.raises(SinganInsertError, match="3D configuration"):
         transform(model, source)(image=torch.zeros(1, 48, 48), segmentation=torch.zeros(1, 48, 48))

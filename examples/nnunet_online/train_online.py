@@ -9,7 +9,7 @@ ONE hrT2 slice; (3) export to nnU-Net's raw format, plan and preprocess; (4) the
 insertion settings next to the preprocessed dataset; (5) nnU-Net training with
 ``nnUNetTrainerTumorInsertion_Smoke`` (or ``_Short``). The training log
 (``<work>/nnunet/logs/train_fold0.log``) says how many patches that reached the network held an
-inserted tumor. About 3 minutes on 2 CPU cores with the smoke trainer.
+inserted tumor. About 6 minutes with the smoke trainer on a busy 2-core machine (load 8).
 """
 
 from __future__ import annotations
