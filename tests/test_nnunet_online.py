@@ -8,9 +8,11 @@ tumors reached the network's batches and that the validation case was not a sour
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import re
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -19,7 +21,7 @@ import torch
 
 pytest.importorskip("nnunetv2")
 
-from singan_insert.errors import SinganInsertError  # noqa: E402
+from singan_insert.errors import MissingExtraError, SinganInsertError  # noqa: E402
 from singan_insert.insertion.placement import SourceTumor  # noqa: E402
 from singan_insert.integrations import nnunet as online  # noqa: E402
 from singan_insert.integrations.nnunet import (  # noqa: E402
@@ -219,3 +221,12 @@ def test_real_nnunet_training_receives_inserted_tumors_and_never_reads_validatio
     # Four of the five training cases have no tumor of their own: with probability 1 their
     # patches reach the network with an inserted one.
     assert inserted > 0 and with_tumor >= inserted
+
+
+def test_missing_nnunet_gives_install_hint(monkeypatch):
+    for name in [m for m in sys.modules if m == "nnunetv2" or m.startswith("nnunetv2.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import nnunetv2...` fail
+    monkeypatch.setitem(sys.modules, "nnunetv2", None)
+    monkeypatch.delitem(sys.modules, "singan_insert.integrations.nnunet", raising=False)
+    with pytest.raises(MissingExtraError, match=r"singan-insert\[nnunet\]"):
+        importlib.import_module("singan_insert.integrations.nnunet")
