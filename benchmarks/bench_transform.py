@@ -2,7 +2,9 @@
 
 In the same run, on the same subject: per-call time of ``RandomTumorInsertion`` (fast-preset
 architecture), ``tio.RandomAffine``, ``tio.RandomMotion`` and ``tio.RandomBiasField``
-(target: no slower than RandomMotion); the throughput of a ``tio.SubjectsLoader`` with 2
+(target: no slower than RandomMotion); the same for ``RandomTumorInsertion`` and
+``tio.RandomAffine`` on a real crossMoDA-size hrT2 volume (448x448x80 at 0.4x0.4x1 mm; target:
+insertion no slower than the affine); the throughput of a ``tio.SubjectsLoader`` with 2
 workers; and the time of one 30-slice tumor's batched harmonization (target <= 0.3 s).
 Timings depend on the architecture, not the weights: the model is a ``fast``-preset pyramid
 trained for 2 iterations per scale. Writes benchmarks/results/bench_transform.{json,md}.
@@ -75,6 +77,20 @@ def main() -> None:
     motion = next(r for r in rows if r["transform"] == "tio.RandomMotion")["median (s)"]
     ours = rows[0]["median (s)"]
 
+    # The same two transforms on a real-size volume (simulating it takes about a minute).
+    large = simulate_subject(3, shape=(448, 448, 80))
+    large_subject = tio.Subject(
+        image=tio.ScalarImage(tensor=torch.from_numpy(large.image_b[None]), affine=large.affine_b),
+        brain=tio.LabelMap(tensor=torch.from_numpy((large.tissue_b > 0)[None].astype(np.uint8)),
+                           affine=large.affine_b))
+    for name in ("RandomTumorInsertion", "tio.RandomAffine"):
+        times = timed(lambda: transforms[name](large_subject), args.repeats)
+        rows.append({"transform": name, "volume": "448x448x80", "median (s)": statistics.median(times),
+                     "min (s)": min(times)})
+        print(rows[-1], flush=True)
+    large_ratio = rows[-2]["median (s)"] / rows[-1]["median (s)"]
+    del large, large_subject
+
     # DataLoader throughput with 2 workers
     dataset = tio.SubjectsDataset([subject] * args.loader_subjects, transform=insertion)
     loader = tio.SubjectsLoader(dataset, batch_size=1, num_workers=2)
@@ -95,6 +111,8 @@ def main() -> None:
 
     markdown = table(rows, list(rows[0])) + "\n\n" + table([
         {"measure": "RandomTumorInsertion / RandomMotion", "value": ours / motion, "target": "<= 1"},
+        {"measure": "RandomTumorInsertion / tio.RandomAffine, 448x448x80", "value": large_ratio,
+         "target": "<= 1"},
         {"measure": f"SubjectsLoader, 2 workers: subjects/s ({count} subjects)", "value": count / loader_seconds,
          "target": "-"},
         {"measure": "30-slice 128^2 tumor harmonization, median s", "value": statistics.median(harmonize_times),
@@ -102,6 +120,7 @@ def main() -> None:
     ], ["measure", "value", "target"])
     print(markdown)
     write_results("bench_transform", {"rows": rows, "ratio_to_motion": ours / motion,
+                                       "ratio_to_affine_448x448x80": large_ratio,
                                        "loader_subjects_per_s": count / loader_seconds,
                                        "harmonize_30_slices_s": harmonize_times}, markdown)
 

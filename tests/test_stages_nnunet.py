@@ -219,6 +219,8 @@ def test_predict_input_folder_groups_channels(tmp_path):
 
 def test_shipped_trainers_need_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "nnunetv2", None)  # makes `import nnunetv2...` fail
+    for name in [m for m in sys.modules if m.startswith("nnunetv2.")]:  # imported by other tests
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.delitem(sys.modules, "singan_insert.stages.nnunet_trainers", raising=False)
     with pytest.raises(MissingExtraError, match=r"singan-insert\[nnunet\]"):
         importlib.import_module("singan_insert.stages.nnunet_trainers")

@@ -205,7 +205,10 @@ class Harmonizer:
 
     @torch.inference_mode()
     def _generate(self, composite: torch.Tensor, scale: int, spacing, generator, shared_noise,
-                  autocast_dtype: torch.dtype | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                  autocast_dtype: torch.dtype | None = None, mask: torch.Tensor | None = None,
+                  noise=None) -> torch.Tensor:
+        """Run the pyramid from ``scale``; ``noise(shape)`` overrides the noise source (it lets
+        :mod:`singan_insert.insertion.multicase` give each case of a batch its own fields)."""
         batch, height, width = composite.shape
         x = composite[:, None].to(self.device)
         working_shape = (height, width)
@@ -224,10 +227,12 @@ class Harmonizer:
             x = x.contiguous(memory_format=torch.channels_last)
             self.pyramid.to(memory_format=torch.channels_last)
 
-        def noise(shape: tuple[int, ...]) -> torch.Tensor:
+        def default_noise(shape: tuple[int, ...]) -> torch.Tensor:
             noise_shape = (1, *shape[1:]) if shared_noise else shape
             z = torch.randn(noise_shape, generator=generator).to(self.device)
             return z.expand(shape) if shared_noise else z
+
+        noise = noise or default_noise
 
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):

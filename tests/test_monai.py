@@ -1,0 +1,205 @@
+"""MONAI dictionary transforms (singan_insert.integrations.monai) with the real MONAI."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+monai = pytest.importorskip("monai")
+
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset  # noqa: E402
+from monai.transforms import Compose, Orientationd, Spacingd  # noqa: E402
+from monai.utils import set_determinism  # noqa: E402
+
+from singan_insert.errors import MissingExtraError, SinganInsertError  # noqa: E402
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor  # noqa: E402
+from singan_insert.insertion.placement import Placement, SourceTumor  # noqa: E402
+from singan_insert.integrations.monai import RandTumorInsertiond, TumorInsertiond  # noqa: E402
+from singan_insert.integrations.torchio import load_harmonizer  # noqa: E402
+
+SHAPE = (40, 40, 16)
+# Anisotropic, with a flipped axis, so that Orientationd and Spacingd both have work to do.
+AFFINE = np.array([[-0.5, 0, 0, 10], [0, 0.5, 0, -5], [0, 0, 1.5, 2], [0, 0, 0, 1]])
+
+
+def volume(seed: int, tumor: bool = False):
+    rng = np.random.default_rng(seed)
+    image = 100 + ndimage.gaussian_filter(rng.normal(size=SHAPE), (2, 2, 0.7)) * 60
+    grids = np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij")
+    mask = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, (20, 20, 8), (6, 5, 2))) <= 1
+    if tumor:
+        image = np.where(mask, 55 + 10 * rng.normal(size=SHAPE), image)
+    return image.astype(np.float32), mask.astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return str(tiny_model_dir / "harmonizer.safetensors")
+
+
+@pytest.fixture(scope="module")
+def source():
+    image, label = volume(1, tumor=True)
+    return SourceTumor.from_arrays(image, label, AFFINE)
+
+
+def sample(seed: int = 2) -> dict:
+    image, _ = volume(seed)
+    brain = np.zeros(SHAPE, np.uint8)
+    brain[8:32, 8:32, 6:10] = 1
+    return {"image": MetaTensor(torch.from_numpy(image[None]), affine=torch.from_numpy(AFFINE)),
+            "brain": MetaTensor(torch.from_numpy(brain[None]), affine=torch.from_numpy(AFFINE)),
+            "case": f"case{seed}"}
+
+
+def random_transform(model, source, **kwargs) -> RandTumorInsertiond:
+    kwargs = {"placement_key": "brain", "contrast": (0.5, 0.8), "record_key": "record", **kwargs}
+    return RandTumorInsertiond("image", model, [source], **kwargs)
+
+
+# ---------------------------------------------------------------- deterministic transform
+def test_deterministic_matches_insert_tumor_and_keeps_metadata(model, source):
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5, seed=3)
+    data = sample()
+    data["image"].meta["filename_or_obj"] = "case2_hrT2.nii.gz"
+    out = TumorInsertiond("image", model, source, parameters, record_key="record")(data)
+    expected = insert_tumor(data["image"][0].numpy(), AFFINE, source, load_harmonizer(model), parameters)
+    assert isinstance(out["image"], MetaTensor) and isinstance(out["label"], MetaTensor)
+    np.testing.assert_array_equal(out["image"][0].numpy(), expected.image)
+    np.testing.assert_array_equal(out["label"][0].numpy(), expected.label)
+    for key in ("image", "label"):
+        np.testing.assert_allclose(out[key].affine.numpy(), AFFINE)
+    assert out["image"].meta["filename_or_obj"] == "case2_hrT2.nii.gz"
+    assert out["case"] == "case2" and not torch.equal(out["image"], data["image"])  # input untouched
+    assert json.loads(out["record"])["parameters"] == expected.record["parameters"]
+
+
+def test_existing_label_keeps_its_values_and_metadata(model, source):
+    data = sample()
+    label = np.zeros((1, *SHAPE), np.uint8)
+    label[0, 2:5, 2:5, 2:4] = 2
+    data["label"] = MetaTensor(torch.from_numpy(label), affine=torch.from_numpy(AFFINE),
+                               meta={"filename_or_obj": "case2_Label.nii.gz"})
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5)
+    out = TumorInsertiond("image", model, source, parameters)(data)
+    assert set(torch.unique(out["label"]).tolist()) == {0, 1, 2}
+    assert out["label"].meta["filename_or_obj"] == "case2_Label.nii.gz"
+    assert out["label"].dtype == torch.uint8
+
+
+def test_spacing_and_orientation_after_insertion_keep_image_and_label_on_one_grid(model, source):
+    pipeline = Compose([
+        random_transform(model, source),
+        Orientationd(keys=["image", "label"], axcodes="RAS"),
+        Spacingd(keys=["image", "label"], pixdim=(1.0, 1.0, 1.0), mode=("bilinear", "nearest")),
+    ])
+    pipeline.set_random_state(0)
+    out = pipeline(sample())
+    assert out["image"].shape == out["label"].shape
+    np.testing.assert_allclose(out["image"].affine.numpy(), out["label"].affine.numpy())
+    np.testing.assert_allclose(np.abs(np.diag(out["image"].affine.numpy())[:3]), 1.0)
+    assert out["image"].affine[0, 0] > 0  # RAS now: the flipped x axis was reoriented
+    # The tumor label still lies where the image changed (both resampled on the same grid).
+    changed = Compose([Orientationd(keys=["image"], axcodes="RAS"),
+                       Spacingd(keys=["image"], pixdim=(1.0, 1.0, 1.0))])(sample())["image"]
+    difference = (out["image"] - changed).abs()[0]
+    tumor = out["label"][0] > 0
+    assert tumor.any() and difference[tumor].mean() > 5 * difference[~tumor].mean()
+
+
+# ---------------------------------------------------------------- random transform
+def test_random_transform_is_reproducible_and_prob_skips_with_a_label(model, source):
+    transform = random_transform(model, source)
+    first = transform.set_random_state(7)(sample())
+    second = transform.set_random_state(7)(sample())
+    third = transform.set_random_state(8)(sample())
+    assert torch.equal(first["image"], second["image"]) and first["record"] == second["record"]
+    assert first["record"] != third["record"]
+    record = json.loads(first["record"])
+    location = record["parameters"]["placement"]["location"]
+    assert sample()["brain"][0][tuple(int(v) for v in location)] == 1  # inside the region
+    skipped = random_transform(model, source, prob=0.0)(sample())
+    assert torch.equal(skipped["image"], sample()["image"]) and skipped["record"] == ""
+    assert skipped["label"].shape == skipped["image"].shape and skipped["label"].sum() == 0
+    assert isinstance(skipped["label"], MetaTensor)
+    np.testing.assert_allclose(skipped["label"].affine.numpy(), AFFINE)
+
+
+def test_set_determinism_reproduces_a_compose(model, source):
+    def run():
+        set_determinism(seed=11)
+        try:
+            return Compose([random_transform(model, source)])(sample())["record"]
+        finally:
+            set_determinism(seed=None)
+
+    assert run() == run() != ""
+
+
+def test_transforms_pickle_small_without_the_network(model, source):
+    transform = random_transform(model, source)
+    transform(sample())  # the model is loaded now, in this process's cache only
+    # Its sources plus a few kB of settings and random state: no network (the tiny one is 28 kB).
+    assert len(pickle.dumps(transform)) < len(pickle.dumps(transform.sources)) + 10_000
+    clone = pickle.loads(pickle.dumps(transform))
+    assert clone.set_random_state(3)(sample())["record"] == transform.set_random_state(3)(sample())["record"]
+
+
+def test_cache_and_persistent_datasets_cache_only_the_deterministic_part(model, source, tmp_path):
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5)
+    transforms = Compose([TumorInsertiond("image", model, source, parameters, label_key="first"),
+                          random_transform(model, source)])
+    transforms.set_random_state(0)
+    for dataset in (CacheDataset([sample(2), sample(3)], transforms, progress=False),
+                    PersistentDataset([sample(2), sample(3)], transforms, cache_dir=tmp_path)):
+        epoch1, epoch2 = dataset[0], dataset[0]
+        assert torch.equal(epoch1["first"], epoch2["first"]) and epoch1["first"].sum() > 0
+        assert epoch1["record"] != epoch2["record"]  # the random part runs every time
+
+
+def test_dataloader_with_two_spawned_workers(model, source):
+    dataset = Dataset([sample(s) for s in range(4)], random_transform(model, source))
+    loader = DataLoader(dataset, batch_size=2, num_workers=2, multiprocessing_context="spawn")
+    batches = list(loader)
+    assert [tuple(b["image"].shape) for b in batches] == [(2, 1, *SHAPE)] * 2
+    assert all(isinstance(b["label"], MetaTensor) and b["label"].sum() > 0 for b in batches)
+    records = [r for b in batches for r in b["record"]]
+    assert len(set(records)) == 4  # each worker draws its own insertions
+
+
+# ---------------------------------------------------------------- errors
+def test_bad_input_gives_clear_errors(model, source):
+    with pytest.raises(SinganInsertError, match="ONE image"):
+        RandTumorInsertiond(["image", "other"], model, [source])
+    with pytest.raises(SinganInsertError, match="prob"):
+        RandTumorInsertiond("image", model, [source], prob=1.5)
+    with pytest.raises(SinganInsertError, match="contrast"):
+        RandTumorInsertiond("image", model, [source], contrast=(0.8, 0.5))
+    with pytest.raises(SinganInsertError, match="EnsureChannelFirstd"):
+        TumorInsertiond("image", model, source)({"image": torch.zeros(SHAPE)})
+    with pytest.raises(SinganInsertError, match="no image 'image'"):
+        TumorInsertiond("image", model, source)({"other": torch.zeros(1, *SHAPE)})
+    passed = TumorInsertiond("image", model, source, allow_missing_keys=True)({"other": 1})
+    assert passed == {"other": 1}
+    with pytest.raises(SinganInsertError, match="placement region 'brain' is not"):
+        random_transform(model, source)({"image": sample()["image"]})
+    shifted = sample()
+    shifted["label"] = MetaTensor(torch.zeros(1, *SHAPE, dtype=torch.uint8), affine=torch.eye(4))
+    with pytest.raises(SinganInsertError, match="label"):
+        TumorInsertiond("image", model, source)(shifted)  # the label is on another grid
+
+
+def test_missing_monai_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "monai", None)  # makes `import monai...` fail
+    for name in [m for m in sys.modules if m.startswith("monai.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "singan_insert.integrations.monai", raising=False)
+    with pytest.raises(MissingExtraError, match=r"singan-insert\[monai\]"):
+        importlib.import_module("singan_insert.integrations.monai")
