@@ -45,7 +45,7 @@ from singan_insert.checks import (  # noqa: F401 (re-exported for the transforms
 )
 from singan_insert.errors import SinganInsertError
 
-Generator = np.random.Generator | None
+Generator = np.random.Generator | np.random.RandomState | None
 
 
 # The single-argument checks live in singan_insert.checks (one copy for every layer); the
@@ -250,7 +250,11 @@ def parse_start_scale(value: Any, name: str = "start_scale") -> ValueSpec | None
 # Drawing
 # --------------------------------------------------------------------------------------------
 def uniform01(rng: Generator = None) -> float:
-    """A draw from :math:`U[0, 1)`: from ``rng`` (numpy) or torch's global generator (``None``)."""
+    """A draw from :math:`U[0, 1)`: from ``rng`` or torch's global generator (``None``).
+
+    ``rng`` is a ``numpy.random.Generator`` or a legacy ``numpy.random.RandomState`` (MONAI's
+    ``self.R``, the global state nnU-Net's augmentation workers seed).
+    """
     if rng is not None:
         return float(rng.random())
     return float(torch.rand(1, dtype=torch.float64).item())
@@ -259,7 +263,8 @@ def uniform01(rng: Generator = None) -> float:
 def draw_integer(low: int, high: int, rng: Generator = None) -> int:
     """A uniform integer in ``[low, high]`` (both included)."""
     if rng is not None:
-        return int(rng.integers(low, high + 1))
+        integers = rng.integers if hasattr(rng, "integers") else rng.randint  # Generator / RandomState
+        return int(integers(low, high + 1))
     return int(torch.randint(int(low), int(high) + 1, (1,)).item())
 
 

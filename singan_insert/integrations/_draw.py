@@ -1,7 +1,9 @@
-"""Random insertion parameters for the MONAI and nnU-Net integrations.
+"""Random insertion parameters for the MONAI and nnU-Net integrations, drawn by the shared sampler.
 
-# TODO(sampler): replace by singan_insert.insertion.sampling (the shared sampler) when it lands;
-# until then this is the one place where these two integrations draw their parameters.
+The values themselves come from :class:`~singan_insert.insertion.sampling.InsertionRanges` (one
+meaning of :math:`\\lambda` and of every range, as in the TorchIO transforms and the batch); this
+module adds what a patch-level transform needs on top: a location inside a placement region
+where the placed tumor fits.
 
 Every draw comes from the ``numpy.random.RandomState`` passed in: MONAI's ``self.R`` (seeded by
 ``set_random_state`` / ``set_determinism``) or, inside nnU-Net's augmentation workers, numpy's
@@ -10,78 +12,32 @@ global state (which batchgenerators seeds per worker, as for nnU-Net's own trans
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-from typing import Sequence
+from dataclasses import replace
+from typing import Any, Sequence
 
 import numpy as np
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import InsertionParameters
 from singan_insert.insertion.placement import Placement, SourceTumor, placed_bounds
+from singan_insert.insertion.sampling import InsertionRanges
 
 
-@dataclass(frozen=True)
-class ParameterRanges:
-    """Ranges the random transforms draw from (each draw is independent and uniform).
+def patch_ranges(base: InsertionParameters, contrast: Any = None, start_scale: Any = None,
+                 degrees: Any = 10.0, scale: Any = 0.1, flip_axes: Sequence[int] = (0, 1, 2),
+                 flip_probability: float = 0.5) -> InsertionRanges:
+    """The sampler of a random patch-level insertion (``None``: keep ``base``'s value).
 
-    Args:
-        contrast: :math:`\\lambda \\sim U(a, b)`, ``0 < a <= b``; ``None``: the default of
-            :class:`~singan_insert.insertion.insert.InsertionParameters`.
-        start_scale: an integer drawn uniformly in ``[a, b]`` (both >= 0 or both < 0, counted
-            from the finest); ``None``: the model's default.
-        degrees: rotation about each world axis :math:`\\theta_i \\sim U(-d, d)`, ``d >= 0``.
-        scale: one isotropic factor :math:`s \\sim U(1 - v, 1 + v)`, ``0 <= v < 1``.
-        flip_axes: world axes (0 = x, 1 = y, 2 = z) flipped, each with ``flip_probability``.
-        flip_probability: in [0, 1].
-        max_attempts: location draws before giving up, >= 1 (only voxels where the tumor fits
-            are drawn, so one normally suffices).
+    ``contrast`` and ``start_scale`` take every spelling of
+    :func:`~singan_insert.insertion.sampling.parse_contrast` (a number, ``(a, b)`` for a range, a
+    ``set``); ``degrees`` :math:`d` gives :math:`\\theta_i \\sim U(-d, d)`; ``scale`` :math:`v`
+    one isotropic factor :math:`s \\sim U(1 - v, 1 + v)`.
     """
-
-    contrast: tuple[float, float] | None = None
-    start_scale: tuple[int, int] | None = None
-    degrees: float = 10.0
-    scale: float = 0.1
-    flip_axes: tuple[int, ...] = (0, 1, 2)
-    flip_probability: float = 0.5
-    max_attempts: int = 20
-
-    def __post_init__(self) -> None:
-        if self.contrast is not None:
-            low, high = (float(v) for v in self.contrast)
-            if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high):
-                raise SinganInsertError(f"contrast must be (a, b) with 0 < a <= b, got {self.contrast!r}.")
-            object.__setattr__(self, "contrast", (low, high))
-        if self.start_scale is not None:
-            low, high = (int(v) for v in self.start_scale)
-            if low > high or (low < 0) != (high < 0):
-                raise SinganInsertError(
-                    f"start_scale range {self.start_scale!r} must satisfy a <= b with both >= 0 "
-                    "or both < 0.")
-            object.__setattr__(self, "start_scale", (low, high))
-        if not (math.isfinite(self.degrees) and self.degrees >= 0):
-            raise SinganInsertError(f"degrees must be >= 0, got {self.degrees!r}.")
-        if not (0 <= self.scale < 1):
-            raise SinganInsertError(f"scale must be in [0, 1), got {self.scale!r}.")
-        if any(a not in (0, 1, 2) for a in self.flip_axes):
-            raise SinganInsertError(f"flip_axes must be among 0, 1, 2, got {self.flip_axes!r}.")
-        if not (0 <= self.flip_probability <= 1):
-            raise SinganInsertError(f"flip_probability must be in [0, 1], got {self.flip_probability!r}.")
-        if int(self.max_attempts) < 1:
-            raise SinganInsertError("max_attempts must be >= 1.")
-
-
-def as_range(value, name: str) -> tuple[float, float] | None:
-    """``None``, a number ``v`` (the fixed range ``(v, v)``) or a pair ``(a, b)``."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return (value, value)
-    try:
-        low, high = value
-    except (TypeError, ValueError):
-        raise SinganInsertError(f"{name} must be None, a number or (a, b), got {value!r}.") from None
-    return (low, high)
+    return InsertionRanges(
+        contrast=base.contrast if contrast is None else contrast,
+        start_scale=base.start_scale if start_scale is None else start_scale,
+        flip_axes=flip_axes, flip_probability=flip_probability,
+        degrees=degrees, scales=scale, isotropic=True)
 
 
 def draw_parameters(
@@ -90,30 +46,25 @@ def draw_parameters(
     target_affine: np.ndarray,
     target_shape: Sequence[int],
     base: InsertionParameters,
-    ranges: ParameterRanges,
+    ranges: InsertionRanges,
     region: np.ndarray | None = None,
+    max_attempts: int = 20,
 ) -> InsertionParameters:
-    """Draw one insertion: placement (inside ``region`` when given), contrast, start scale, seed.
+    """Draw one insertion: pose and values from ``ranges``, a location inside ``region``.
 
     ``region`` is a boolean mask on the target grid where the tumor's centroid may go (each of
     its voxels equally likely); ``None`` keeps the tumor's physical position. Fields of ``base``
     that are not drawn are kept.
     """
-    flips = tuple(bool(a in ranges.flip_axes and rng.random_sample() < ranges.flip_probability)
-                  for a in range(3))
-    rotation = tuple(float(rng.uniform(-ranges.degrees, ranges.degrees)) for _ in range(3))
-    scale = (float(rng.uniform(1 - ranges.scale, 1 + ranges.scale)),) * 3
+    drawn = ranges.sample(rng)
     location = None
     if region is not None:
         location = _draw_location(rng, region, source, target_affine, target_shape,
-                                  flips, rotation, scale, base.border_margin, ranges.max_attempts)
-    contrast = base.contrast if ranges.contrast is None else float(rng.uniform(*ranges.contrast))
-    start_scale = base.start_scale if ranges.start_scale is None \
-        else int(rng.randint(ranges.start_scale[0], ranges.start_scale[1] + 1))
-    placement = Placement(location=location, units="voxel", flips=flips,
-                          rotation_degrees=rotation, scale=scale)
-    return replace(base, placement=placement, contrast=contrast, start_scale=start_scale,
-                   seed=int(rng.randint(0, 2**31 - 1)))
+                                  drawn.flip, drawn.rotation, drawn.scale, base.border_margin, max_attempts)
+    placement = Placement(location=location, units="voxel", flips=drawn.flip,
+                          rotation_degrees=drawn.rotation, scale=drawn.scale)
+    return replace(base, placement=placement, contrast=drawn.contrast, start_scale=drawn.start_scale,
+                   seed=drawn.seed)
 
 
 def _draw_location(rng, region, source, affine, shape, flips, rotation, scale, margin, attempts):

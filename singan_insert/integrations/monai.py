@@ -55,7 +55,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
-from singan_insert.integrations._draw import ParameterRanges, as_range, draw_parameters
+from singan_insert.integrations._draw import draw_parameters, patch_ranges
+from singan_insert.insertion.sampling import check_integer
 from singan_insert.integrations.torchio import load_harmonizer
 
 __all__ = ["RandTumorInsertiond", "TumorInsertiond"]
@@ -235,10 +236,11 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
             centroid (e.g. the brain mask, or the CSF); ``None``: the tumor keeps its physical
             position (a co-registered source).
         placement_values: label values of the placement region.
-        contrast: :math:`\lambda`, a number or ``(a, b)`` with ``0 < a <= b``; ``None``: the
-            default of :class:`~singan_insert.insertion.insert.InsertionParameters`.
-        start_scale: ``None`` (the model's default), an int, or ``(a, b)`` (both >= 0, or both
-            < 0 counting from the finest scale).
+        contrast: :math:`\lambda` for ``appearance="fixed"`` (in ``parameters``): a number,
+            ``(a, b)`` for :math:`U(a, b)` or a set such as ``{0.5, 0.8, 1.5}``; ``None``:
+            ``parameters``' value. The default appearance, ``"auto"``, chooses the level itself.
+        start_scale: ``None`` (``parameters``' value, by default the model's), an int, ``(a, b)``
+            (both >= 0, or both < 0 counting from the finest scale) or a set.
         degrees: rotation range :math:`d \ge 0` in degrees.
         scale: scale range :math:`0 \le v < 1`.
         flip_axes, flip_probability: see above.
@@ -291,12 +293,9 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         if parameters is not None and not isinstance(parameters, InsertionParameters):
             raise SinganInsertError("parameters must be an InsertionParameters or None.")
         self.parameters = parameters or InsertionParameters()
-        scales = as_range(start_scale, "start_scale")
-        self.ranges = ParameterRanges(
-            contrast=as_range(contrast, "contrast"),
-            start_scale=None if scales is None else (int(scales[0]), int(scales[1])),
-            degrees=float(degrees), scale=float(scale), flip_axes=tuple(int(a) for a in flip_axes),
-            flip_probability=float(flip_probability), max_attempts=int(max_attempts))
+        self.ranges = patch_ranges(self.parameters, contrast, start_scale, degrees, scale, flip_axes,
+                                   flip_probability)
+        self.max_attempts = check_integer(max_attempts, "max_attempts", 1)
         self.placement_key = placement_key
         self.placement_values = None if placement_values is None else tuple(int(v) for v in placement_values)
 
@@ -311,7 +310,7 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         source = self.sources[self.R.randint(len(self.sources))]
         region = None if self.placement_key is None else self._region(d)
         parameters = draw_parameters(self.R, source, affine, volume.shape, self.parameters,
-                                     self.ranges, region)
+                                     self.ranges, region, self.max_attempts)
         return parameters, source
 
     def _region(self, d: dict) -> np.ndarray:

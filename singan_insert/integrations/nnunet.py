@@ -69,7 +69,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.placement import SourceTumor
-from singan_insert.integrations._draw import ParameterRanges, draw_parameters
+from singan_insert.insertion.sampling import InsertionRanges
+from singan_insert.integrations._draw import draw_parameters, patch_ranges
 from singan_insert.integrations.torchio import load_harmonizer
 
 __all__ = [
@@ -104,11 +105,14 @@ class OnlineInsertionSettings:
         label_value: value written for the inserted tumor in the patch's segmentation (> 0).
         placement: ``"foreground"`` (nnU-Net's non-zero region) or a list of label values of the
             patch's segmentation that may receive the tumor's centroid.
-        contrast: :math:`\lambda \sim U(a, b)`, ``0 < a <= b``; ``None``: the default of
+        contrast: :math:`\lambda` for ``appearance="fixed"``: ``[a, b]`` for :math:`U(a, b)`
+            (JSON lists are ranges), a number; ``None``: the default of
             :class:`~singan_insert.insertion.insert.InsertionParameters`.
         start_scale: harmonizer start scale drawn uniformly in ``[a, b]``; ``None``: the model's
             default.
         intensity_mode: ``"normalized"`` or ``"matched"``.
+        appearance: ``"auto"`` (default: the harmonizer chooses each tumor's level; ``contrast``
+            unused) or ``"fixed"`` (the paper's :math:`\lambda`).
         degrees: rotation range :math:`d`: :math:`\theta_i \sim U(-d, d)` about each axis.
         scale: isotropic scale range :math:`v`: :math:`s \sim U(1 - v, 1 + v)`, ``0 <= v < 1``.
         flip_probability: probability of flipping the tumor along each axis.
@@ -128,6 +132,7 @@ class OnlineInsertionSettings:
     contrast: tuple[float, float] | None = None
     start_scale: tuple[int, int] | None = None
     intensity_mode: str = "normalized"
+    appearance: str = "auto"
     degrees: float = 10.0
     scale: float = 0.1
     flip_probability: float = 0.5
@@ -135,7 +140,7 @@ class OnlineInsertionSettings:
     context_mm: float = 20.0
     overlap: str = "replace"
     border_margin: int = 1
-    _ranges: ParameterRanges = field(init=False, repr=False, compare=False)
+    _ranges: InsertionRanges = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0 <= float(self.probability) <= 1:
@@ -156,16 +161,15 @@ class OnlineInsertionSettings:
                 raise SinganInsertError(f"{name} must be a positive label value, got {getattr(self, name)!r}.")
         if int(self.channel) < 0:
             raise SinganInsertError(f"channel must be >= 0, got {self.channel!r}.")
-        object.__setattr__(self, "_ranges", ParameterRanges(
-            contrast=self.contrast, start_scale=self.start_scale,
-            degrees=float(self.degrees), scale=float(self.scale),
-            flip_probability=float(self.flip_probability)))
-        self.insertion_parameters()  # validates the fixed part now, not in a worker
+        # The fixed part and the ranges are validated now, not in an augmentation worker.
+        object.__setattr__(self, "_ranges", patch_ranges(
+            self.insertion_parameters(), self.contrast, self.start_scale, self.degrees, self.scale,
+            flip_probability=self.flip_probability))
 
     def insertion_parameters(self) -> InsertionParameters:
         """The fixed part of every insertion (placement, contrast, scale and seed are drawn)."""
         return InsertionParameters(
-            intensity_mode=self.intensity_mode, label_value=int(self.label_value),
+            intensity_mode=self.intensity_mode, appearance=self.appearance, label_value=int(self.label_value),
             context_mm=float(self.context_mm), overlap=self.overlap,
             border_margin=int(self.border_margin))
 

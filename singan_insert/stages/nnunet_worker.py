@@ -38,6 +38,11 @@ def resolve_trainer(name: str):
 
         if name in SHIPPED_TRAINERS:
             return SHIPPED_TRAINERS[name]
+    if name.startswith("nnUNetTrainerTumorInsertion"):  # on-the-fly insertion (integrations/nnunet)
+        from singan_insert.integrations import nnunet as online
+
+        if hasattr(online, name):
+            return getattr(online, name)
     if "." in name:
         module_name, class_name = name.rsplit(".", 1)
         cls = getattr(importlib.import_module(module_name), class_name, None)
