@@ -111,6 +111,9 @@ class InsertSettings:
         context_mm: in-plane context around the tumor, >= 0 mm.
         seed: base seed, in :math:`[0, 2^{63})`.
         panels: also write before/after PNG panels.
+        image_compression: gzip level (0-9) of the written images. Default 0: noisy float
+            volumes compress by ~10 % only, and at crossMoDA size level 1 costs ~4 s of the ~7 s
+            one augmentation takes on a CPU core (benchmarks/bench_batch.py). Labels use level 1.
     """
 
     num: int = 1
@@ -124,6 +127,7 @@ class InsertSettings:
     context_mm: float = 20.0
     seed: int = 0
     panels: bool = False
+    image_compression: int = 0
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -143,6 +147,7 @@ class InsertSettings:
         set_("context_mm", check_non_negative(self.context_mm, "context_mm"))
         set_("seed", check_seed(self.seed))
         set_("panels", bool(self.panels))
+        set_("image_compression", check_integer(self.image_compression, "image_compression", 0, 9))
 
     def ranges(self) -> InsertionRanges:
         """The sampler of the random parameters (the batch keeps the tumor's pose)."""
@@ -188,6 +193,9 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--panels", action="store_true", help="write before/after PNG panels (needs matplotlib)")
+    parser.add_argument("--image-compression", type=int, default=0, choices=range(10), metavar="0-9",
+                        help="gzip level of the written images (default 0: float images barely "
+                             "compress and level 1 takes most of the time; labels use 1)")
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -354,6 +362,7 @@ def output_fingerprint(case: Case, index: int, settings: InsertSettings, model_s
     settings_dict = settings.to_dict()
     settings_dict.pop("panels")  # a missing panel is redone on its own (see _is_finished)
     settings_dict.pop("num")  # output k does not depend on how many others there are
+    settings_dict.pop("image_compression")  # the same voxels, however they are stored
     payload = {"version": FINGERPRINT_VERSION, "name": case.name, "augmentation": index,
                "inputs": inputs, "settings": settings_dict, "model_sha256": model_sha256}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -414,7 +423,7 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
               "model_file": str(model_file), "model_sha256": model_sha256,
               "settings": settings.to_dict(), "fingerprint": fingerprint}
     try:
-        write_nifti(paths["image"], result.image.astype(np.float32), affine)
+        write_nifti(paths["image"], result.image.astype(np.float32), affine, settings.image_compression)
         write_nifti(paths["label"], result.label, affine)
         if settings.panels:
             from singan_insert.evaluation.figures import before_after_panel
@@ -513,7 +522,7 @@ def run_insert(args: argparse.Namespace) -> int:
         num=args.num, appearance=args.appearance, contrast=args.contrast, start_scale=args.start_scale,
         intensity_mode=args.intensity_mode, label_value=args.label_value,
         source_label_value=args.source_label_value, axis=args.axis, context_mm=args.context_mm,
-        seed=args.seed, panels=args.panels)
+        seed=args.seed, panels=args.panels, image_compression=args.image_compression)
     cases, refused, incomplete = _collect_cases(args)
     model_file = resolve_model_file(args.model)
     Harmonizer.load(model_file)  # fail early, in the main process, on a bad model file
