@@ -52,6 +52,10 @@ def test_quick_run_writes_the_tables(quick_run):
             assert list(table["targets"][row]) == TARGETS
     markdown = (folder / "quick.md").read_text()
     assert "## Input paste: raw" in markdown and "best_fixed_lambda" in markdown
+    # The baselines paste at the input's own lambda (not the default's automatic level): raw
+    # (lambda = 1) maps the ceT1-bright tumor brighter than lambda = 0.5 does.
+    tables = report["tables"]
+    assert _mean(tables["raw"]["rows"], "mapped", "contrast") > _mean(tables["lambda=0.5"]["rows"], "mapped", "contrast")
 
 
 def _mean(rows, row, metric):

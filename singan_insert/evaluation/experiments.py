@@ -136,7 +136,8 @@ def run_case(
             truth = subject.render_b(mask)
             if baselines:
                 raw = insert_tumor(washed, subject.affine_b, source, harmonizer,
-                                   replace(parameters, contrast=1.0, start_scale=scale), return_composite=True)
+                                   replace(parameters, contrast=1.0, appearance="fixed", start_scale=scale),
+                                   return_composite=True)
                 outputs["naive_raw"] = raw.composite
                 outputs["naive_mapped"] = result.composite
                 # Poisson needs the mapped source itself (not the composite, which already
@@ -477,8 +478,9 @@ def quality_markdown(report: dict[str, Any]) -> str:
 
 
 def _mapped_parameters(value: InputPaste, mode: str) -> InsertionParameters:
+    """The paste at the input's own :math:`\\lambda` (fixed appearance): what the baselines map."""
     contrast = InsertionParameters().contrast if value == "raw" else float(value)
-    return InsertionParameters(seed=0, intensity_mode=mode, contrast=contrast)
+    return InsertionParameters(seed=0, intensity_mode=mode, contrast=contrast, appearance="fixed")
 
 
 def _aggregate(values: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
