@@ -191,6 +191,13 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", type=int, choices=[0, 1, 2], help="slicing axis (default: through-plane)")
     parser.add_argument("--context-mm", type=float, default=20.0, help="in-plane context around the tumor")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the model runs: cpu (default), cuda[:n] or auto. On a GPU one "
+                             "process batches the tumor slices of --batch-cases outputs per forward "
+                             "pass, reading and writing in background threads")
+    parser.add_argument("--batch-cases", type=int, default=None,
+                        help="outputs per forward pass in the single-process batched path (default: "
+                             "8 on a GPU; on the CPU the per-case path unless given)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--panels", action="store_true", help="write before/after PNG panels (needs matplotlib)")
     parser.add_argument("--image-compression", type=int, default=0, choices=range(10), metavar="0-9",
@@ -395,41 +402,71 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
     """
     import torch
 
-    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
-    from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
-    from singan_insert.insertion.placement import SourceTumor
-    from singan_insert.io import atomic_write_bytes, write_nifti
+    from singan_insert.insertion.insert import insert_tumor
+    from singan_insert.insertion.model_cache import load_harmonizer
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    paths = output_paths(out_dir, case, index)
+    job = prepare_case(case, index, model, settings, fingerprint)
+    result = insert_tumor(job.target, job.affine, job.source, load_harmonizer(job.model_file), job.parameters)
+    return write_case(job, result, settings, out_dir)
+
+
+@dataclass
+class PreparedCase:
+    """One output's inputs, read and drawn (:func:`prepare_case`), ready for the harmonizer."""
+
+    case: Case
+    index: int
+    model_file: Path
+    model_sha256: str
+    fingerprint: str
+    parameters: Any  # InsertionParameters
+    target: np.ndarray
+    affine: np.ndarray
+    source: Any  # SourceTumor
+
+
+def prepare_case(case: Case, index: int, model: str, settings: InsertSettings,
+                 fingerprint: str | None = None) -> PreparedCase:
+    """Read the volumes of output ``index`` of ``case`` and draw its parameters (seeded by name)."""
+    from singan_insert.insertion.insert import InsertionParameters
+    from singan_insert.insertion.model_cache import resolve_model_file
+    from singan_insert.insertion.placement import SourceTumor
+
     model_file = resolve_model_file(model)
     model_sha256 = file_digest(model_file)
     if fingerprint is None:
         fingerprint = output_fingerprint(case, index, settings, model_sha256)
     rng = np.random.default_rng(derived_seed(settings.seed, case.name, index))
     drawn = settings.ranges().sample(rng)
-    harmonizer = load_harmonizer(model_file)
     parameters = InsertionParameters(
         appearance=settings.appearance, intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
         start_scale=drawn.start_scale, axis=settings.axis, context_mm=settings.context_mm,
         seed=drawn.seed, label_value=settings.label_value)
-    target_data, affine = _read_volume(Path(case.target), "target")
+    target, affine = _read_volume(Path(case.target), "target")
     source = SourceTumor.from_files(case.source_image, case.source_label,
                                     label_value=settings.source_label_value)
-    result = insert_tumor(target_data, affine, source, harmonizer, parameters)
-    record = {**result.record, "case": {k: str(v) for k, v in case.__dict__.items()},
-              "augmentation": index, "source_label_value": settings.source_label_value,
-              "model_file": str(model_file), "model_sha256": model_sha256,
-              "settings": settings.to_dict(), "fingerprint": fingerprint}
+    return PreparedCase(case, index, model_file, model_sha256, fingerprint, parameters, target, affine, source)
+
+
+def write_case(job: PreparedCase, result, settings: InsertSettings, out_dir: Path) -> dict[str, Any]:
+    """Write an insertion's image, label, optional panel and (last) its record; return the record."""
+    from singan_insert.io import atomic_write_bytes, write_nifti
+
+    paths = output_paths(out_dir, job.case, job.index)
+    record = {**result.record, "case": {k: str(v) for k, v in job.case.__dict__.items()},
+              "augmentation": job.index, "source_label_value": settings.source_label_value,
+              "model_file": str(job.model_file), "model_sha256": job.model_sha256,
+              "settings": settings.to_dict(), "fingerprint": job.fingerprint}
     try:
-        write_nifti(paths["image"], result.image.astype(np.float32), affine, settings.image_compression)
-        write_nifti(paths["label"], result.label, affine)
+        write_nifti(paths["image"], result.image.astype(np.float32), job.affine, settings.image_compression)
+        write_nifti(paths["label"], result.label, job.affine)
         if settings.panels:
             from singan_insert.evaluation.figures import before_after_panel
 
-            before_after_panel(target_data, result.image, result.mask, paths["panel"],
-                               title=f"{case.name} aug {index} ({_appearance_caption(result.record)})")
+            before_after_panel(job.target, result.image, result.mask, paths["panel"],
+                               title=f"{job.case.name} aug {job.index} ({_appearance_caption(result.record)})")
         atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
     except BaseException:
         # An output without its record is unfinished anyway: leave no half of it behind.
@@ -437,6 +474,62 @@ def augment_case(case: Case, index: int, model: str, settings: InsertSettings, o
             paths[key].unlink(missing_ok=True)
         raise
     return record
+
+
+def _run_jobs_batched(jobs: Sequence[tuple[Case, int, str]], model: str, settings: InsertSettings,
+                      out_dir: Path, device: str, batch_cases: int, tqdm) -> list[tuple[Any, str]]:
+    """One process, the model on ``device``: the tumor slices of ``batch_cases`` outputs per
+    forward pass (:func:`~singan_insert.insertion.multicase.insert_tumors`), reading and writing
+    in background threads (:func:`~singan_insert.insertion.multicase.pipelined`).
+
+    Every failure is recorded per output, as in :func:`_run_jobs`.
+    """
+    from singan_insert.insertion.insert import insert_tumor
+    from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
+    from singan_insert.insertion.multicase import InsertionCase, insert_tumors, pipelined
+
+    harmonizer = load_harmonizer(resolve_model_file(model), device)
+    bar = tqdm(total=len(jobs), desc="insert", unit="volume")
+
+    def read(job):
+        try:
+            return prepare_case(job[0], job[1], model, settings, job[2])
+        except Exception as error:  # recorded for this output; the others go on
+            return error
+
+    def process(prepared: list) -> list:
+        """``[(prepared, result or error)]`` for a chunk: one batched call for the readable ones."""
+        ready = [p for p in prepared if isinstance(p, PreparedCase)]
+        cases = [InsertionCase(p.target, p.affine, p.source, p.parameters) for p in ready]
+        try:
+            results = iter(insert_tumors(cases, harmonizer, return_exceptions=True))
+        except Exception:  # not a library error: isolate the case that raised it, one by one
+            results = iter([_attempt(insert_tumor, p.target, p.affine, p.source, harmonizer, p.parameters)
+                            for p in ready])
+        return [(p, next(results)) if isinstance(p, PreparedCase) else (None, p) for p in prepared]
+
+    def write(job, outcome) -> str | None:
+        prepared, result = outcome
+        try:
+            if isinstance(result, BaseException):
+                return _describe(result)
+            write_case(prepared, result, settings, out_dir)
+            return None
+        except Exception as error:
+            return _describe(error)
+        finally:
+            bar.update(1)
+
+    messages = pipelined(jobs, read, process, write, chunk_size=batch_cases)
+    bar.close()
+    return [(job, message) for job, message in zip(jobs, messages) if message is not None]
+
+
+def _attempt(function, *args):
+    try:
+        return function(*args)
+    except Exception as error:
+        return error
 
 
 @contextmanager
@@ -517,7 +610,19 @@ def run_insert(args: argparse.Namespace) -> int:
     from singan_insert.harmonizer.model import Harmonizer
     from singan_insert.insertion.model_cache import resolve_model_file
 
+    from singan_insert.devices import select_device
+
     workers = check_integer(args.workers, "--workers", 1)
+    device = select_device(args.device)
+    batch_cases = args.batch_cases
+    if batch_cases is not None:
+        batch_cases = check_integer(batch_cases, "--batch-cases", 1)
+    batched = device.type != "cpu" or batch_cases is not None
+    batch_cases = batch_cases or 8
+    if batched and workers > 1:
+        raise SinganInsertError(
+            "--workers runs several CPU processes; the batched path (--device cuda or --batch-cases) "
+            "is one process that holds the model. Use one or the other.")
     settings = InsertSettings(
         num=args.num, appearance=args.appearance, contrast=args.contrast, start_scale=args.start_scale,
         intensity_mode=args.intensity_mode, label_value=args.label_value,
@@ -552,7 +657,11 @@ def run_insert(args: argparse.Namespace) -> int:
                   "inputs or files changed).")
         for problem in incomplete:
             print(f"  incomplete case {problem.name}: {problem.message}.")
-        failures = _run_jobs(jobs, str(model_file), settings, out_dir, workers, tqdm)
+        if batched:
+            failures = _run_jobs_batched(jobs, str(model_file), settings, out_dir, str(device),
+                                         batch_cases, tqdm)
+        else:
+            failures = _run_jobs(jobs, str(model_file), settings, out_dir, workers, tqdm)
     print(f"Wrote {len(jobs) - len(failures)} augmentation(s) to {out_dir}; "
           f"{len(failures)} failed, {len(refused)} case(s) refused, {skipped} already finished.")
     for (case, k, _), message in failures:

@@ -103,6 +103,39 @@ def test_insert_with_two_workers_matches_one(tiny_model_dir, crossmoda_folder, t
         np.testing.assert_array_equal(a, b)
 
 
+def test_batched_single_process_path_matches_the_per_case_path(tiny_model_dir, crossmoda_folder, tmp_path):
+    """--batch-cases (the path --device cuda takes) writes the same outputs, one process."""
+    import json
+
+    common = ["--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--seed", "1",
+              "--target-suffix", "hrT2", "--num", "2"]
+    assert main(["insert", *common, "--out", str(tmp_path / "one")]) == 0
+    assert main(["insert", *common, "--out", str(tmp_path / "batched"), "--batch-cases", "3"]) == 0
+    images = sorted((tmp_path / "one").glob("*_image.nii.gz"))
+    assert len(images) >= 2
+    for path in images:
+        a = nib.load(str(path)).get_fdata()
+        b = nib.load(str(tmp_path / "batched" / path.name)).get_fdata()
+        np.testing.assert_allclose(a, b, atol=1e-4 * (np.ptp(a) or 1))
+        label = path.name.replace("_image", "_label")
+        np.testing.assert_array_equal(nib.load(str(tmp_path / "one" / label)).get_fdata(),
+                                      nib.load(str(tmp_path / "batched" / label)).get_fdata())
+        record = path.name.replace("_image.nii.gz", ".json")
+        one, batched = (json.loads((tmp_path / d / record).read_text()) for d in ("one", "batched"))
+        assert one["parameters"] == batched["parameters"] and one["fingerprint"] == batched["fingerprint"]
+    # the two paths resume each other's outputs: nothing is redone
+    assert main(["insert", *common, "--out", str(tmp_path / "batched")]) == 0
+    assert main(["insert", *common, "--out", str(tmp_path / "x"), "--batch-cases", "0"]) == 2
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").glob("*.nii.gz"))
+
+
+def test_batched_path_refuses_workers(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
+    assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder),
+                 "--target-suffix", "hrT2", "--out", str(tmp_path / "o"), "--batch-cases", "2",
+                 "--workers", "2"]) == 2
+    assert "one or the other" in capsys.readouterr().err
+
+
 def test_errors_are_clear(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
