@@ -112,14 +112,14 @@ def write_gz(path: Path, data: np.ndarray, affine: np.ndarray, level: int, timin
 
 
 def parameters_for(case, settings):
-    """The same draw as batch.augment_case for augmentation 0 of ``case``."""
+    """The same draw as batch.prepare_case for augmentation 0 of ``case`` (the shared sampler)."""
     from singan_insert.batch import derived_seed
     from singan_insert.insertion.insert import InsertionParameters
 
-    rng = np.random.default_rng(derived_seed(settings.seed, case.name, 0))
-    return InsertionParameters(intensity_mode=settings.intensity_mode,
-                               contrast=float(rng.choice(settings.contrast)),
-                               seed=int(rng.integers(0, 2**31 - 1)), label_value=settings.label_value)
+    drawn = settings.ranges().sample(np.random.default_rng(derived_seed(settings.seed, case.name, 0)))
+    return InsertionParameters(appearance=settings.appearance, intensity_mode=settings.intensity_mode,
+                               contrast=drawn.contrast, start_scale=drawn.start_scale, seed=drawn.seed,
+                               label_value=settings.label_value)
 
 
 def stages(model: Path, device: str, gzip_level: int, out: Path, timings: dict):
@@ -129,7 +129,7 @@ def stages(model: Path, device: str, gzip_level: int, out: Path, timings: dict):
     from singan_insert.insertion.multicase import InsertionCase, insert_tumors
     from singan_insert.insertion.placement import SourceTumor
 
-    settings = InsertSettings(contrast=(0.5, 0.8))
+    settings = InsertSettings()
     harmonizer = Harmonizer.load(model, device=device)
     out.mkdir(parents=True, exist_ok=True)
 
