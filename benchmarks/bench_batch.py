@@ -280,7 +280,7 @@ def main() -> None:
     summary.append({"measure": "batch API on one GPU (--device cuda): subjects/s", "value": cuda["subjects/s"] if cuda else
                     "no GPU here", "target": ">= 5"})
     markdown = (f"{len(cases)} cases of {'x'.join(map(str, args.shape))} (hrT2) at 0.4x0.4x1 mm, one "
-                f"augmentation each, .nii.gz (gzip level {GZIP_LEVEL} unless the row says otherwise)\n\n"
+                f"augmentation each, .nii.gz (batch API rows: insert's defaults, images at gzip level 0, labels at 1; multicase rows: the image level they name)\n\n"
                 + table(rows, ["path", "device", "subjects", "seconds", "subjects/s"]) + "\n\n"
                 + f"Time per subject, one process, {len(subset)} cases one after the other (no overlap; "
                   f"gzip level {GZIP_LEVEL}):\n\n"
