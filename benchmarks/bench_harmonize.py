@@ -68,10 +68,42 @@ def main() -> None:
                          "min (s)": min(times), "target (s)": TARGET_S,
                          "meets target": median <= TARGET_S if device == "cpu" else "-"})
             print(rows[-1], flush=True)
-    markdown = table(rows, list(rows[0]))
+    insert_rows = insertion_times(model, subject, volume, args.batch, args.repeats)
+    markdown = table(rows, list(rows[0])) + "\n\n" + (
+        f"Whole insertion (insert_tumor) of a {args.batch}-slice tumor into the subject's B volume, "
+        "including the automatic appearance's choice (CPU):\n\n") + table(insert_rows, list(insert_rows[0]))
     print(markdown)
-    write_results("bench_harmonize", {"rows": rows, "num_scales": model.num_scales,
+    write_results("bench_harmonize", {"rows": rows, "insert_rows": insert_rows, "num_scales": model.num_scales,
                                        "default_start_scale": model.default_start_scale}, markdown)
+
+
+def insertion_times(model, subject, volume: np.ndarray, slices: int, repeats: int) -> list[dict]:
+    """insert_tumor of a ``slices``-slice cylinder tumor (radius 8 px), per appearance mode."""
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+    from singan_insert.insertion.placement import SourceTumor
+
+    model.to("cpu")
+    mask = np.zeros(volume.shape, np.uint8)
+    yy, xx = np.mgrid[:volume.shape[0], :volume.shape[1]]
+    disk = (yy - volume.shape[0] / 2) ** 2 + (xx - volume.shape[1] / 2) ** 2 < 8 ** 2
+    k0 = (volume.shape[2] - slices) // 2
+    mask[:, :, k0:k0 + slices] = disk[..., None]
+    source = SourceTumor.from_arrays((volume * 1.5).astype(np.float32), mask, subject.affine_b, label_value=1)
+    rows = []
+    for appearance in ("auto", "fixed"):
+        parameters = InsertionParameters(appearance=appearance, contrast=0.5)
+        insert_tumor(volume, subject.affine_b, source, model, parameters)  # warm-up
+        times = []
+        for repeat in range(repeats):
+            started = time.perf_counter()
+            insert_tumor(volume, subject.affine_b, source, model,
+                         InsertionParameters(appearance=appearance, contrast=0.5, seed=repeat))
+            times.append(time.perf_counter() - started)
+        median = statistics.median(times)
+        rows.append({"appearance": appearance, "tumor slices": slices, "median (s)": median,
+                     "min (s)": min(times), "target (s)": TARGET_S, "meets target": median <= TARGET_S})
+        print(rows[-1], flush=True)
+    return rows
 
 
 if __name__ == "__main__":
