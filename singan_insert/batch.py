@@ -55,6 +55,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from singan_insert.errors import SinganInsertError
+from singan_insert.insertion.intensity import INTENSITY_MODES, check_intensity_mode
 from singan_insert.insertion.sampling import (
     InsertionRanges,
     check_integer,
@@ -136,9 +137,7 @@ class InsertSettings:
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
         set_("contrast", parse_contrast(self.contrast, "contrast"))
         set_("start_scale", parse_start_scale(self.start_scale, "start_scale"))
-        if self.intensity_mode not in ("normalized", "matched"):
-            raise SinganInsertError(
-                f"intensity_mode must be 'normalized' or 'matched', got {self.intensity_mode!r}.")
+        check_intensity_mode(self.intensity_mode)
         set_("label_value", check_integer(self.label_value, "label_value", 1))
         if self.source_label_value is not None:
             set_("source_label_value", check_integer(self.source_label_value, "source_label_value"))
@@ -184,7 +183,8 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-scale", nargs="+",
                         help="start scales to draw from, or one range LOW:HIGH (write "
                              "--start-scale=-3:-1 for negative ranges; default: the model's)")
-    parser.add_argument("--intensity-mode", choices=["normalized", "matched"], default="normalized")
+    parser.add_argument("--intensity-mode", choices=sorted(INTENSITY_MODES), default="normalized",
+                        help="how the tumor's intensities are brought into the target's units")
     parser.add_argument("--label-value", type=int, default=1, help="label written for the tumor")
     parser.add_argument("--source-label-value", type=int, default=1,
                         help="tumor value in the source label (default: 1, crossMoDA's schwannoma)")

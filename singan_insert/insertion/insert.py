@@ -67,7 +67,7 @@ from singan_insert.insertion.appearance import (
     ring,
     scoring_slices,
 )
-from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities, robust_range
+from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
 from singan_insert.harmonizer.pyramid import resize
@@ -149,9 +149,7 @@ class InsertionParameters:
                 f"visibility_floor must be a number in [0, 0.5), got {self.visibility_floor!r}.")
         if self.texture is not None and not isinstance(self.texture, bool):
             raise SinganInsertError(f"texture must be True, False or None, got {self.texture!r}.")
-        if self.intensity_mode not in ("normalized", "matched"):
-            raise SinganInsertError(
-                f"intensity_mode must be 'normalized' or 'matched', got {self.intensity_mode!r}.")
+        check_intensity_mode(self.intensity_mode)
         # Numbers: the checks the samplers use (NaN, booleans, fractions and overflows refused).
         from singan_insert.insertion import sampling
 

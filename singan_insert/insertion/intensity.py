@@ -83,16 +83,34 @@ def map_tumor_intensities(
     t_low, t_high = robust_range(target, percentiles, tissue_only)
     if t_high <= t_low:
         raise SinganInsertError("The target image is constant; cannot map intensities into it.")
-    if mode == "normalized":
-        s_low, s_high = robust_range(source, percentiles, tissue_only)
-        if s_high <= s_low:
-            raise SinganInsertError("The source image is constant; cannot normalise it.")
-        unit = soft_knee((source - s_low) / (s_high - s_low))
-    elif mode == "matched":
-        unit = (_quantile_match(source, target) - t_low) / (t_high - t_low)
-    else:
-        raise SinganInsertError(f"Unknown intensity mode {mode!r}; use 'normalized' or 'matched'.")
+    unit = INTENSITY_MODES[check_intensity_mode(mode)](source, target, (t_low, t_high), percentiles, tissue_only)
     return (t_low + contrast * unit * (t_high - t_low)).astype(np.float32)
+
+
+def _normalized_unit(source, target, target_range, percentiles, tissue_only) -> np.ndarray:
+    s_low, s_high = robust_range(source, percentiles, tissue_only)
+    if s_high <= s_low:
+        raise SinganInsertError("The source image is constant; cannot normalise it.")
+    return soft_knee((source - s_low) / (s_high - s_low))
+
+
+def _matched_unit(source, target, target_range, percentiles, tissue_only) -> np.ndarray:
+    t_low, t_high = target_range
+    return (_quantile_match(source, target) - t_low) / (t_high - t_low)
+
+
+#: The intensity mapping modes: name -> ``f(source, target, (t_lo, t_hi), percentiles,
+#: tissue_only)`` giving the source in the target's normalised units :math:`u` (0 = the target's
+#: dark reference, 1 = its bright one). Every caller (InsertionParameters, the transforms, the
+#: CLI) validates against this table, so a new mode is one entry here.
+INTENSITY_MODES = {"normalized": _normalized_unit, "matched": _matched_unit}
+
+
+def check_intensity_mode(mode: object, name: str = "intensity_mode") -> str:
+    """``mode`` when it names an entry of :data:`INTENSITY_MODES`, else a clear error."""
+    if not isinstance(mode, str) or mode not in INTENSITY_MODES:
+        raise SinganInsertError(f"{name} must be one of {sorted(INTENSITY_MODES)}, got {mode!r}.")
+    return mode
 
 
 KNEE = 0.1
