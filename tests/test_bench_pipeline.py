@@ -79,7 +79,7 @@ def test_gba_scales_the_translated_tumor_in_place(inserted):
                                     feather_mm=record["parameters"]["feather_mm"])
         np.testing.assert_array_equal(image[weight == 0], fake[weight == 0])
         assert not np.allclose(image[mask], fake[mask])
-    with pytest.raises(SinganInsertError, match="positive"):
+    with pytest.raises(SinganInsertError, match="GBA contrast factor must be > 0"):
         variants.write_gba_bprime(inserted, contrasts=(0.0,))
 
 

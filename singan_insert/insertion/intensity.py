@@ -42,7 +42,7 @@ from typing import Literal
 
 import numpy as np
 
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_real
 from singan_insert.errors import SinganInsertError
 
 IntensityMode = Literal["normalized", "matched"]
@@ -72,8 +72,7 @@ def map_tumor_intensities(
     Returns:
         ``source_image`` mapped to the target's units, same shape, ``float32``.
     """
-    if contrast <= 0 or not np.isfinite(contrast):
-        raise SinganInsertError(f"The contrast factor must be a positive number, got {contrast}.")
+    contrast = check_real(contrast, "contrast", 0, open_minimum=True)
     source = np.asarray(source_image, dtype=np.float64)
     target = np.asarray(target_image, dtype=np.float64)
     check_finite(source, "source image")

@@ -56,8 +56,8 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
-from singan_insert.insertion.sampling import check_integer
-from singan_insert.integrations.torchio import load_harmonizer
+from singan_insert.insertion.sampling import check_integer, check_probability
+from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 
 __all__ = ["RandTumorInsertiond", "TumorInsertiond"]
 
@@ -120,6 +120,12 @@ def _on_grid_of(values: np.ndarray, like: Any, meta_from: Any) -> torch.Tensor:
     return tensor
 
 
+def _parameters(parameters: InsertionParameters | None) -> InsertionParameters:
+    if parameters is not None and not isinstance(parameters, InsertionParameters):
+        raise SinganInsertError("parameters must be an InsertionParameters or None.")
+    return parameters or InsertionParameters()
+
+
 class _InsertionBase(MapTransform):
     """What both transforms share: the target and label keys, the model, the insertion itself."""
 
@@ -128,6 +134,9 @@ class _InsertionBase(MapTransform):
                  allow_missing_keys: bool):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.image_key = _single_key(keys)
+        if not isinstance(model, (str, os.PathLike)):
+            raise SinganInsertError(f"model must be the path of a model file or folder, got {model!r}.")
+        resolve_model_file(model)  # exists now, not only in a DataLoader worker
         self.model = os.fspath(model)
         self.label_key = label_key
         self.device = device
@@ -205,9 +214,7 @@ class TumorInsertiond(_InsertionBase):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, model, label_key, device, modality, record_key, allow_missing_keys)
-        if parameters is not None and not isinstance(parameters, InsertionParameters):
-            raise SinganInsertError("parameters must be an InsertionParameters or None.")
-        self.parameters = parameters or InsertionParameters()
+        self.parameters = _parameters(parameters)
         self.source = _as_source(source, source_label_value, max_anisotropy)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -278,9 +285,7 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         max_anisotropy: float = DEFAULT_MAX_ANISOTROPY,
         allow_missing_keys: bool = False,
     ):
-        if not 0 <= prob <= 1:
-            raise SinganInsertError(f"prob must be in [0, 1], got {prob!r}.")
-        RandomizableTransform.__init__(self, prob)
+        RandomizableTransform.__init__(self, check_probability(prob, "prob"))
         _InsertionBase.__init__(self, keys, model, label_key, device, modality, record_key,
                                 allow_missing_keys)
         if isinstance(sources, SourceTumor) or (
@@ -290,9 +295,7 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         self.sources = [_as_source(s, source_label_value, max_anisotropy) for s in sources]
         if not self.sources:
             raise SinganInsertError("sources must hold at least one tumor.")
-        if parameters is not None and not isinstance(parameters, InsertionParameters):
-            raise SinganInsertError("parameters must be an InsertionParameters or None.")
-        self.parameters = parameters or InsertionParameters()
+        self.parameters = _parameters(parameters)
         self.ranges = patch_ranges(self.parameters, contrast, start_scale, degrees, scale, flip_axes,
                                    flip_probability)
         self.max_attempts = check_integer(max_attempts, "max_attempts", 1)

@@ -71,7 +71,7 @@ from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.placement import SourceTumor
 from singan_insert.insertion.sampling import InsertionRanges
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
-from singan_insert.integrations.torchio import load_harmonizer
+from singan_insert.insertion.model_cache import load_harmonizer
 
 __all__ = [
     "SETTINGS_FILE_NAME",

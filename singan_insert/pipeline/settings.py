@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 
 from singan_insert.datasets.crossmoda import NUM_CLASSES
 from singan_insert.errors import SinganInsertError
@@ -77,13 +76,15 @@ class PipelineSettings:
     def __post_init__(self) -> None:
         if isinstance(self.grid, dict):
             object.__setattr__(self, "grid", WorkingGrid(**self.grid))
-        object.__setattr__(self, "contrast", tuple(float(c) for c in self.contrast))
+        from singan_insert.insertion.sampling import check_contrast
+
+        object.__setattr__(self, "contrast", tuple(check_contrast(c, "contrast factor") for c in self.contrast))
         if self.segmenter not in ("small", "nnunet"):
             raise SinganInsertError(f"segmenter must be 'small' or 'nnunet', got {self.segmenter!r}.")
         if self.appearance not in ("auto", "fixed"):
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
-        if not self.contrast or any(not (np.isfinite(c) and c > 0) for c in self.contrast):
-            raise SinganInsertError(f"contrast factors must be positive numbers, got {self.contrast}.")
+        if not self.contrast:
+            raise SinganInsertError("contrast needs at least one factor.")
         if self.augmentations < 1:
             raise SinganInsertError(f"augmentations must be >= 1, got {self.augmentations}.")
         for name in ("segmenter_iterations", "cyclegan_iterations", "pix2pix_iterations",

@@ -143,10 +143,12 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
     from singan_insert.batch import derived_seed
     from singan_insert.insertion.insert import InsertionParameters, insert_tumor
     from singan_insert.insertion.placement import SourceTumor
-    from singan_insert.integrations.torchio import load_harmonizer
+    from singan_insert.insertion.model_cache import load_harmonizer
+    from singan_insert.insertion.sampling import check_contrast
 
-    if not contrasts or any(not (np.isfinite(c) and c > 0) for c in contrasts):
-        raise SinganInsertError(f"GBA contrast factors must be positive numbers, got {contrasts}.")
+    if not contrasts:
+        raise SinganInsertError("GBA needs at least one contrast factor.")
+    contrasts = [check_contrast(c, "GBA contrast factor") for c in contrasts]
     harmonizer = None
     written = []
     for record_path in _harmonized_records(pipeline):
