@@ -37,6 +37,8 @@ from pathlib import Path
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import RESULTS, machine, write_results  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 TRAINING_SEED, VALIDATION_SEED, FIRST_TEST_SEED = 0, 99, 100
 
 
@@ -66,6 +68,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--results", default=str(RESULTS), help="output folder (default benchmarks/results)")
     parser.add_argument("--name", default="bench_quality", help="results file name (without extension)")
+    parser.add_argument("--first-seed", type=int, default=FIRST_TEST_SEED,
+                        help=f"first test subject's seed (default {FIRST_TEST_SEED}; use unseen seeds for a held-out run)")
+    parser.add_argument("--no-annotation", action="store_true",
+                        help="leave out the 'annotated' row (the default insertion with the training slice's "
+                             "tumor annotated)")
     parser.add_argument("--quick", action="store_true",
                         help="2 subjects, 'tiny' training, inputs 0.5 and raw, short grids: plumbing only")
     args = parser.parse_args(argv)
@@ -84,7 +91,8 @@ def main(argv=None) -> None:
         args.subjects, args.inputs, args.preset = min(args.subjects, 2), [0.5, "raw"], "tiny"
         lambda_grid, blur_sigmas = (0.5, 1.0), (0.0, 1.0)
     started = time.perf_counter()
-    image, spacing, index = ex.training_slice_from_subject(simulate_subject(TRAINING_SEED))
+    training_subject = simulate_subject(TRAINING_SEED)
+    image, spacing, index = ex.training_slice_from_subject(training_subject)
     config = TrainingConfig.preset(args.preset)
     if args.iterations:
         config = replace(config, iterations=args.iterations)
@@ -93,7 +101,14 @@ def main(argv=None) -> None:
     train_seconds = time.perf_counter() - started
     print(f"harmonizer: {args.preset} preset, {model.num_scales} scales, {train_seconds:.0f} s", flush=True)
 
-    seeds = [FIRST_TEST_SEED + i for i in range(args.subjects)]
+    annotated = None
+    if not args.no_annotation:  # the training subject's own tumor label on that slice: the one-slice annotation
+        from singan_insert import Harmonizer
+
+        annotated = Harmonizer(model.pyramid, model.geometry, model.normalization, model.spacing,
+                               model.reconstruction_noise, model.metadata, model.training_slice)
+        annotated.annotate(np.take(training_subject.label_b, index, axis=2) == 1)
+    seeds = [args.first_seed + i for i in range(args.subjects)]
     subjects = [ex.QualitySubject.prepare(f"subject {seed}", simulate_subject(seed), model) for seed in seeds]
     validation = ex.QualitySubject.prepare(f"subject {VALIDATION_SEED} (validation)",
                                            simulate_subject(VALIDATION_SEED), model)
@@ -101,15 +116,15 @@ def main(argv=None) -> None:
     report = ex.run_quality(subjects, validation, model, inputs=args.inputs, lambda_grid=lambda_grid,
                             blur_sigmas=blur_sigmas, start_scale=args.start_scale, figure_input=figure_input,
                             progress=lambda text: print(f"  {text} ({time.perf_counter() - started:.0f} s)",
-                                                        flush=True))
+                                                        flush=True), annotated=annotated)
 
     results = Path(args.results)
     columns = ["A source (ceT1)", "B washed out", "naive", "mapped", "blurred", "harmonized", "default",
-               "oracle", "truth (hrT2)"]
+               *(["annotated"] if annotated is not None else []), "oracle", "truth (hrT2)"]
     shown = subjects[:4]
     figure = figure_grid(
         [[case.panels[c] for c in columns] for case in shown], results / f"{args.name}_fig2.png",
-        [*columns[:5], f"harmonized (paper, s{report['start_scale']})", "default", "oracle (truth, blended)",
+        [*columns[:5], f"harmonized (paper, s{report['start_scale']})", *columns[6:-2], "oracle (truth, blended)",
          "truth (hrT2)"],
         row_titles=[f"{case.name}, input {ex.input_key(figure_input)}" for case in shown],
         contours=[[None] * (len(columns) - 1) + [case.panels["mask"]] for case in shown])

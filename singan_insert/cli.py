@@ -3,6 +3,7 @@
 ::
 
     singan-insert train VOLUME.nii.gz --slice auto --label LABEL.nii.gz --out model/
+    singan-insert annotate --model model/ --mask tumor_on_training_slice.png
     singan-insert harmonize --model model/ --background bg.png --composite comp.png --mask m.png --out out.png
     singan-insert insert --model model/ --data-root DIR --out augmented/ --num 2
     singan-insert demo --out demo_output/
@@ -40,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--axis", type=int, default=2, help="slice axis of a volume (default: 2)")
     train.add_argument("--slice", default="auto",
                        help="slice index, or 'auto' = largest label area with --label, else the middle slice")
-    train.add_argument("--label", help="label volume on the same grid, for --slice auto")
+    train.add_argument("--label", help="label volume on the same grid: for --slice auto, and (unless --no-annotate) "
+                                       "its tumor on the training slice becomes the model's one-slice annotation")
+    train.add_argument("--annotate", action=argparse.BooleanOptionalAction, default=None,
+                       help="mark the tumor of --label (or --annotation) on the training slice, so that the "
+                            "automatic appearance takes B's tumor look from it (default: when a label is given)")
+    train.add_argument("--annotation", help="for a 2D input: a mask of the tumor on it (.png/.npy, same size)")
+    train.add_argument("--tumor-label", type=int, help="label value of the tumor in --label (default: 1 where "
+                                                       "present, else any non-zero)")
     train.add_argument("--crop", type=int, nargs=4, metavar=("ROW0", "ROW1", "COL0", "COL1"),
                        help="crop box in slice pixels")
     train.add_argument("--modality", help="modality name stored in the model (e.g. hrT2)")
@@ -53,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=_seed, default=0, help=f"seed of every random draw, 0..{MAX_SEED} (default: 0)")
     train.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
     train.add_argument("--no-samples", action="store_true", help="do not write the per-scale sample PNGs")
+
+    annotate = commands.add_parser(
+        "annotate", help="mark (or unmark) the tumor on a trained model's training slice",
+        description="Add the one-slice tumor annotation to a trained model, no retraining: the automatic "
+                    "appearance then takes B's tumor level, spread and texture from it.")
+    annotate.add_argument("--model", required=True, help="model file or training output folder")
+    what = annotate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mask", help="tumor mask of the training slice (.png/.npy/2D .nii.gz; non-zero = tumor), "
+                                     "on the slice as trained (after any crop)")
+    what.add_argument("--remove", action="store_true", help="remove the model's annotation")
+    annotate.add_argument("--out", help="write the annotated model here (default: replace the model file, atomically)")
 
     harmonize = commands.add_parser("harmonize", help="harmonize one 2D composite + mask",
                                     description="Harmonize one pasted tumor in a 2D slice (PNG, NPY or 2D NIfTI).")
@@ -99,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "harmonize":
             return _harmonize(args)
+        if args.command == "annotate":
+            return _annotate(args)
         if args.command == "insert":
             from singan_insert.batch import run_insert
 
@@ -145,10 +166,38 @@ def _train(args: argparse.Namespace) -> int:
     check_writable_folder(out)
     print(f"Training on {chosen.provenance} ({chosen.image.shape[0]}x{chosen.image.shape[1]} px, "
           f"spacing {chosen.spacing}) -> {out}")
+    annotation = None
+    if args.annotation is not None:
+        if args.annotate is False:
+            raise SinganInsertError("--annotation and --no-annotate contradict each other; drop one.")
+        annotation = apply_crop(read_2d(Path(args.annotation), what="annotation"),
+                                tuple(args.crop) if args.crop else None) > 0
+    elif args.annotate or (args.annotate is None and chosen.label is not None):
+        if chosen.label is None:
+            raise SinganInsertError("--annotate needs a tumor mask: --label LABEL.nii.gz with a volume, "
+                                    "or --annotation MASK with a 2D image.")
+        annotation = chosen.tumor_annotation(args.tumor_label)
     model = train_harmonizer(chosen.image, _training_config(args.preset, args.iterations), out_dir=out,
                              seed=args.seed, spacing=chosen.spacing, device=args.device,
-                             provenance=chosen.provenance, sample_figures=not args.no_samples)
-    print(f"Saved {model!r} to {out / 'harmonizer.safetensors'}")
+                             provenance=chosen.provenance, sample_figures=not args.no_samples,
+                             annotation=annotation)
+    print(f"Saved {model!r} to {out / 'harmonizer.safetensors'}"
+          + (f", with the tumor on its training slice annotated ({int(annotation.sum())} px)"
+             if annotation is not None else " (no tumor annotation)"))
+    return 0
+
+
+def _annotate(args: argparse.Namespace) -> int:
+    from singan_insert.harmonizer.model import MODEL_FILE_NAME, Harmonizer
+
+    source = Path(args.model)
+    source = source / MODEL_FILE_NAME if source.is_dir() else source
+    model = Harmonizer.load(source, device="cpu")
+    model.annotate(None if args.remove else read_2d(Path(args.mask), what="tumor mask") > 0)
+    out = model.save(Path(args.out) if args.out else source)
+    state = "without an annotation" if args.remove else \
+        f"with {int((model.tumor_annotation > 0.5).sum())} px of tumor annotated at its finest scale"
+    print(f"Wrote {out} ({state})")
     return 0
 
 

@@ -34,12 +34,16 @@ each input's table:
                  ``lambda_grid`` with the lowest mean low-pass error ON THE TEST SUBJECTS
                  (hindsight no user has; its sd chosen on the validation subject): the same in
                  every table;
+``oracle_level`` ORACLE bound: a flat tumor at the truth's own mean level (partial-volume edge,
+                 not harmonized): what the exact level alone, without B's internal structure, gives;
 ``oracle``       the simulator's true B rendering of the tumor and its surroundings, blended
                  with the harmonizer's weight (:func:`~singan_insert.evaluation.baselines.oracle_paste`).
                  In this simulation the washed-out target is the truth minus the tumor, so the
                  oracle is the truth up to the blend: a floor for every metric, not a method;
 ``harmonized``   the paper's mode: this input paste harmonized from a fixed start scale
                  (:func:`paper_parameters`);
+``annotated``    (with ``annotated=``) the default insertion by the same model with its training
+                 slice's tumor annotated (:mod:`singan_insert.insertion.annotation`);
 ``default``      whatever :class:`~singan_insert.insertion.insert.InsertionParameters` defaults give
                  for this input (:func:`default_parameters`: the automatic appearance, which
                  ignores the input's :math:`\\lambda`).
@@ -189,7 +193,7 @@ BLUR_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 TEXTURE_SIGMA_PX = 1.5  # low-pass error and high-pass energy, within slices
 METRIC_MARGIN = 12
 SEEDED_ROWS = ("harmonized", "default")
-QUALITY_ROWS = ("naive", "mapped", "matched", "poisson", "blurred", "best_fixed_lambda", "oracle",
+QUALITY_ROWS = ("naive", "mapped", "matched", "poisson", "blurred", "best_fixed_lambda", "oracle", "oracle_level",
                 "harmonized", "default")
 
 # The issue's targets, evaluated on the mean over subjects (except the per-subject vanishing count).
@@ -277,6 +281,15 @@ class QualitySubject:
             raise SinganInsertError(f"{self.name}: the insertion placed the tumor elsewhere than expected.")
         return result.composite if composite else result.image
 
+    def flat_at_truth_level(self) -> np.ndarray:
+        """ORACLE bound: a flat tumor at the truth's mean level (with the automatic appearance's
+        partial-volume edge), not harmonized: what knowing B's exact level alone would score."""
+        from singan_insert.insertion.appearance import partial_volume
+
+        fraction = np.moveaxis(partial_volume(np.moveaxis(self.mask, self.axis, 0)), 0, self.axis)
+        level = float(self.truth[self.mask].mean())
+        return (self.washed_out + fraction * (level - self.washed_out)).astype(self.washed_out.dtype)
+
     def blurred(self, composite: np.ndarray, sigma_px: float) -> np.ndarray:
         return blurred_paste(self.washed_out, composite, self.mask, sigma_px, axis=self.axis, spacing=self.spacing)
 
@@ -313,6 +326,7 @@ def run_quality(
     seeds: tuple[int, int] = (0, 1),
     figure_input: InputPaste | None = None,
     progress=None,
+    annotated: Harmonizer | None = None,
 ) -> dict[str, Any]:
     """Every row of the module docstring on every input, per subject, and the issue's targets.
 
@@ -329,6 +343,9 @@ def run_quality(
             the slice through the tumor's centre of the source, the target, every row's output
             (the first seed's) and the truth.
         progress: optional ``print``-like callable for progress lines.
+        annotated: the same model with its training slice's tumor annotated
+            (:meth:`~singan_insert.Harmonizer.annotate`): adds the seeded row ``"annotated"`` (the
+            default insertion with that model), to measure what the one-slice annotation adds.
 
     Returns:
         A JSON-ready dict: ``{"tables": {input: {"rows": {row: {metric: {"mean", "values"}}},
@@ -361,10 +378,12 @@ def run_quality(
     best_lambda = min(lambda_grid, key=lambda v: grid_errors[input_key(v)])
     say(f"best fixed lambda (hindsight, test subjects): {best_lambda:g}")
 
+    row_names = (*QUALITY_ROWS, "annotated") if annotated is not None else QUALITY_ROWS
+    seeded_rows = (*SEEDED_ROWS, "annotated") if annotated is not None else SEEDED_ROWS
     tables = {}
     for value in inputs:
         key = input_key(value)
-        per_row: dict[str, list[dict[str, float]]] = {row: [] for row in QUALITY_ROWS}
+        per_row: dict[str, list[dict[str, float]]] = {row: [] for row in row_names}
         for index, case in enumerate(subjects):
             mapped = case.insert(harmonizer, _mapped_parameters(value, "normalized"), composite=True)
             matched = case.insert(harmonizer, _mapped_parameters(value, "matched"), composite=True)
@@ -379,12 +398,16 @@ def run_quality(
                                          spacing=case.spacing),
                 "blurred": case.blurred(mapped, blur[key][0]),
                 "oracle": oracle_paste(case.washed_out, case.truth, case.mask, axis=case.axis, spacing=case.spacing),
+                "oracle_level": case.flat_at_truth_level(),
             }
             scores = {row: case.score(image) for row, image in outputs.items()}
             scores["best_fixed_lambda"] = grid_scores[input_key(best_lambda)][index]
-            for row, make in (("harmonized", lambda s: paper_parameters(value, start_scale, s)),
-                              ("default", lambda s: default_parameters(value, s))):
-                first, second = (case.insert(harmonizer, make(s)) for s in seeds)
+            seeded = [("harmonized", harmonizer, lambda s: paper_parameters(value, start_scale, s)),
+                      ("default", harmonizer, lambda s: default_parameters(value, s))]
+            if annotated is not None:
+                seeded.append(("annotated", annotated, lambda s: default_parameters(value, s)))
+            for row, model, make in seeded:
+                first, second = (case.insert(model, make(s)) for s in seeds)
                 scores[row] = {**case.score(first), **case.seeds(first, second)}
                 outputs[row] = first
             if figure_input is not None and input_key(figure_input) == key:
@@ -394,11 +417,11 @@ def run_quality(
                 case.panels = {"A source (ceT1)": pick(case.source_on_target), "B washed out": pick(case.washed_out),
                                **{row: pick(image) for row, image in outputs.items()},
                                "truth (hrT2)": pick(case.truth), "mask": pick(case.mask)}
-            for row in QUALITY_ROWS:
+            for row in row_names:
                 per_row[row].append(scores[row])
         rows = {row: _aggregate(values) for row, values in per_row.items()}
         tables[key] = {"input": value, "blur_sigma_px": blur[key][0], "rows": rows,
-                       "targets": {row: quality_targets(rows, row) for row in SEEDED_ROWS}}
+                       "targets": {row: quality_targets(rows, row) for row in seeded_rows}}
         say(f"{key}: done")
     return {
         "inputs": [input_key(v) for v in inputs],
@@ -464,6 +487,11 @@ def quality_markdown(report: dict[str, Any]) -> str:
             cells = ["–" if values.get(m, {}).get("mean") is None or not math.isfinite(values[m]["mean"])
                      else f"{values[m]['mean']:.3f}" for m in metrics]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        rows = table["rows"]
+        if "oracle_level" in rows:
+            bound = rows["oracle_level"]["lowpass_nmae_tumor"]["mean"] / rows["best_fixed_lambda"]["lowpass_nmae_tumor"]["mean"]
+            lines += ["", f"Bound for target 3: the ORACLE level (a flat tumor at the truth's own mean) has "
+                          f"{bound:.2f} x the best fixed lambda's low-pass error (target <= {LOWPASS_VS_BEST_FIXED:g} x)."]
         lines += ["", "| target | " + " | ".join(table["targets"]) + " |", "|---|" + "---|" * len(table["targets"])]
         names = list(next(iter(table["targets"].values())))
         for name in names:

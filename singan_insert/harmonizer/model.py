@@ -58,6 +58,7 @@ class Harmonizer:
         reconstruction_noise: torch.Tensor | None = None,
         metadata: dict[str, Any] | None = None,
         training_slice: torch.Tensor | None = None,
+        tumor_annotation: torch.Tensor | None = None,
     ):
         self.pyramid = pyramid.requires_grad_(False).eval()
         self.geometry = geometry
@@ -69,6 +70,9 @@ class Harmonizer:
         # compares a pasted tumor's patches with it (model files of earlier versions have none).
         self.training_slice = None if training_slice is None else \
             torch.as_tensor(training_slice, dtype=torch.float32).detach().cpu().reshape(geometry.finest)
+        self.tumor_annotation: torch.Tensor | None = None
+        if tumor_annotation is not None:
+            self.annotate(tumor_annotation)
         self.device = next(pyramid.parameters()).device
 
     # ------------------------------------------------------------------ properties
@@ -103,6 +107,57 @@ class Harmonizer:
     @property
     def modality(self) -> str | None:
         return self.provenance.get("modality")
+
+    def annotate(self, mask: Any | None) -> "Harmonizer":
+        """Mark the tumor on the training slice (optional): the automatic appearance then takes
+        B's tumor level, internal spread and texture from it (:mod:`singan_insert.insertion.annotation`).
+
+        Args:
+            mask: a 2D mask of the training slice, non-zero (or fractions > 0.5 after resizing)
+                on the tumor: either on the slice as it was passed to training (any size with the
+                same aspect ratio; it is resized to the model's finest scale) or already at the
+                finest scale. ``None`` removes the annotation.
+
+        Returns:
+            ``self`` (save it to keep the annotation in the model file).
+
+        Raises:
+            SinganInsertError: no training slice stored (a model file of an earlier version),
+                a mask that is not 2D, not finite, of another aspect ratio, or empty.
+        """
+        if mask is None:
+            self.tumor_annotation = None
+            self.__dict__.pop("_tumor_profile", None)
+            return self
+        if self.training_slice is None:
+            raise SinganInsertError("This model stores no training slice (it was written by an earlier "
+                                    "version), so there is nothing to annotate: retrain it.")
+        array = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask)
+        if array.ndim != 2:
+            raise SinganInsertError(f"The tumor annotation must be a 2D mask of the training slice, got shape "
+                                    f"{array.shape}.")
+        if array.dtype == bool:
+            array = array.astype(np.float32)
+        if not np.issubdtype(array.dtype, np.number):
+            raise SinganInsertError(f"The tumor annotation has dtype {array.dtype}; pass a 0/1 or boolean mask.")
+        check_finite(array, "tumor annotation")
+        finest = tuple(self.geometry.finest)
+        if tuple(array.shape) != finest:
+            if abs(array.shape[0] / array.shape[1] - finest[0] / finest[1]) > 0.03 * finest[0] / finest[1]:
+                raise SinganInsertError(
+                    f"The tumor annotation is {array.shape[0]}x{array.shape[1]} px but the training slice "
+                    f"has the aspect ratio of {finest[0]}x{finest[1]} (the model's finest scale): draw the "
+                    "mask on the training slice itself (after any crop).")
+            resized = resize(torch.from_numpy((array > 0).astype(np.float32))[None, None], finest)[0, 0]
+            array = resized.clamp(0, 1).numpy()
+        else:
+            array = np.clip(array.astype(np.float32), 0, 1) if array.max() <= 1 else (array > 0).astype(np.float32)
+        if not (array > 0.5).any():
+            raise SinganInsertError("The tumor annotation is empty (at the model's finest scale): mark the "
+                                    "tumor on the training slice, or pass None for no annotation.")
+        self.tumor_annotation = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        self.__dict__.pop("_tumor_profile", None)
+        return self
 
     def to(self, device: str | torch.device) -> "Harmonizer":
         device = select_device(device)
@@ -269,6 +324,8 @@ class Harmonizer:
             tensors["reconstruction_noise"] = self.reconstruction_noise
         if self.training_slice is not None:
             tensors["training_slice"] = self.training_slice
+        if self.tumor_annotation is not None:
+            tensors["tumor_annotation"] = self.tumor_annotation
         meta = {
             "geometry": self.geometry.to_dict(),
             "first_trained_scale": self.pyramid.first_scale,
@@ -307,7 +364,8 @@ class Harmonizer:
                     "normalization", "spacing", "format", "format_version"}
         metadata = {k: v for k, v in meta.items() if k not in own_keys}
         harmonizer = cls(pyramid, geometry, normalization, meta.get("spacing"),
-                         tensors.get("reconstruction_noise"), metadata, tensors.get("training_slice"))
+                         tensors.get("reconstruction_noise"), metadata, tensors.get("training_slice"),
+                         tensors.get("tumor_annotation"))
         return harmonizer.to(select_device(device))
 
 

@@ -584,11 +584,16 @@ def _check_harmonizer_file(meta: dict[str, Any], header: ModelFileHeader) -> Non
               if not re.fullmatch(rf"generators\.({'|'.join(map(str, range(trained)))})\..+", name)}
     noise = others.pop("reconstruction_noise", None)
     training_slice = others.pop("training_slice", None)
+    annotation = others.pop("tumor_annotation", None)
     if others:
         raise ValueError(f"unexpected tensors {sorted(others)[:3]}")
     if training_slice is not None and (training_slice.dtype, training_slice.shape) != ("F32", tuple(sizes[-1])):
         raise ValueError(f"training_slice is {training_slice.dtype} {list(training_slice.shape)}, expected F32 "
                          f"{list(sizes[-1])} (the finest scale)")
+    if annotation is not None and (training_slice is None or (annotation.dtype, annotation.shape)
+                                   != ("F32", tuple(sizes[-1]))):
+        raise ValueError(f"tumor_annotation is {annotation.dtype} {list(annotation.shape)}, expected F32 "
+                         f"{list(sizes[-1])} beside a training_slice")
     if noise is not None and (noise.dtype, noise.shape) != ("F32", (1, 1, *sizes[0])):
         raise ValueError(f"reconstruction_noise is {noise.dtype} {list(noise.shape)}, expected F32 "
                          f"[1, 1, {sizes[0][0]}, {sizes[0][1]}]")

@@ -243,6 +243,7 @@ def train_harmonizer(
     progress: bool = True,
     sample_figures: bool = True,
     stop_after_iterations: int | None = None,
+    annotation: Any | None = None,
 ):
     """Train a harmonizer pyramid on one 2D slice and return a :class:`~singan_insert.Harmonizer`.
 
@@ -260,6 +261,9 @@ def train_harmonizer(
         sample_figures: write a PNG of the reconstruction and random samples per scale.
         stop_after_iterations: stop (as if interrupted) after this many iterations in total;
             the last checkpoint stays on disk for a later resume. For tests and time-boxing.
+        annotation: optional 2D tumor mask of ``image`` (same grid): the automatic appearance
+            then takes B's tumor look from it (see :meth:`~singan_insert.Harmonizer.annotate`).
+            It does not change training, so adding one later needs no retraining.
     """
     from singan_insert.harmonizer.model import Harmonizer
     from singan_insert.devices import select_device
@@ -268,6 +272,12 @@ def train_harmonizer(
     seed = check_seed(seed)
     device = select_device(device)
     slice_2d = validate_slice(image)
+    if annotation is not None and tuple(np.shape(annotation)) != tuple(slice_2d.shape):
+        raise SinganInsertError(f"The tumor annotation has shape {tuple(np.shape(annotation))} but the "
+                                f"training slice {tuple(slice_2d.shape)}: draw it on the same slice.")
+    if annotation is not None and not np.any(np.nan_to_num(np.asarray(annotation, dtype=np.float64)) > 0):
+        raise SinganInsertError("The tumor annotation is empty: mark the tumor on the training slice, or "
+                                "pass annotation=None.")
     normalization = PercentileNormalization.fit(slice_2d)
     geometry = PyramidGeometry.from_shape(
         tuple(slice_2d.shape), config.scale_factor, config.min_size, config.max_size
@@ -346,6 +356,8 @@ def train_harmonizer(
         },
         training_slice=reals[-1][0, 0].cpu(),
     )
+    if annotation is not None:
+        harmonizer.annotate(annotation)
     if out_dir is not None:
         harmonizer.save(Path(out_dir) / MODEL_NAME)
         atomic_write_text(Path(out_dir) / "training_log.json", json.dumps(log, indent=2))

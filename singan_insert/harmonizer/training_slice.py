@@ -26,11 +26,29 @@ class TrainingSlice:
         image: the slice, ``float32`` of shape ``(H, W)``.
         spacing: ``(row, col)`` pixel size in mm, or ``None`` when unknown.
         provenance: where it came from (file, axis, index, crop), stored in the model.
+        label: the label volume's slice at the same place (same crop), when a label was given:
+            :meth:`tumor_annotation` makes the one-slice annotation of it.
     """
 
     image: np.ndarray
     spacing: tuple[float, float] | None
     provenance: dict[str, Any]
+    label: np.ndarray | None = None
+
+    def tumor_annotation(self, tumor_label: int | None = None) -> np.ndarray:
+        """The tumor mask of :attr:`label`: ``== tumor_label``, or by default label 1 where the
+        slice has any (crossMoDA: 1 tumor, 2 cochlea), else every non-zero voxel."""
+        if self.label is None:
+            raise SinganInsertError("No label was given with the training slice, so there is no tumor to annotate.")
+        if tumor_label is None:
+            mask = self.label == 1 if np.any(self.label == 1) else self.label > 0
+        else:
+            mask = self.label == tumor_label
+        if not mask.any():
+            which = "any label" if tumor_label is None else f"label {tumor_label}"
+            raise SinganInsertError(f"The training slice's label has no tumor ({which}) on slice "
+                                    f"{self.provenance.get('slice_index')}: choose the slice that shows it.")
+        return mask
 
 
 def load_training_slice(
@@ -91,9 +109,10 @@ def load_training_slice(
     slice_2d = np.take(data, int(index), axis=axis)
     spacing = tuple(z for a, z in enumerate(zooms) if a != axis)
     slice_2d = apply_crop(slice_2d, crop)
+    label_2d = None if label is None else apply_crop(np.take(label, int(index), axis=axis), crop)
     provenance = {"source": os.path.basename(str(path)), "axis": axis, "slice_index": int(index),
                   "crop": list(crop) if crop else None, "modality": modality}
-    return TrainingSlice(slice_2d.astype(np.float32), (float(spacing[0]), float(spacing[1])), provenance)
+    return TrainingSlice(slice_2d.astype(np.float32), (float(spacing[0]), float(spacing[1])), provenance, label_2d)
 
 
 def apply_crop(image: np.ndarray, crop: tuple[int, int, int, int] | None) -> np.ndarray:

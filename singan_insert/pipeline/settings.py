@@ -48,6 +48,10 @@ class PipelineSettings:
             ``"fixed"`` (the paper's method with ``contrast``).
         contrast: contrast factors :math:`\\lambda` the insertion draws from (> 0), used with
             ``appearance="fixed"``.
+        annotate: mark the tumor on the harmonizer's training slice with the training label
+            (``target_training_labels/``) when there is one, so that the automatic appearance
+            takes B's tumor look from it (:mod:`singan_insert.insertion.annotation`); False
+            trains on the same slice without it.
         augmentations: B' volumes per A case (>= 1).
         seed: seeds every stage.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
@@ -67,6 +71,7 @@ class PipelineSettings:
     harmonizer_iterations: int | None = None
     appearance: str = "auto"
     contrast: tuple[float, ...] = (0.5,)
+    annotate: bool = True
     augmentations: int = 1
     seed: int = 0
     device: str = "cpu"
@@ -85,6 +90,8 @@ class PipelineSettings:
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
         if not self.contrast:
             raise SinganInsertError("contrast needs at least one factor.")
+        if not isinstance(self.annotate, bool):
+            raise SinganInsertError(f"annotate must be True or False, got {self.annotate!r}.")
         if self.augmentations < 1:
             raise SinganInsertError(f"augmentations must be >= 1, got {self.augmentations}.")
         for name in ("segmenter_iterations", "cyclegan_iterations", "pix2pix_iterations",

@@ -20,6 +20,10 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     (seeded per case), i.e. :math:`v' = p_{lo} + \\lambda (v - p_{lo})` with :math:`p_{lo}` the
     volume's 0.5th percentile (the ``"normalized"`` mapping of the fake hrT2 onto itself), then
     harmonized with the harmonized twin's other parameters (start scale, noise seed, blend).
+``unannotated``
+    the harmonized twin's insertion replayed (same parameters and seeds) by the same harmonizer
+    without its one-slice tumor annotation (:meth:`~singan_insert.Harmonizer.annotate`): what
+    the annotation adds downstream. Identical to ``harmonized`` when the model has none.
 
 Every variant shares the harmonized twin's stems (``<name>_aug<k>``), label maps and records'
 ``"case"`` (so pix2pix pairs each B' with the same ceT1). :func:`train_pix2pix_seeded` trains
@@ -59,9 +63,10 @@ __all__ = [
     "train_pix2pix_seeded",
     "write_gba_bprime",
     "write_oracle_bprime",
+    "write_unannotated_bprime",
 ]
 
-VARIANTS = ("harmonized", "naive", "oracle", "gba")
+VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -170,6 +175,31 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
             result = insert_tumor(fake.astype(np.float32), affine, source, harmonizer, parameters)
             _write(paths, result.image, label, affine, {**record, "variant": "gba",
                                                         "parameters": result.record["parameters"]})
+        written.append(paths["image"])
+    return written
+
+
+def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``unannotated`` variant of every harmonized B' (see the module docstring); image paths."""
+    from singan_insert.harmonizer.model import Harmonizer
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+    from singan_insert.insertion.placement import SourceTumor
+
+    harmonizer = None
+    written = []
+    for record_path in _harmonized_records(pipeline):
+        paths = _outputs(pipeline, "unannotated", record_path)
+        if not paths["record"].is_file():
+            record = json.loads(record_path.read_text())
+            if harmonizer is None:  # a private copy: the cached, annotated model stays as it is
+                harmonizer = Harmonizer.load(record["model_file"]).annotate(None)
+            case = record["case"]
+            target, affine = read_volume(case["target"])
+            source = SourceTumor.from_files(case["source_image"], case["source_label"], label_value=TUMOR_LABEL)
+            result = insert_tumor(target.astype(np.float32), affine, source, harmonizer,
+                                  InsertionParameters.from_dict(record["parameters"]))
+            _write(paths, result.image, result.label, affine, {**record, "variant": "unannotated",
+                                                               "appearance": result.record["appearance"]})
         written.append(paths["image"])
     return written
 

@@ -360,8 +360,9 @@ class CrossModaPipeline:
 
         self.prepare()
         model_file = self.harmonizer_dir / MODEL_NAME
+        slice_label = self.harmonizer_dir / "slice_label.nii.gz"
         if model_file.is_file():
-            return Harmonizer.load(model_file)
+            return self._match_annotation(Harmonizer.load(model_file), model_file, slice_label)
         targets = dict(self.data.target_images())
         if case is None:
             labelled = [name for name in targets if self.data.target_label(name) is not None]
@@ -375,18 +376,37 @@ class CrossModaPipeline:
         if slice_index == "auto" and label is not None:
             native_label, native_affine = read_volume(label)
             tumor = (native_label == TUMOR_LABEL) if np.any(native_label == TUMOR_LABEL) else native_label > 0
-            grid_label = write_volume(self.harmonizer_dir / "slice_label.nii.gz",
+            grid_label = write_volume(slice_label,
                                resample_labels(tumor.astype(np.uint8), native_affine, grid_affine,
                                                grid_data.shape), grid_affine)
         elif slice_index != "auto":
             slice_index = self._grid_slice(targets[case], int(slice_index), grid_affine, grid_data.shape)
         training = load_training_slice(grid_path, axis=_SLICE_AXIS, index=slice_index,
                                        label_path=grid_label, modality=TARGET_MODALITY)
+        annotation = None
+        if self.settings.annotate and grid_label is not None:
+            annotation = self._slice_annotation(grid_label, training.provenance["slice_index"])
         with self._timed("3_harmonizer"):
             return train_harmonizer(
                 training.image, self.settings.harmonizer_config(), out_dir=self.harmonizer_dir,
                 seed=self.settings.seed, spacing=training.spacing, device=_torch_device(self.settings.device),
-                provenance={**training.provenance, "case": case}, progress=self.progress)
+                provenance={**training.provenance, "case": case}, progress=self.progress, annotation=annotation)
+
+    @staticmethod
+    def _slice_annotation(label_path: Path, index: int) -> np.ndarray:
+        return np.take(read_volume(label_path)[0], int(index), axis=_SLICE_AXIS) > 0
+
+    def _match_annotation(self, model, model_file: Path, slice_label: Path):
+        """A trained model annotated as the settings say (annotating needs no retraining)."""
+        wanted = self.settings.annotate and slice_label.is_file()
+        if wanted and model.tumor_annotation is None:
+            index = model.provenance.get("slice_index")
+            if index is None:
+                raise SinganInsertError(f"{model_file} records no training slice index; delete it to retrain.")
+            model.annotate(self._slice_annotation(slice_label, index)).save(model_file)
+        elif not wanted and model.tumor_annotation is not None:
+            model.annotate(None).save(model_file)
+        return model
 
     def _grid_slice(self, native: Path, index: int, grid_affine: np.ndarray, grid_shape) -> int:
         data, affine = read_volume(native)

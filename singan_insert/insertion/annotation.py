@@ -1,0 +1,140 @@
+"""B's tumor look from ONE annotated training slice (the optional one-slice annotation).
+
+Without an annotation the automatic appearance has to infer from the bare training slice where
+B's tumor level lies (:func:`~singan_insert.insertion.appearance.choose_level`). A user who marks
+the tumor on that one slice (:meth:`~singan_insert.Harmonizer.annotate`, or ``singan-insert train
+--label L --annotate``) tells the model directly. Numbers are measured on that
+slice :math:`x` (model units, i.e. percentile-normalised to :math:`[-1, 1]`; model pixel size),
+over the annotated tumor :math:`T`, its interior :math:`T^-` (eroded by up to 2 px) and the ring
+:math:`R` of background within ``shell_mm``:
+
+.. math::
+
+    \\mu = \\overline{x}_T, \\qquad
+    s = \\operatorname{sd}_r\\big(L(x)\\big)_{T^-}, \\qquad
+    t = \\operatorname{sd}_r\\big(x - L(x)\\big)_{T^-}, \\quad L(x) = \\frac{G_{1.5} * (x M_T)}{G_{1.5} * M_T},
+
+the tumor's normalised level, its internal spread (structure at the scale the low-pass error
+looks at) and its texture, the rest (with its in-plane correlation width, measured as the automatic
+appearance measures the rim's, :func:`~singan_insert.insertion.appearance.inject_texture`) (:math:`\\operatorname{sd}_r` is the robust sd, :math:`1.4826\\,` MAD, so
+that a cyst or a vessel does not count as spread); the contrast :math:`\\mu - \\overline{x}_R` is
+recorded too. A new tumor whose mapped intensities :math:`v_1` (``lambda = 1``) have internal
+spread :math:`s_1` (measured the same way on the composite, in the target's model units) becomes
+
+.. math:: v = \\mu + \\frac{s}{s_1}\\,(v_1 - \\bar v_1)
+
+(in the target's model units), keeping the source's internal structure (its ranks) with B's
+spread, and gets texture up to :math:`t` (:func:`~singan_insert.insertion.appearance.inject_texture`).
+The LEVEL is carried over, not the contrast to the ring: what surrounds a tumor varies (CSF,
+brainstem, bone), so its contrast to the ring varies far more than its normalised level (on 8
+simulated hrT2 subjects: sd 0.23 against 0.03 model units). The visibility floor still holds: a
+level within ``2 * visibility_floor`` of the new tumor's surroundings is moved that far away from
+them. What one slice cannot tell: tumors of B that differ from the annotated one (another
+level, cysts of another brightness) get the annotated tumor's look.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from singan_insert.errors import SinganInsertError
+
+#: Sd (model px) of the low-pass under which the internal spread is measured.
+STRUCTURE_SIGMA_PX = 1.5
+#: At most this much erosion (px) of the tumor before its interior is measured.
+MAX_EROSION_PX = 2
+
+
+@dataclass(frozen=True)
+class TumorProfile:
+    """B's tumor look measured on an annotated training slice (model units; see the module docstring)."""
+
+    contrast: float
+    structure_std: float
+    texture_std: float
+    tumor_mean: float
+    shell_mean: float
+    tumor_pixels: int
+    texture_width_px: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def measure(cls, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float] | None,
+                shell_mm: float) -> "TumorProfile":
+        """Measure ``image`` (2D, model units) over the tumor ``mask`` (2D bool) and its ring."""
+        from singan_insert.insertion.appearance import correlation_width, ring
+
+        image = np.asarray(image, dtype=np.float64)
+        mask = np.asarray(mask, dtype=bool)
+        if image.ndim != 2 or mask.shape != image.shape:
+            raise SinganInsertError(f"A tumor profile needs a 2D image and a mask of its shape, got "
+                                    f"{image.shape} and {mask.shape}.")
+        if not mask.any():
+            raise SinganInsertError("The tumor annotation is empty.")
+        shell = ring(mask[None], spacing or (1.0, 1.0), shell_mm)[0]
+        if not shell.any():
+            raise SinganInsertError("The annotated tumor covers the whole training slice: there are no "
+                                    "surroundings to measure its contrast against.")
+        structure, texture = interior_spread(image[None], mask[None])
+        tumor_mean, shell_mean = float(image[mask].mean()), float(image[shell].mean())
+        rest = image[None] - masked_lowpass(image[None], mask[None])
+        width = correlation_width(rest, _interior(mask[None]), 1, 2)
+        return cls(tumor_mean - shell_mean, structure, texture, tumor_mean, shell_mean, int(mask.sum()), width)
+
+    @classmethod
+    def of(cls, harmonizer: Any, shell_mm: float) -> "TumorProfile | None":
+        """The profile of a harmonizer's annotated training slice (cached on it), or ``None``."""
+        annotation = getattr(harmonizer, "tumor_annotation", None)
+        if annotation is None or getattr(harmonizer, "training_slice", None) is None:
+            return None
+        cache = harmonizer.__dict__.setdefault("_tumor_profile", {})
+        if shell_mm not in cache:
+            cache[shell_mm] = cls.measure(harmonizer.training_slice.numpy(), annotation.numpy() > 0.5,
+                                          harmonizer.spacing, shell_mm)
+        return cache[shell_mm]
+
+
+def interior_spread(slices: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Robust sds of the low-pass (:data:`STRUCTURE_SIGMA_PX`) and of the rest (the high-pass) of
+    ``(S, H, W)`` ``slices`` over the interior of the ``(S, H, W)`` bool ``mask``."""
+    from singan_insert.insertion.appearance import robust_std
+
+    slices = np.asarray(slices, dtype=np.float64)
+    interior = _interior(mask)
+    low = masked_lowpass(slices, mask)
+    return robust_std(low[interior]), robust_std((slices - low)[interior])
+
+
+def masked_lowpass(slices: np.ndarray, mask: np.ndarray,
+                   sigma_px: float | tuple[float, ...] = STRUCTURE_SIGMA_PX) -> np.ndarray:
+    """:math:`G_\\sigma * (x M) / G_\\sigma * M`: the low-pass of the tumor from inside it only, so
+    that its surroundings count neither as its structure nor (in the rest) as its texture.
+
+    ``sigma_px``: one in-plane sd for ``(S, H, W)`` slices, or one sd per axis.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sigma = (0, sigma_px, sigma_px) if np.isscalar(sigma_px) else tuple(sigma_px)
+    inside = np.asarray(mask, dtype=np.float64)
+    return gaussian_filter(np.asarray(slices, np.float64) * inside, sigma, mode="constant") / \
+        np.maximum(gaussian_filter(inside, sigma, mode="constant"), 1e-6)
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """The ``(S, H, W)`` mask eroded in-plane by up to :data:`MAX_EROSION_PX` (keeping >= 4 px)."""
+    from scipy.ndimage import binary_erosion
+
+    interior = np.asarray(mask, dtype=bool)
+    structure = np.zeros((1, 3, 3), dtype=bool)
+    structure[0, 1, :] = structure[0, :, 1] = True
+    for _ in range(MAX_EROSION_PX):
+        eroded = binary_erosion(interior, structure)
+        if eroded.sum() < 4:
+            break
+        interior = eroded
+    return interior

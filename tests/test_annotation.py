@@ -1,0 +1,175 @@
+"""The optional one-slice annotation: a tumor mask on the training slice gives B's tumor look."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from singan_insert import Harmonizer, TrainingConfig, train_harmonizer
+from singan_insert.datasets.phantom import simulate_subject
+from singan_insert.errors import ModelFileError, SinganInsertError
+from singan_insert.evaluation.experiments import training_slice_from_subject
+from singan_insert.harmonizer.model_file import load_tensors, save_tensors
+from singan_insert.harmonizer.normalization import PercentileNormalization
+from singan_insert.harmonizer.training import TrainingHealthWarning
+from singan_insert.insertion.annotation import TumorProfile, interior_spread
+from singan_insert.insertion.insert import InsertionParameters, insert_tumor
+from singan_insert.insertion.placement import SourceTumor, intensity_quantiles
+
+
+@pytest.fixture(scope="module")
+def training_subject():
+    return simulate_subject(0)
+
+
+@pytest.fixture(scope="module")
+def annotated_model(training_subject):
+    image, spacing, index = training_slice_from_subject(training_subject)
+    annotation = np.take(training_subject.label_b, index, axis=2) == 1
+    config = TrainingConfig.preset("tiny", max_size=128, min_size=24, iterations=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        return train_harmonizer(image, config, seed=0, spacing=spacing, progress=False, annotation=annotation,
+                                provenance={"axis": 2, "modality": "hrT2"})
+
+
+def test_profile_measures_level_contrast_and_spread():
+    image = np.zeros((40, 40))
+    image[:, :] = 0.8  # surroundings
+    mask = np.zeros((40, 40), bool)
+    mask[12:28, 12:28] = True
+    image[mask] = -0.2
+    profile = TumorProfile.measure(image, mask, (0.5, 0.5), shell_mm=2.0)
+    assert profile.tumor_mean == pytest.approx(-0.2)
+    assert profile.shell_mean == pytest.approx(0.8)
+    assert profile.contrast == pytest.approx(-1.0)
+    assert profile.structure_std == pytest.approx(0.0, abs=1e-9)
+    assert profile.texture_std < 1e-3  # a flat tumor: nothing but the tumor is measured
+    # A textured tumor has a texture sd near its noise's; a smooth ramp has structure, no texture.
+    rng = np.random.default_rng(0)
+    noisy = image + np.where(mask, rng.normal(0, 0.1, image.shape), 0)
+    assert TumorProfile.measure(noisy, mask, (0.5, 0.5), 2.0).texture_std > 0.05
+    ramp = image + np.where(mask, np.linspace(-0.3, 0.3, 40)[None, :], 0)
+    structure, texture = interior_spread(ramp[None], mask[None])
+    assert structure > 0.05 and texture < 0.01
+
+
+def test_annotation_is_resized_stored_and_verified(annotated_model, training_subject, tmp_path):
+    finest = tuple(annotated_model.geometry.finest)
+    assert annotated_model.tumor_annotation is not None
+    assert tuple(annotated_model.tumor_annotation.shape) == finest
+    path = annotated_model.save(tmp_path / "annotated.safetensors")
+    loaded = Harmonizer.load(path)
+    assert torch.equal(loaded.tumor_annotation, annotated_model.tumor_annotation)
+    # A file whose annotation has another shape is refused (by the writer, and by the same
+    # metadata check on reading).
+    tensors, meta = load_tensors(path, "singan-insert-harmonizer")
+    tensors["tumor_annotation"] = torch.ones(3, 3)
+    with pytest.raises(ModelFileError, match="tumor_annotation"):
+        save_tensors(tmp_path / "bad.safetensors", tensors, "singan-insert-harmonizer",
+                     {k: v for k, v in meta.items() if k not in ("format", "format_version")})
+    # Removing and re-adding (e.g. on a model trained without one) needs no retraining.
+    loaded.annotate(None)
+    assert loaded.tumor_annotation is None and TumorProfile.of(loaded, 2.0) is None
+    half = np.zeros((finest[0] // 2, finest[1] // 2), bool)
+    half[10:20, 10:20] = True
+    loaded.annotate(half)
+    assert tuple(loaded.tumor_annotation.shape) == finest and (loaded.tumor_annotation > 0.5).sum() > 300
+
+
+@pytest.mark.parametrize("mask, message", [
+    (np.zeros((128, 128), bool), "empty"),
+    (np.ones((4, 128, 128), bool), "2D"),
+    (np.ones((128, 40), bool), "aspect ratio"),
+    (np.full((128, 128), np.nan), "NaN|finite"),
+])
+def test_bad_annotations_are_refused(annotated_model, mask, message):
+    model = Harmonizer(annotated_model.pyramid, annotated_model.geometry, annotated_model.normalization,
+                       annotated_model.spacing, None, annotated_model.metadata, annotated_model.training_slice)
+    with pytest.raises(SinganInsertError, match=message):
+        model.annotate(mask)
+
+
+def test_train_refuses_a_mismatched_annotation_before_training(training_subject):
+    image, spacing, index = training_slice_from_subject(training_subject)
+    with pytest.raises(SinganInsertError, match="shape"):
+        train_harmonizer(image, TrainingConfig.preset("tiny"), annotation=np.ones((3, 3)), progress=False)
+    with pytest.raises(SinganInsertError, match="empty"):
+        train_harmonizer(image, TrainingConfig.preset("tiny"), annotation=np.zeros(image.shape), progress=False)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_annotated_insertion_takes_b_level_from_the_slice(annotated_model, seed):
+    subject = simulate_subject(seed)
+    washed = subject.render_b_washed_out()
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    for contrast in (0.5, 1.0, 1.5):  # the user's lambda has no effect on the automatic appearance
+        result = insert_tumor(washed, subject.affine_b, source, annotated_model,
+                              InsertionParameters(seed=0, contrast=contrast, texture=False))
+        record = result.record["appearance"]
+        assert record["by"] == "annotation"
+        profile = TumorProfile.of(annotated_model, 2.0)
+        normalization = PercentileNormalization.fit(intensity_quantiles(washed))
+        to_model = lambda v: float(normalization.to_model(torch.tensor(v)).mean())  # noqa: E731
+        level = to_model(result.image[result.mask])
+        # The harmonized tumor is brought back to the chosen level: the annotated one, unless
+        # that is within the visibility floor of these surroundings.
+        assert level == pytest.approx(to_model(record["level"]), abs=0.01)
+        if abs(profile.tumor_mean - to_model(record["surroundings"])) >= 0.1:
+            assert to_model(record["level"]) == pytest.approx(profile.tumor_mean, abs=1e-3)
+    # The truth's level in the same units is close to the annotated one (the simulator's
+    # hrT2 tumors share one level), unlike the raw paste's.
+    truth = subject.render_b(result.mask)
+    truth_level = float(normalization.to_model(torch.tensor(truth[result.mask])).mean())
+    raw = insert_tumor(washed, subject.affine_b, source, annotated_model,
+                       InsertionParameters(seed=0, appearance="fixed", contrast=1.0))
+    raw_level = float(normalization.to_model(torch.tensor(raw.image[raw.mask])).mean())
+    assert abs(level - truth_level) < 0.15 < abs(raw_level - truth_level)
+
+
+def test_annotated_level_respects_the_visibility_floor(annotated_model):
+    subject = simulate_subject(3)
+    washed = subject.render_b_washed_out()
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    profile = TumorProfile.of(annotated_model, 2.0)
+    floor = 0.45  # far more than the annotated tumor's contrast to this subject's surroundings
+    result = insert_tumor(washed, subject.affine_b, source, annotated_model,
+                          InsertionParameters(seed=0, visibility_floor=floor, texture=False))
+    record = result.record["appearance"]
+    normalization = PercentileNormalization.fit(intensity_quantiles(washed))
+    to_model = lambda v: float(normalization.to_model(torch.tensor(v)))  # noqa: E731
+    assert abs(to_model(record["level"]) - to_model(record["surroundings"])) == pytest.approx(2 * floor, abs=1e-3)
+    assert abs(to_model(record["level"]) - profile.tumor_mean) > 0.05
+
+
+def test_cli_train_annotates_from_the_label_and_annotate_adds_or_removes(training_subject, tmp_path, capsys):
+    import nibabel as nib
+
+    from singan_insert.cli import main
+
+    nib.save(nib.Nifti1Image(training_subject.image_b.astype(np.float32), training_subject.affine_b),
+             tmp_path / "hrT2.nii.gz")
+    nib.save(nib.Nifti1Image(training_subject.label_b.astype(np.uint8), training_subject.affine_b),
+             tmp_path / "label.nii.gz")
+    common = [str(tmp_path / "hrT2.nii.gz"), "--label", str(tmp_path / "label.nii.gz"), "--preset", "tiny",
+              "--iterations", "2", "--no-samples", "--device", "cpu"]
+    assert main(["train", *common, "--out", str(tmp_path / "with")]) == 0
+    assert "annotated" in capsys.readouterr().out
+    with_annotation = Harmonizer.load(tmp_path / "with")
+    assert with_annotation.tumor_annotation is not None
+    assert main(["train", *common, "--no-annotate", "--out", str(tmp_path / "without")]) == 0
+    without = Harmonizer.load(tmp_path / "without")
+    assert without.tumor_annotation is None
+    # Annotating later (a 2D mask of the training slice) needs no retraining.
+    _, _, index = training_slice_from_subject(training_subject)
+    np.save(tmp_path / "mask.npy", (np.take(training_subject.label_b, index, axis=2) == 1).astype(np.uint8))
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "mask.npy")]) == 0
+    assert torch.equal(Harmonizer.load(tmp_path / "without").tumor_annotation, with_annotation.tumor_annotation)
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--remove"]) == 0
+    assert Harmonizer.load(tmp_path / "without").tumor_annotation is None
+    # A label without the tumor on the chosen slice is a clear error, before any training.
+    assert main(["train", *common, "--slice", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert "no tumor" in capsys.readouterr().err
