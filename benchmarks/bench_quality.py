@@ -96,6 +96,7 @@ def main(argv=None) -> None:
     config = TrainingConfig.preset(args.preset)
     if args.iterations:
         config = replace(config, iterations=args.iterations)
+    reused = bool(args.model_dir) and (Path(args.model_dir) / "harmonizer.safetensors").is_file()
     model = train_harmonizer(image, config, out_dir=args.model_dir, seed=0, spacing=spacing, device="cpu",
                              progress=False, provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
     train_seconds = time.perf_counter() - started
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     info = machine()
     report.update(
         quick=args.quick, preset=args.preset, iterations=config.iterations, num_scales=model.num_scales,
-        training_seconds=train_seconds, seconds=time.perf_counter() - started, threads=args.threads,
+        training_seconds=None if reused else train_seconds, model_reused=reused, seconds=time.perf_counter() - started, threads=args.threads,
         test_seeds=seeds, training_seed=TRAINING_SEED, validation_seed=VALIDATION_SEED,
         lambda_grid=list(lambda_grid), blur_sigmas=list(blur_sigmas), figure=str(figure),
     )
@@ -140,7 +141,9 @@ def main(argv=None) -> None:
         f"{report['seconds'] / 60:.1f} min in all"
         f"{' (QUICK: plumbing only, the numbers mean nothing)' if args.quick else ''}.",
         f"Harmonizer: {args.preset!r} preset ({config.iterations} iterations per scale), {model.num_scales} scales, "
-        f"trained on one hrT2 slice of subject {TRAINING_SEED} in {train_seconds:.0f} s. Test subjects: seeds "
+        f"trained on one hrT2 slice of subject {TRAINING_SEED} "
+        f"{'earlier (loaded from --model-dir; see bench_train for training times)' if reused else f'in {train_seconds:.0f} s'}"
+        f". Test subjects: seeds "
         f"{seeds[0]}..{seeds[-1]} ({len(seeds)}); metrics are means over them (texture: within slices, "
         f"sigma {ex.TEXTURE_SIGMA_PX} px). Figure: {figure.name}.",
         "",

@@ -15,6 +15,13 @@ Rows:
 ``auto -texture``     ablation: no texture injection;
 ``auto level, paste only``  ablation: the chosen level alone (no generators, no texture),
                       blended like the others;
+``annotated``         the default insertion by the same model with its training slice's tumor
+                      annotated (:mod:`singan_insert.insertion.annotation`), and its ablations:
+                      ``-texture``, ``-level restore`` (the pyramid's pull toward the
+                      surroundings kept), ``B's full spread`` / ``flat`` (the source's structure
+                      at 1 x / 0 x B's spread instead of 0.5 x), ``start -1`` (the finest start
+                      scale: the least re-synthesis), ``level, paste only`` (no generators, no
+                      texture, blended like the others);
 ``oracle``            the truth itself (sanity row: errors 0, ratios 1);
 ``paste at the true level (bound)``  the λ = 1 paste shifted to the truth's tumor mean and
                       blended: what a perfect level choice alone would give.
@@ -130,6 +137,12 @@ def main() -> None:
                              provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
     train_seconds = time.perf_counter() - started
     log = model.metadata["training"]["log"]
+    from singan_insert import Harmonizer
+    from singan_insert.insertion import insert as insertion_module
+
+    annotated = Harmonizer(model.pyramid, model.geometry, model.normalization, model.spacing,
+                           model.reconstruction_noise, model.metadata, model.training_slice)
+    annotated.annotate(np.take(simulate_subject(0).label_b, index, axis=2) == 1)
 
     rows: dict[str, list[dict]] = {}
     # Wall time is what a user waits; CPU time of this process is what it costs (on a shared
@@ -144,9 +157,16 @@ def main() -> None:
         axis = through_plane_axis(spacing)
         base = InsertionParameters(seed=0)
 
-        def run(params, key=None):
+        def run(params, key=None, harmonizer=model, **switches):
+            saved = {name: getattr(insertion_module, name) for name in switches}
+            for name, value in switches.items():  # the ablations' module switches
+                setattr(insertion_module, name, value)
             t, cpu = time.perf_counter(), time.process_time()
-            result = insert_tumor(washed, subject.affine_b, source, model, params, return_composite=True)
+            try:
+                result = insert_tumor(washed, subject.affine_b, source, harmonizer, params, return_composite=True)
+            finally:
+                for name, value in saved.items():
+                    setattr(insertion_module, name, value)
             if key:
                 timing[key].append(time.perf_counter() - t)
                 timing[f"{key}_cpu"].append(time.process_time() - cpu)
@@ -175,6 +195,20 @@ def main() -> None:
         add("auto level, paste only", blend(no_texture.composite, washed, mask, axis, spacing))
         for start in (-2, -1):
             add(f"auto start {start}", run(replace(base, start_scale=start)).image)
+        with_annotation = run(base, harmonizer=annotated)
+        add("annotated", with_annotation.image)
+        other = run(replace(base, seed=1), harmonizer=annotated)
+        rows["annotated"][-1]["seed_diff"] = float(np.abs(with_annotation.image - other.image)[mask].mean()
+                                                   / texture_sd)
+        rows["annotated"][-1]["seed_mean"] = float(abs(with_annotation.image[mask].mean() - other.image[mask].mean())
+                                                   / abs(with_annotation.image[mask].mean()))
+        plain = run(replace(base, texture=False), harmonizer=annotated)
+        add("annotated -texture", plain.image)
+        add("annotated -level restore", run(base, harmonizer=annotated, RESTORE_ANNOTATED_LEVEL=False).image)
+        add("annotated, B's full spread", run(base, harmonizer=annotated, STRUCTURE_SHRINK=1.0).image)
+        add("annotated, flat", run(base, harmonizer=annotated, STRUCTURE_SHRINK=0.0).image)
+        add("annotated start -1", run(replace(base, start_scale=-1), harmonizer=annotated).image)
+        add("annotated level, paste only", blend(plain.composite, washed, mask, axis, spacing))
         # Upper bound of any level chooser: the lambda = 1 paste moved to the truth's mean level.
         raw = run(replace(base, appearance="fixed", contrast=1.0))
         oracle_level = raw.composite.astype(np.float64)

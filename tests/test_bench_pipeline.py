@@ -103,3 +103,24 @@ def test_oracle_needs_simulated_data(tmp_path):
 
     with pytest.raises(SinganInsertError, match="simulation.json"):
         variants.simulated_subject(CrossModaData(tmp_path), "crossmoda2021_ldn_1")
+
+
+def test_training_label_annotates_the_harmonizer_and_unannotated_replays_without(inserted):
+    model = inserted.train_harmonizer()
+    assert model.tumor_annotation is not None  # simulate_crossmoda ships a training label
+    assert {json.loads(r.read_text())["appearance"]["by"] for r in _twins(inserted)} == {"annotation"}
+    written = variants.write_unannotated_bprime(inserted)
+    assert len(written) == len(_twins(inserted)) >= 1
+    for path in written:
+        record = json.loads(path.with_name(path.name.replace("_image.nii.gz", ".json")).read_text())
+        assert record["variant"] == "unannotated" and record["appearance"]["by"] == "realism"
+        image, label = read_volume(path)[0], read_volume(path.with_name(path.name.replace("_image", "_label")))[0]
+        twin = read_volume(inserted.bprime_dir("harmonized") / path.name)[0]
+        assert not np.allclose(image[label == 1], twin[label == 1])  # the annotation changed the tumor
+    # The cached model follows the settings: annotate=False removes the annotation (no retraining).
+    plain = CrossModaPipeline(inserted.data, inserted.work, None)
+    plain.settings = PipelineSettings.profile("tiny", annotate=False)
+    assert plain.train_harmonizer().tumor_annotation is None
+    assert inserted.train_harmonizer().tumor_annotation is not None  # and back
+    with pytest.raises(SinganInsertError, match="annotate"):
+        PipelineSettings.profile("tiny", annotate="yes")

@@ -17,6 +17,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from singan_insert.io import write_nifti
 from singan_insert.evaluation.experiments import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
 from singan_insert.devices import select_device
@@ -46,10 +48,13 @@ def run_demo(
     print(f"[1/4] Simulating the training subject (seed {seed}) ...")
     train_subject = simulate_subject(seed)
     image, spacing, index = training_slice_from_subject(train_subject)
+    # The training subject's tumor label on that slice is the one-slice annotation, as
+    # `singan-insert train --label` gives it by default.
+    annotation = np.take(train_subject.label_b, index, axis=2) == 1
     print(f"[2/4] Training the harmonizer on hrT2 slice {index} ({image.shape[0]}x{image.shape[1]} px, "
-          f"preset {preset!r}) -> {out / 'model'}")
+          f"preset {preset!r}, tumor annotated) -> {out / 'model'}")
     harmonizer = train_harmonizer(image, config, out_dir=out / "model", seed=seed, spacing=spacing,
-                                  device=select_device(device), provenance={
+                                  device=select_device(device), annotation=annotation, provenance={
                                       "source": f"simulated subject seed {seed}", "axis": 2,
                                       "slice_index": index, "modality": "hrT2"})
     harmonizer.to("cpu")

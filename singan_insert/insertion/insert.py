@@ -94,6 +94,9 @@ MAX_STRUCTURE_GAIN = 3.0
 #: development subjects (seeds 200-205, not the benchmark's): low-pass tumor error 0.046 / 0.045
 #: / 0.064 for 0 / 0.5 / 1 x B's spread; the half keeps the source's visible structure.
 STRUCTURE_SHRINK = 0.5
+#: With an annotation, bring the harmonized tumor back to the annotated level (the pyramid pulls
+#: a tumor toward its surroundings). A module switch so that the ablation can turn it off.
+RESTORE_ANNOTATED_LEVEL = True
 RECORD_FORMAT = "singan-insert-insertion"
 RECORD_VERSION = 1
 
@@ -410,7 +413,7 @@ def insert_tumor(
             f"Harmonizing the {background.shape[0]} tumor slice(s) of {background.shape[1]}x"
             f"{background.shape[2]} px (the tumor plus {params.context_mm:g} mm of context, cut "
             f"to the {image.shape} target) failed: {error}") from error
-    if appearance_record.get("by") == "annotation":
+    if appearance_record.get("by") == "annotation" and RESTORE_ANNOTATED_LEVEL:
         # The pyramid pulls a tumor toward its surroundings' brightness; the annotated level is
         # B's, so the harmonized tumor is brought back to it (with the partial-volume edge).
         fraction = partial_volume(crop_mask)
