@@ -515,8 +515,7 @@ def _automatic_level(mapped, source_slices, smoothed, background, mask, shell, p
     profile = TumorProfile.of(harmonizer, SHELL_MM)
     record: dict[str, Any] = {"mode": "auto"}
     if profile is not None:
-        # The annotated slice shows B's tumor: its contrast to the surroundings and its spread.
-        # Its level in model units, not its contrast to the ring: what surrounds a tumor varies
+        # The annotated slice shows B's tumor: its level and its spread. Its level in model units, not its contrast to the ring: what surrounds a tumor varies
         # (CSF, brainstem, bone), its own normalised level much less (see annotation's docstring).
         floor = 2 * params.visibility_floor
         level_model = profile.tumor_mean
