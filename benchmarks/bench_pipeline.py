@@ -28,13 +28,14 @@ are all measured on the working grid. Reproducibility: seed, pix2pix seeds, torc
 threads are recorded; ``--repeat`` runs the configuration twice in fresh folders and reports
 the run-to-run spread of every per-case score.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 0    # full: ~1 h per pipeline seed (estimate*)
+    OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 0    # full: ~1.5 h per pipeline seed (*)
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --seed 1 --name bench_pipeline_seed1
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 4 4 4 --quick     # plumbing check
     OMP_NUM_THREADS=1 python benchmarks/bench_pipeline.py --cases 3 3 3 --quick --repeat
 
-(*) from the step times of the 33-min run of the earlier version on an idle 2-core machine:
-eight pix2pix runs of ~285 s instead of two; not measured with this version yet.
+(*) measured on 2026-12-02: 64 min each for seeds 0 and 1 run side by side on 2 CPU cores,
+with the segmenter and CycleGAN steps already done (CycleGAN alone: about 25 min per seed
+under the same load); ten pix2pix runs of about 5 min each.
 """
 
 from __future__ import annotations

@@ -42,12 +42,12 @@ def test_quick_run_writes_the_tables(quick_run):
     assert report["quick"] is True and report["machine"]["torch"]
     assert report["inputs"] == ["lambda=0.5", "raw"] and list(report["tables"]) == report["inputs"]
     for table in report["tables"].values():
-        assert list(table["rows"]) == list(ex.QUALITY_ROWS)
+        assert list(table["rows"]) == [*ex.QUALITY_ROWS, "annotated"]  # the bench annotates by default
         for row, metrics in table["rows"].items():
             for name in ("lowpass_nmae_tumor", "nmae_tumor", "wasserstein_tumor", "seam_ratio", "contrast_ratio",
                          "highpass_ratio"):
                 assert len(metrics[name]["values"]) == 2, (row, name)
-        for row in ex.SEEDED_ROWS:
+        for row in (*ex.SEEDED_ROWS, "annotated"):
             assert {"texture_difference", "mean_level_difference"} <= set(table["rows"][row])
             assert list(table["targets"][row]) == TARGETS
     markdown = (folder / "quick.md").read_text()

@@ -303,6 +303,7 @@ def test_readme_use_it_snippet_runs_and_inserts_exactly_the_tumor(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     target = simulate_subject(3, shape=(64, 64, 32))
     nib.save(nib.Nifti1Image(target.image_b.astype(np.float32), target.affine_b), "hrT2.nii.gz")
+    nib.save(nib.Nifti1Image(target.label_b.astype(np.uint8), target.affine_b), "hrT2_rough_label.nii.gz")
     region = (target.tissue_b == Tissue.CSF).astype(np.uint8)
     nib.save(nib.Nifti1Image(region, target.affine_b), "region.nii.gz")
     files = write_crossmoda(simulate_subject(5, shape=(64, 64, 32)), tmp_path / "bank", "src")
@@ -313,6 +314,9 @@ def test_readme_use_it_snippet_runs_and_inserts_exactly_the_tumor(tmp_path, monk
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
     transform, subject = namespace["transform"], namespace["subject"]
+    from singan_insert import Harmonizer
+
+    assert Harmonizer.load("model").tumor_annotation is not None  # the rough label annotates the slice
     voxel_mm3 = float(abs(np.linalg.det(target.affine_b[:3, :3])))
     outcomes = []
     for seed in range(6):

@@ -50,9 +50,10 @@ def main() -> None:
         date = datetime.datetime.fromtimestamp((out / "metrics.json").stat().st_mtime,
                                                datetime.timezone.utc).strftime("%Y-%m-%d")
         command = "singan-insert demo" + (f" --iterations {args.iterations}" if args.iterations else "")
-        note = (f"*`{command}` (preset `{report['preset']}`, contrast factor "
-                f"{report['contrast']}, start scale {report['default_start_scale']} for "
-                f"\"harmonized\") took {report['seconds']:.0f} s on {os.cpu_count()} CPU cores "
+        appearance = report["parameters"].get("appearance", "auto")
+        annotated = ", tumor annotated on the training slice" if report.get("annotated") else ""
+        note = (f"*`{command}` (preset `{report['preset']}`, appearance `{appearance}`{annotated}, "
+                f"start scale {report['default_start_scale']} for the default insertion) took {report['seconds']:.0f} s on {os.cpu_count()} CPU cores "
                 f"({platform.machine()}, torch {torch.__version__}), {date}. Lower is better for "
                 "the errors; 1 is the truth for the ratios.*")
         table = (out / "metrics.md").read_text().strip().split("\n")

@@ -97,7 +97,7 @@ def run_demo(
         figure = None
     elapsed = time.perf_counter() - started
     report = {"seconds": elapsed, "start_scales": scales, "parameters": DEMO_PARAMETERS.to_dict(),
-              "default_start_scale": harmonizer.default_start_scale, "preset": preset,
+              "default_start_scale": harmonizer.default_start_scale, "preset": preset, "annotated": True,
               "fidelity": summary, "figure": figure}
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "metrics.md").write_text(f"# Demo metrics (mean over {num_subjects} subjects)\n\n{table}\n")
