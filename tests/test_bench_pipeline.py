@@ -124,3 +124,14 @@ def test_training_label_annotates_the_harmonizer_and_unannotated_replays_without
     assert inserted.train_harmonizer().tumor_annotation is not None  # and back
     with pytest.raises(SinganInsertError, match="annotate"):
         PipelineSettings.profile("tiny", annotate="yes")
+
+
+def test_narrow_blend_replays_ours_with_a_narrower_blend(inserted):
+    written = variants.write_narrow_blend_bprime(inserted)
+    assert len(written) == len(_twins(inserted)) >= 1
+    for info, fake, affine, mask, image, record in _pairs(inserted, "narrow_blend"):
+        assert record["parameters"]["dilation_mm"] == 0 and record["parameters"]["feather_mm"] == 1
+        # Beyond the narrow blend's reach the fake hrT2 is untouched, bit for bit.
+        weight = slice_blend_weight(mask, axis=2, spacing=spacing_from_affine(affine), dilation_mm=0.0,
+                                    feather_mm=1.0)
+        np.testing.assert_array_equal(image[weight == 0], fake[weight == 0])

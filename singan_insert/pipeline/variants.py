@@ -24,6 +24,9 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     the harmonized twin's insertion replayed (same parameters and seeds) by the same harmonizer
     without its one-slice tumor annotation (:meth:`~singan_insert.Harmonizer.annotate`): what
     the annotation adds downstream. Identical to ``harmonized`` when the model has none.
+``narrow_blend``
+    the harmonized twin's insertion replayed with a narrower blend (``dilation_mm=0``,
+    ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
 
 Every variant shares the harmonized twin's stems (``<name>_aug<k>``), label maps and records'
 ``"case"`` (so pix2pix pairs each B' with the same ceT1). :func:`train_pix2pix_seeded` trains
@@ -63,10 +66,11 @@ __all__ = [
     "train_pix2pix_seeded",
     "write_gba_bprime",
     "write_oracle_bprime",
+    "write_narrow_blend_bprime",
     "write_unannotated_bprime",
 ]
 
-VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated")
+VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "narrow_blend")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -181,6 +185,17 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
 
 def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     """The ``unannotated`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "unannotated", annotated=False)
+
+
+def write_narrow_blend_bprime(pipeline: CrossModaPipeline, dilation_mm: float = 0.0,
+                              feather_mm: float = 1.0) -> list[Path]:
+    """The ``narrow_blend`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "narrow_blend", dilation_mm=dilation_mm, feather_mm=feather_mm)
+
+
+def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, **overrides) -> list[Path]:
+    """Every harmonized twin's insertion again, same parameters and seeds but ``overrides``."""
     from singan_insert.harmonizer.model import Harmonizer
     from singan_insert.insertion.insert import InsertionParameters, insert_tumor
     from singan_insert.insertion.placement import SourceTumor
@@ -188,17 +203,20 @@ def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     harmonizer = None
     written = []
     for record_path in _harmonized_records(pipeline):
-        paths = _outputs(pipeline, "unannotated", record_path)
+        paths = _outputs(pipeline, variant, record_path)
         if not paths["record"].is_file():
             record = json.loads(record_path.read_text())
             if harmonizer is None:  # a private copy: the cached, annotated model stays as it is
-                harmonizer = Harmonizer.load(record["model_file"]).annotate(None)
+                harmonizer = Harmonizer.load(record["model_file"])
+                if not annotated:
+                    harmonizer.annotate(None)
             case = record["case"]
             target, affine = read_volume(case["target"])
             source = SourceTumor.from_files(case["source_image"], case["source_label"], label_value=TUMOR_LABEL)
-            result = insert_tumor(target.astype(np.float32), affine, source, harmonizer,
-                                  InsertionParameters.from_dict(record["parameters"]))
-            _write(paths, result.image, result.label, affine, {**record, "variant": "unannotated",
+            parameters = replace(InsertionParameters.from_dict(record["parameters"]), **overrides)
+            result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
+            _write(paths, result.image, result.label, affine, {**record, "variant": variant,
+                                                               "parameters": result.record["parameters"],
                                                                "appearance": result.record["appearance"]})
         written.append(paths["image"])
     return written
