@@ -91,12 +91,8 @@ def insertion_times(model, subject, volume: np.ndarray, slices: int, repeats: in
     k0 = (volume.shape[2] - slices) // 2
     mask[:, :, k0:k0 + slices] = disk[..., None]
     source = SourceTumor.from_arrays((volume * 1.5).astype(np.float32), mask, subject.affine_b, label_value=1)
-    from singan_insert import Harmonizer
-
-    annotated = Harmonizer(model.pyramid, model.geometry, model.normalization, model.spacing,
-                           model.reconstruction_noise, model.metadata, model.training_slice)
     _, _, index = training_slice_from_subject(subject)
-    annotated.annotate(np.take(subject.label_b, index, axis=2) == 1)
+    annotated = model.copy().annotate(np.take(subject.label_b, index, axis=2) == 1)
     rows = []
     for name, appearance, harmonizer in (("auto", "auto", model), ("auto, annotated model", "auto", annotated),
                                          ("fixed", "fixed", model)):

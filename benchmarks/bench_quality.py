@@ -104,11 +104,7 @@ def main(argv=None) -> None:
 
     annotated = None
     if not args.no_annotation:  # the training subject's own tumor label on that slice: the one-slice annotation
-        from singan_insert import Harmonizer
-
-        annotated = Harmonizer(model.pyramid, model.geometry, model.normalization, model.spacing,
-                               model.reconstruction_noise, model.metadata, model.training_slice)
-        annotated.annotate(np.take(training_subject.label_b, index, axis=2) == 1)
+        annotated = model.copy().annotate(np.take(training_subject.label_b, index, axis=2) == 1)
     seeds = [args.first_seed + i for i in range(args.subjects)]
     subjects = [ex.QualitySubject.prepare(f"subject {seed}", simulate_subject(seed), model) for seed in seeds]
     validation = ex.QualitySubject.prepare(f"subject {VALIDATION_SEED} (validation)",

@@ -137,12 +137,9 @@ def main() -> None:
                              provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
     train_seconds = time.perf_counter() - started
     log = model.metadata["training"]["log"]
-    from singan_insert import Harmonizer
     from singan_insert.insertion import insert as insertion_module
 
-    annotated = Harmonizer(model.pyramid, model.geometry, model.normalization, model.spacing,
-                           model.reconstruction_noise, model.metadata, model.training_slice)
-    annotated.annotate(np.take(simulate_subject(0).label_b, index, axis=2) == 1)
+    annotated = model.copy().annotate(np.take(simulate_subject(0).label_b, index, axis=2) == 1)
 
     rows: dict[str, list[dict]] = {}
     # Wall time is what a user waits; CPU time of this process is what it costs (on a shared

@@ -194,7 +194,8 @@ def _annotate(args: argparse.Namespace) -> int:
     source = source / MODEL_FILE_NAME if source.is_dir() else source
     model = Harmonizer.load(source, device="cpu")
     model.annotate(None if args.remove else read_2d(Path(args.mask), what="tumor mask") > 0)
-    out = model.save(Path(args.out) if args.out else source)
+    out = Path(args.out) if args.out else source
+    out = model.save(out / MODEL_FILE_NAME if out.is_dir() else out)
     state = "without an annotation" if args.remove else \
         f"with {int((model.tumor_annotation > 0.5).sum())} px of tumor annotated at its finest scale"
     print(f"Wrote {out} ({state})")

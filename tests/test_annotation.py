@@ -71,6 +71,10 @@ def test_annotation_is_resized_stored_and_verified(annotated_model, training_sub
     with pytest.raises(ModelFileError, match="tumor_annotation"):
         save_tensors(tmp_path / "bad.safetensors", tensors, "singan-insert-harmonizer",
                      {k: v for k, v in meta.items() if k not in ("format", "format_version")})
+    # A copy shares the generators but not the annotation.
+    twin = loaded.copy().annotate(None)
+    assert twin.pyramid is loaded.pyramid and twin.tumor_annotation is None
+    assert loaded.tumor_annotation is not None
     # Removing and re-adding (e.g. on a model trained without one) needs no retraining.
     loaded.annotate(None)
     assert loaded.tumor_annotation is None and TumorProfile.of(loaded, 2.0) is None
@@ -87,8 +91,7 @@ def test_annotation_is_resized_stored_and_verified(annotated_model, training_sub
     (np.full((128, 128), np.nan), "NaN|finite"),
 ])
 def test_bad_annotations_are_refused(annotated_model, mask, message):
-    model = Harmonizer(annotated_model.pyramid, annotated_model.geometry, annotated_model.normalization,
-                       annotated_model.spacing, None, annotated_model.metadata, annotated_model.training_slice)
+    model = annotated_model.copy().annotate(None)
     with pytest.raises(SinganInsertError, match=message):
         model.annotate(mask)
 
@@ -168,6 +171,10 @@ def test_cli_train_annotates_from_the_label_and_annotate_adds_or_removes(trainin
     np.save(tmp_path / "mask.npy", (np.take(training_subject.label_b, index, axis=2) == 1).astype(np.uint8))
     assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "mask.npy")]) == 0
     assert torch.equal(Harmonizer.load(tmp_path / "without").tumor_annotation, with_annotation.tumor_annotation)
+    (tmp_path / "copy").mkdir()  # --out may name a folder: the model file goes inside
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "mask.npy"),
+                 "--out", str(tmp_path / "copy")]) == 0
+    assert Harmonizer.load(tmp_path / "copy").tumor_annotation is not None
     assert main(["annotate", "--model", str(tmp_path / "without"), "--remove"]) == 0
     assert Harmonizer.load(tmp_path / "without").tumor_annotation is None
     # A label without the tumor on the chosen slice is a clear error, before any training.

@@ -108,6 +108,13 @@ class Harmonizer:
     def modality(self) -> str | None:
         return self.provenance.get("modality")
 
+    def copy(self) -> "Harmonizer":
+        """A second harmonizer on the same (frozen) generators, with its own annotation and caches:
+        e.g. ``model.copy().annotate(mask)`` beside the unannotated ``model``."""
+        return Harmonizer(self.pyramid, self.geometry, self.normalization, self.spacing,
+                          self.reconstruction_noise, dict(self.metadata), self.training_slice,
+                          self.tumor_annotation)
+
     def annotate(self, mask: Any | None) -> "Harmonizer":
         """Mark the tumor on the training slice (optional): the automatic appearance then takes
         B's tumor level, internal spread and texture from it (:mod:`singan_insert.insertion.annotation`).

@@ -249,9 +249,10 @@ def scoring_slices(mask_slices: np.ndarray, limit: int = MAX_SCORED_SLICES) -> n
 
 #: In-plane sd (px) of the partial-volume blur of the tumor's edge.
 PARTIAL_VOLUME_SIGMA = 0.5
-#: Through-plane sd (slices) of the partial-volume blur. 0: a 0.5-slice blur lowered the default's
-#: low-pass error on the development subjects (0.042 -> 0.037) but raised its W1 (0.022 -> 0.030)
-#: and left the seam as it was (1.17 -> 1.16), so the default stays in-plane.
+#: Through-plane sd (slices) of the partial-volume blur. 0: a 0.5-slice blur, tried once during
+#: development (seeds 200-207, a one-off run not kept as a script), lowered the default's
+#: low-pass error (0.042 -> 0.037) but raised its W1 (0.022 -> 0.030) and left the seam as it
+#: was (1.17 -> 1.16), so the default stays in-plane.
 PARTIAL_VOLUME_THROUGH_PLANE = 0.0
 
 
@@ -348,8 +349,8 @@ def inject_texture(
     if target_std is None:
         target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
     # The tumor's own texture: its high-pass from inside the mask only, so that its contrast to
-    # the surroundings does not count as texture (on the development subjects this raised the
-    # high-pass ratio from 0.79 to 0.85 and changed no other metric).
+    # the surroundings does not count as texture (benchmarks/dev_harmonizer.py, row "auto",
+    # before and after: high-pass ratio 0.79 -> 0.85, low-pass error and W1 unchanged).
     tumor_std = robust_std((harmonized - masked_lowpass(harmonized, inside, highpass_sigma))[inside])
     added = math.sqrt(max(target_std ** 2 - tumor_std ** 2, 0.0))
     widths = (correlation_width(texture, surroundings, 0),

@@ -9,7 +9,9 @@ For one tumor, :func:`insert_tumor`
    most realistic visible level against its training slice of B
    (:mod:`singan_insert.insertion.appearance`), which fixes the contrast factor
    :math:`\\lambda` of that tumor; with ``appearance="fixed"`` (the paper's method) the
-   user's :math:`\\lambda` is applied as is. Both mappings are monotone functions of the
+   user's :math:`\\lambda` is applied as is. A model whose training slice's tumor is annotated
+   (:mod:`singan_insert.insertion.annotation`) takes the level, spread and texture from that
+   tumor instead of choosing them by realism. Both mappings are monotone functions of the
    intensity that depend on the two images only through their distributions, so they are built
    once on compact quantile tables (:func:`singan_insert.insertion.placement.intensity_quantiles`) and applied
    to the tumor voxels by linear interpolation: the cost does not grow with the volume. On
@@ -89,10 +91,11 @@ Appearance = Literal["auto", "fixed"]
 SHELL_MM = 2.0
 #: With an annotation, the source's internal spread is scaled to B's by at most this factor...
 MAX_STRUCTURE_GAIN = 3.0
-#: ... and shrunk by this one: A's structure predicts B's only in part (a cyst is dark in ceT1
-#: and bright in hrT2), so the least-squares estimate keeps less than B's full spread. On six
-#: development subjects (seeds 200-205, not the benchmark's): low-pass tumor error 0.046 / 0.045
-#: / 0.064 for 0 / 0.5 / 1 x B's spread; the half keeps the source's visible structure.
+#: ... and shrunk by this one: A's structure predicts B's only in part (low-passed ceT1 and hrT2
+#: correlate 0.39 on average inside the tumor, benchmarks/dev_annotation_facts.py, and a cyst is
+#: dark in ceT1 but bright in hrT2), so the least-squares estimate keeps less than B's full
+#: spread. benchmarks/dev_harmonizer.py (seeds 200-207): low-pass tumor error 0.046 / 0.046 /
+#: 0.061 for 0 / 0.5 / 1 x B's spread; the half keeps the source's visible structure.
 STRUCTURE_SHRINK = 0.5
 #: With an annotation, bring the harmonized tumor back to the annotated level (the pyramid pulls
 #: a tumor toward its surroundings). A module switch so that the ablation can turn it off.
@@ -377,24 +380,19 @@ def insert_tumor(
 
     def smoothed(values: np.ndarray, sigma_mm: float) -> np.ndarray:
         """In-plane low-pass of the tumor's values from inside the mask only."""
-        from scipy.ndimage import binary_erosion
+        from scipy.ndimage import binary_erosion, generate_binary_structure
 
         sigmas = [0.0 if a == axis else sigma_mm / spacing[a] for a in range(3)]
-        # From the tumor's interior: its edge voxels carry A's partial volume with A's dark
-        # surroundings, not tumor structure (on the development subjects: seam 1.149 -> 1.136).
+        # From the tumor's interior (eroded by one voxel in-plane): its edge voxels carry A's
+        # partial volume with A's dark surroundings, not tumor structure.
         support = full_mask[crop]
-        in_plane = np.zeros((3, 3, 3), bool)
-        in_plane[(1,) * 3] = True
-        for a in (a for a in range(3) if a != axis):
-            for v in (0, 2):
-                in_plane[tuple(v if b == a else 1 for b in range(3))] = True
-        eroded = binary_erosion(support, in_plane)
+        eroded = binary_erosion(support, np.expand_dims(generate_binary_structure(2, 1), axis))
         support = eroded if eroded.any() else support
         return masked_lowpass(composite_of(values)[0], support, sigmas)[box_in_crop][mask_box]
 
     if appearance == "auto":
         mapped, appearance_record = _automatic_level(
-            mapped, composite_of(mapped)[1], smoothed, background, crop_mask, shell, plane_spacing, harmonizer,
+            mapped, composite_of, smoothed, background, crop_mask, shell, plane_spacing, harmonizer,
             bank, normalization, target_quantiles, params)
 
     # 4. composite, and every tumor slice along `axis` harmonized in one call
@@ -424,7 +422,7 @@ def insert_tumor(
         appearance_record["level_restored_by"] = shift
     if texture:
         target_std = None
-        profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance == "auto" else None
+        profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
         width, texture_sigma = None, 1.0
         if profile is not None:  # B's tumor texture, amplitude and grain, from the annotated slice
             target_std = profile.texture_std * (normalization.high - normalization.low) / 2
@@ -503,7 +501,7 @@ def _texture_std(harmonized, mask, plane_spacing, harmonizer, normalization) -> 
     return None if std is None else std * (normalization.high - normalization.low) / 2
 
 
-def _automatic_level(mapped, source_slices, smoothed, background, mask, shell, plane_spacing, harmonizer, bank,
+def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, plane_spacing, harmonizer, bank,
                      normalization, target_quantiles, params):
     """Rescale the mapped tumor (lambda = 1) to the level chosen by the annotation or by realism."""
     to_model = lambda x: normalization.to_model(torch.from_numpy(np.asarray(x, np.float32)))  # noqa: E731
@@ -521,6 +519,7 @@ def _automatic_level(mapped, source_slices, smoothed, background, mask, shell, p
         level_model = profile.tumor_mean
         if abs(level_model - shell_model) < floor:
             level_model = shell_model + math.copysign(floor, level_model - shell_model)
+        source_slices = composite_of(mapped)[1]
         source = _model_grid(to_model(source_slices[picked]).numpy(), plane_spacing, harmonizer).numpy()
         inside = _model_grid(mask[picked].astype(np.float32), plane_spacing, harmonizer).numpy() > 0.5
         source_spread = interior_spread(source, inside)[0] if inside.any() else 0.0

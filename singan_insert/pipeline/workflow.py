@@ -383,27 +383,25 @@ class CrossModaPipeline:
             slice_index = self._grid_slice(targets[case], int(slice_index), grid_affine, grid_data.shape)
         training = load_training_slice(grid_path, axis=_SLICE_AXIS, index=slice_index,
                                        label_path=grid_label, modality=TARGET_MODALITY)
-        annotation = None
-        if self.settings.annotate and grid_label is not None:
-            annotation = self._slice_annotation(grid_label, training.provenance["slice_index"])
+        annotation = training.tumor_annotation() if self.settings.annotate and training.label is not None else None
         with self._timed("3_harmonizer"):
             return train_harmonizer(
                 training.image, self.settings.harmonizer_config(), out_dir=self.harmonizer_dir,
                 seed=self.settings.seed, spacing=training.spacing, device=_torch_device(self.settings.device),
                 provenance={**training.provenance, "case": case}, progress=self.progress, annotation=annotation)
 
-    @staticmethod
-    def _slice_annotation(label_path: Path, index: int) -> np.ndarray:
-        return np.take(read_volume(label_path)[0], int(index), axis=_SLICE_AXIS) > 0
-
     def _match_annotation(self, model, model_file: Path, slice_label: Path):
         """A trained model annotated as the settings say (annotating needs no retraining)."""
+        from singan_insert.harmonizer.training_slice import load_training_slice
+
         wanted = self.settings.annotate and slice_label.is_file()
         if wanted and model.tumor_annotation is None:
-            index = model.provenance.get("slice_index")
-            if index is None:
-                raise SinganInsertError(f"{model_file} records no training slice index; delete it to retrain.")
-            model.annotate(self._slice_annotation(slice_label, index)).save(model_file)
+            index, case = model.provenance.get("slice_index"), model.provenance.get("case")
+            if index is None or case is None:
+                raise SinganInsertError(f"{model_file} records no training scan and slice; delete it to retrain.")
+            training = load_training_slice(self.grid_target(case), axis=_SLICE_AXIS, index=int(index),
+                                           label_path=slice_label)
+            model.annotate(training.tumor_annotation()).save(model_file)
         elif not wanted and model.tumor_annotation is not None:
             model.annotate(None).save(model_file)
         return model

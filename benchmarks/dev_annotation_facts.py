@@ -1,0 +1,76 @@
+"""The two simulator facts the one-slice annotation's design rests on (no training, about a minute).
+
+1. Level or contrast? For each subject, on the hrT2 slice of largest tumor area in the volume's
+   own model units (:class:`~singan_insert.harmonizer.normalization.PercentileNormalization` of
+   the washed-out volume, as the insertion uses it): the tumor's normalised level and its
+   contrast to the 2 mm ring (:class:`~singan_insert.insertion.annotation.TumorProfile`). The
+   annotation carries over whichever of the two varies less from tumor to tumor.
+2. How much of B's internal pattern A predicts: the correlation, inside the tumor eroded by 2
+   voxels in-plane, of the in-plane low-pass (sd 1.5 voxels) of the ceT1 image (resampled onto
+   the hrT2 grid) with that of the true hrT2; this bounds what keeping the source's structure
+   can gain (:data:`singan_insert.insertion.insert.STRUCTURE_SHRINK`).
+
+    OMP_NUM_THREADS=1 python benchmarks/dev_annotation_facts.py [--first-seed 200 --subjects 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from _common import machine, write_results  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--first-seed", type=int, default=200)
+    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--name", default="dev_annotation_facts")
+    args = parser.parse_args(argv)
+
+    import torch
+    from scipy.ndimage import affine_transform, binary_erosion, gaussian_filter
+
+    from singan_insert.datasets.phantom import simulate_subject
+    from singan_insert.harmonizer.normalization import PercentileNormalization
+    from singan_insert.insertion.annotation import TumorProfile
+    from singan_insert.insertion.placement import intensity_quantiles
+
+    rows = []
+    for seed in range(args.first_seed, args.first_seed + args.subjects):
+        subject = simulate_subject(seed)
+        tumor = subject.label_b == 1
+        k = int(np.argmax(tumor.sum(axis=(0, 1))))
+        normalization = PercentileNormalization.fit(intensity_quantiles(subject.render_b_washed_out()))
+        image = normalization.to_model(torch.from_numpy(subject.image_b[:, :, k].astype(np.float32))).numpy()
+        profile = TumorProfile.measure(image, tumor[:, :, k], subject.spacing_b[:2], shell_mm=2.0)
+        a_to_b = np.linalg.inv(subject.affine_a) @ subject.affine_b
+        source = affine_transform(subject.image_a, a_to_b[:3, :3], a_to_b[:3, 3], output_shape=tumor.shape, order=1)
+        inner = binary_erosion(tumor, np.ones((3, 3, 1), bool), iterations=2)
+        low_a, low_b = (gaussian_filter(np.asarray(v, np.float64), (1.5, 1.5, 0)) for v in (source, subject.image_b))
+        correlation = float(np.corrcoef(low_a[inner], low_b[inner])[0, 1]) if inner.sum() > 2 else float("nan")
+        rows.append({"seed": seed, "level": profile.tumor_mean, "contrast_to_ring": profile.contrast,
+                     "lowpass_correlation_a_b": correlation, "cysts": int(len(subject.tumor.cyst_radii_mm))})
+    levels = np.array([r["level"] for r in rows])
+    contrasts = np.array([r["contrast_to_ring"] for r in rows])
+    solid = [r["lowpass_correlation_a_b"] for r in rows if r["cysts"] == 0]
+    lines = [f"Machine: {machine()['cpu_count']} CPUs, {machine()['date']}. Seeds {args.first_seed}.."
+             f"{args.first_seed + args.subjects - 1}.", "",
+             "| seed | level (model units) | contrast to 2 mm ring | A-B low-pass correlation | cysts |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['level']:+.3f} | {r['contrast_to_ring']:+.3f} | "
+              f"{r['lowpass_correlation_a_b']:+.2f} | {r['cysts']} |" for r in rows]
+    lines += ["", f"sd over subjects: level {levels.std(ddof=1):.3f}, contrast to the ring {contrasts.std(ddof=1):.3f}. "
+              f"A-B correlation without cysts: {min(solid):.2f}..{max(solid):.2f} (mean {np.mean(solid):.2f})."
+              if solid else ""]
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.name, {"rows": rows, "level_sd": float(levels.std(ddof=1)),
+                              "contrast_sd": float(contrasts.std(ddof=1))}, text)
+
+
+if __name__ == "__main__":
+    main()
