@@ -17,7 +17,9 @@ variant (:mod:`singan_insert.pipeline.variants`) and the validation scans are se
   then harmonized;
 * ours_unannotated: ours replayed by the same harmonizer without its one-slice annotation (the
   simulated data set ships a training label for the harmonizer's scan, which by default also
-  annotates its training slice).
+  annotates its training slice);
+* ours_no_rim: ours replayed without the annotated rim (B's band levels 0-3 mm around the
+  tumor, :func:`singan_insert.insertion.annotation.render_rim`).
 
 Every comparison is paired (same validation cases, same pix2pix seed, same run): mean
 difference with a 95 % bootstrap CI (:func:`singan_insert.evaluation.metrics.paired_bootstrap_ci`)
@@ -55,7 +57,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import RESULTS, machine, write_results  # noqa: E402
 
 ROWS = {"ours": "harmonized", "naive": "naive", "oracle": "oracle", "gba": "gba",
-        "ours_unannotated": "unannotated"}
+        "ours_unannotated": "unannotated", "ours_no_rim": "no_rim"}
 TITLES = {
     "baseline": "Baseline: CycleGAN(B->A) + S_A",
     "ours": "Ours: pix2pix(harmonized B') + S_A",
@@ -63,9 +65,11 @@ TITLES = {
     "oracle": "Oracle: true hrT2 tumor + surroundings, blended like ours",
     "gba": "GBA-style: translated tumor x lambda in place, harmonized",
     "ours_unannotated": "Ours without the one-slice annotation",
+    "ours_no_rim": "Ours without the annotated rim",
 }
 PAIRS = (("ours", "baseline"), ("ours", "naive"), ("oracle", "naive"), ("gba", "naive"), ("ours", "gba"),
-         ("naive", "baseline"), ("ours", "ours_unannotated"), ("ours_unannotated", "naive"))
+         ("naive", "baseline"), ("ours", "ours_unannotated"), ("ours_unannotated", "naive"),
+         ("ours", "ours_no_rim"), ("ours_no_rim", "naive"))
 GAP_FRACTION_TARGET = 0.5
 BASELINE_MARGIN_TARGET = 0.15
 
@@ -152,6 +156,7 @@ def run_once(args, work: Path) -> dict:
     timed("4_oracle", variants.write_oracle_bprime, pipeline)
     timed("4_gba", variants.write_gba_bprime, pipeline)
     timed("4_unannotated", variants.write_unannotated_bprime, pipeline)
+    timed("4_no_rim", variants.write_no_rim_bprime, pipeline)
     baseline_predictions = timed("6_segment_baseline", pipeline.segment_validation, "baseline")
 
     validation = data.validation_images()

@@ -47,6 +47,9 @@ from singan_insert.errors import SinganInsertError
 STRUCTURE_SIGMA_PX = 1.5
 #: At most this much erosion (px) of the tumor before its interior is measured.
 MAX_EROSION_PX = 2
+#: Edges (mm, in-plane distance outside the tumor) of the bands of B's rim profile: the 1-3 mm
+#: around a tumor that B shows (in hrT2, the CSF cleft of the cistern the tumor has widened).
+RIM_EDGES_MM = (0.0, 1.0, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class TumorProfile:
     shell_mean: float
     tumor_pixels: int
     texture_width_px: float = 0.0
+    rim_levels: tuple[float, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -85,7 +89,9 @@ class TumorProfile:
         tumor_mean, shell_mean = float(image[mask].mean()), float(image[shell].mean())
         rest = image[None] - masked_lowpass(image[None], mask[None], STRUCTURE_SIGMA_PX)
         width = correlation_width(rest, _interior(mask[None]), 1, 2)
-        return cls(tumor_mean - shell_mean, structure, texture, tumor_mean, shell_mean, int(mask.sum()), width)
+        rim = tuple(float(v) for v in rim_profile(image[None], mask[None], spacing or (1.0, 1.0)))
+        return cls(tumor_mean - shell_mean, structure, texture, tumor_mean, shell_mean, int(mask.sum()), width,
+                   rim)
 
     @classmethod
     def of(cls, harmonizer: Any, shell_mm: float) -> "TumorProfile | None":
@@ -98,6 +104,76 @@ class TumorProfile:
             cache[shell_mm] = cls.measure(harmonizer.training_slice.numpy(), annotation.numpy() > 0.5,
                                           harmonizer.spacing, shell_mm)
         return cache[shell_mm]
+
+
+def rim_profile(slices: np.ndarray, mask: np.ndarray, spacing: tuple[float, float],
+                edges_mm: tuple[float, ...] = RIM_EDGES_MM, distance: np.ndarray | None = None) -> np.ndarray:
+    """Mean of ``(S, H, W)`` ``slices`` in each band ``(edges[i], edges[i+1]]`` mm outside the
+    ``mask`` (:func:`~singan_insert.insertion.appearance.inplane_distance`); NaN for a band with
+    no pixel. ``distance``: that distance, when the caller has it already."""
+    from singan_insert.insertion.appearance import inplane_distance
+
+    distance = inplane_distance(mask, spacing) if distance is None else distance
+    slices = np.asarray(slices, dtype=np.float64)
+    means = []
+    for low, high in zip(edges_mm[:-1], edges_mm[1:]):
+        band = (distance > low) & (distance <= high)
+        means.append(float(slices[band].mean()) if band.any() else float("nan"))
+    return np.array(means)
+
+
+def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, float],
+               rim_levels: tuple[float, ...], normalization: Any,
+               edges_mm: tuple[float, ...] = RIM_EDGES_MM) -> tuple[np.ndarray, dict[str, Any]]:
+    """Give the surroundings of a new tumor B's rim: the annotated tumor's band levels.
+
+    The pasted tumor brings no surroundings of its own, and the target's are those of a place
+    without a tumor (after a CycleGAN, of a tumor washed out): in hrT2 a schwannoma sits in the
+    CSF cleft of the cistern it has widened, a bright 1-2 mm that the pyramid does not invent.
+    With the band means :math:`\\ell_b` of the annotated slice (model units, bands
+    :math:`(e_b, e_{b+1}]` mm of in-plane distance :math:`d` outside the tumor) and the band
+    means :math:`c_b` of the harmonized slices, every pixel of band :math:`b` moves by
+
+    .. math:: v \\leftarrow v + (\\ell_b - c_b),
+
+    an additive shift: the target's own texture and anatomy stay, only each band's mean level
+    becomes B's (steps between bands are what a cleft looks like; the 0.8-1 mm pixels of a band
+    are few, so a smoother profile would not be resolved anyway). A band already at B's level (a
+    target that shows the cleft) is left as it is; pixels beyond the last edge are not touched.
+
+    Args:
+        harmonized: ``(S, H, W)`` tumor slices (target units).
+        mask: ``(S, H, W)`` tumor mask of those slices.
+        spacing: in-plane pixel size (mm).
+        rim_levels: :attr:`TumorProfile.rim_levels` (model units; NaN bands are skipped).
+        normalization: the target's :class:`~singan_insert.harmonizer.normalization.PercentileNormalization`.
+        edges_mm: band edges (mm), increasing from 0.
+
+    Returns:
+        The new slices and a record (band levels before and after, target units, and the shift).
+    """
+    import torch
+
+    from singan_insert.insertion.appearance import inplane_distance
+
+    edges = np.asarray(edges_mm, dtype=np.float64)
+    if len(rim_levels) != len(edges) - 1:
+        raise SinganInsertError(f"{len(rim_levels)} rim levels for {len(edges) - 1} bands: the annotation "
+                                "profile and the band edges disagree.")
+    distance = inplane_distance(mask, spacing)
+    targets = normalization.from_model(torch.tensor(np.asarray(rim_levels, np.float64))).numpy()
+    before = rim_profile(harmonized, mask, spacing, edges_mm, distance)
+    offsets = np.where(np.isfinite(targets) & np.isfinite(before), targets - before, 0.0)
+    band = np.searchsorted(edges, distance, side="left") - 1  # (e_b, e_{b+1}] -> b; inside -> -1
+    inside_bands = (band >= 0) & (band < len(offsets))
+    field = np.where(inside_bands, offsets[np.clip(band, 0, len(offsets) - 1)], 0.0)
+    out = (harmonized + field).astype(harmonized.dtype)
+    after = rim_profile(out, mask, spacing, edges_mm, distance)
+    def listed(values):  # JSON has no NaN
+        return [round(float(v), 5) if np.isfinite(v) else None for v in values]
+
+    return out, {"edges_mm": [float(e) for e in edges], "target": listed(targets), "before": listed(before),
+                 "after": listed(after)}
 
 
 def interior_spread(slices: np.ndarray, mask: np.ndarray) -> tuple[float, float]:

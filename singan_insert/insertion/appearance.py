@@ -278,16 +278,22 @@ def partial_volume(mask_slices: np.ndarray, sigma_px: float = PARTIAL_VOLUME_SIG
     return np.where(inside, blurred, 0.0).astype(np.float32)
 
 
-def ring(mask_slices: np.ndarray, spacing: tuple[float, float], width_mm: float) -> np.ndarray:
-    """Per slice: pixels outside the mask within ``width_mm`` of it (in-plane distance)."""
+def inplane_distance(mask_slices: np.ndarray, spacing: tuple[float, float]) -> np.ndarray:
+    """Per slice: every pixel's in-plane distance (mm) to the mask (0 inside; ``inf`` on a slice
+    the mask does not touch)."""
     from scipy.ndimage import distance_transform_edt
 
-    out = np.zeros(mask_slices.shape, dtype=bool)
-    for index, inside in enumerate(mask_slices > 0):
+    distance = np.full(np.shape(mask_slices), np.inf)
+    for index, inside in enumerate(np.asarray(mask_slices) > 0):
         if inside.any():
-            distance = distance_transform_edt(~inside, sampling=spacing)
-            out[index] = (distance > 0) & (distance <= width_mm)
-    return out
+            distance[index] = distance_transform_edt(~inside, sampling=spacing)
+    return distance
+
+
+def ring(mask_slices: np.ndarray, spacing: tuple[float, float], width_mm: float) -> np.ndarray:
+    """Per slice: pixels outside the mask within ``width_mm`` of it (in-plane distance)."""
+    distance = inplane_distance(mask_slices, spacing)
+    return (distance > 0) & (distance <= width_mm)
 
 
 def highpass(slices: np.ndarray, sigma_px: float = 1.0) -> np.ndarray:

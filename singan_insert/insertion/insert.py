@@ -26,12 +26,14 @@ For one tumor, :func:`insert_tumor`
    every slice (``shared_noise=True``: neighbouring slices, whose composites differ little,
    receive the same noise, so no stripes appear in the through-plane view), normalised with
    the whole volume's percentiles;
-5. with ``texture`` (default with ``appearance="auto"``), adds seeded noise inside the tumor
+5. with an annotated model (``rim``, default on), gives the tumor's surroundings B's rim, the
+   annotated tumor's band levels 0-3 mm outside it (:func:`singan_insert.insertion.annotation.render_rim`);
+   with ``texture`` (default with ``appearance="auto"``), adds seeded noise inside the tumor
    up to the high-pass energy of B's tissue around it (the pyramid's own noise is too weak to
    texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
 6. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
-   them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor are left
-   bit-identical) and writes ``label_value`` into a copy of the label map.
+   them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor, and
+   beyond the annotated rim's 3 mm when ``rim`` is on, are left bit-identical) and writes ``label_value`` into a copy of the label map.
 
 Overlap with existing labels (``overlap``):
 
@@ -70,7 +72,7 @@ from singan_insert.insertion.appearance import (
     ring,
     scoring_slices,
 )
-from singan_insert.insertion.annotation import STRUCTURE_SIGMA_PX, TumorProfile, interior_spread
+from singan_insert.insertion.annotation import STRUCTURE_SIGMA_PX, TumorProfile, interior_spread, render_rim
 from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
@@ -136,6 +138,11 @@ class InsertionParameters:
             as a fraction of the model's intensity range, in [0, 0.5).
         texture: add B's texture inside the tumor after harmonization; ``None``: on with
             ``appearance="auto"``, off with ``"fixed"`` (the paper's method unchanged).
+        rim: with a model whose training slice's tumor is annotated, give the new tumor the
+            annotated tumor's rim, B's mean level in each band of
+            :data:`~singan_insert.insertion.annotation.RIM_EDGES_MM` outside it (see
+            :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with ``appearance="auto"`` and an annotated model.
+            Without an annotation there is no rim to copy and this has no effect.
     """
 
     placement: Placement | None = None
@@ -155,6 +162,7 @@ class InsertionParameters:
     appearance: Appearance = "auto"
     visibility_floor: float = DEFAULT_VISIBILITY_FLOOR
     texture: bool | None = None
+    rim: bool | None = None
 
     def __post_init__(self) -> None:
         if self.appearance not in ("auto", "fixed"):
@@ -162,8 +170,9 @@ class InsertionParameters:
         if not (isinstance(self.visibility_floor, (int, float)) and 0 <= self.visibility_floor < 0.5):
             raise SinganInsertError(
                 f"visibility_floor must be a number in [0, 0.5), got {self.visibility_floor!r}.")
-        if self.texture is not None and not isinstance(self.texture, bool):
-            raise SinganInsertError(f"texture must be True, False or None, got {self.texture!r}.")
+        for name in ("texture", "rim"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise SinganInsertError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
         check_intensity_mode(self.intensity_mode)
         # Numbers: the checks the samplers use (NaN, booleans, fractions and overflows refused).
         from singan_insert.insertion import sampling
@@ -420,9 +429,17 @@ def insert_tumor(
         shift = (appearance_record["level"] - float(np.mean(harmonized[inside]))) / float(np.mean(fraction[inside]))
         harmonized = (harmonized + fraction * shift).astype(harmonized.dtype)
         appearance_record["level_restored_by"] = shift
+    profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
+    if params.rim and profile is None:
+        warnings.warn("rim=True has no effect: the model's training slice has no tumor annotation "
+                      "(Harmonizer.annotate) or the appearance is not 'auto'.", stacklevel=2)
+    rim = (profile is not None) if params.rim is None else (params.rim and profile is not None)
+    resolved = replace(resolved, rim=rim)
+    if rim:
+        harmonized, appearance_record["rim"] = render_rim(harmonized, crop_mask, plane_spacing, profile.rim_levels,
+                                                          normalization)
     if texture:
         target_std = None
-        profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
         width, texture_sigma = None, 1.0
         if profile is not None:  # B's tumor texture, amplitude and grain, from the annotated slice
             target_std = profile.texture_std * (normalization.high - normalization.low) / 2

@@ -24,6 +24,10 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     the harmonized twin's insertion replayed (same parameters and seeds) by the same harmonizer
     without its one-slice tumor annotation (:meth:`~singan_insert.Harmonizer.annotate`): what
     the annotation adds downstream. Identical to ``harmonized`` when the model has none.
+``no_rim``
+    the harmonized twin's insertion replayed without B's annotated rim (``rim=False``,
+    :func:`~singan_insert.insertion.annotation.render_rim`): what the rim adds downstream.
+    Identical to ``harmonized`` when the model has no annotation.
 ``narrow_blend``
     the harmonized twin's insertion replayed with a narrower blend (``dilation_mm=0``,
     ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
@@ -67,10 +71,11 @@ __all__ = [
     "write_gba_bprime",
     "write_oracle_bprime",
     "write_narrow_blend_bprime",
+    "write_no_rim_bprime",
     "write_unannotated_bprime",
 ]
 
-VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "narrow_blend")
+VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "narrow_blend")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -186,6 +191,11 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
 def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     """The ``unannotated`` variant of every harmonized B' (see the module docstring); image paths."""
     return _replay(pipeline, "unannotated", annotated=False)
+
+
+def write_no_rim_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``no_rim`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "no_rim", rim=False)
 
 
 def write_narrow_blend_bprime(pipeline: CrossModaPipeline, dilation_mm: float = 0.0,
