@@ -19,7 +19,11 @@ variant (:mod:`singan_insert.pipeline.variants`) and the validation scans are se
   simulated data set ships a training label for the harmonizer's scan, which by default also
   annotates its training slice);
 * ours_no_rim: ours replayed without the annotated rim (B's band levels 0-3 mm around the
-  tumor, :func:`singan_insert.insertion.annotation.render_rim`).
+  tumor, :func:`singan_insert.insertion.annotation.render_rim`);
+* ours_no_pyramid: ours replayed without the generators (level, rim and texture kept): what the
+  pyramid itself adds;
+* ours_tumor_harmonized: ours replayed with the tumor's voxels taken from the pyramid
+  (``harmonize_tumor=True``, the paper's way) instead of keeping their chosen appearance.
 
 Every comparison is paired (same validation cases, same pix2pix seed, same run): mean
 difference with a 95 % bootstrap CI (:func:`singan_insert.evaluation.metrics.paired_bootstrap_ci`)
@@ -57,7 +61,8 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import RESULTS, machine, write_results  # noqa: E402
 
 ROWS = {"ours": "harmonized", "naive": "naive", "oracle": "oracle", "gba": "gba",
-        "ours_unannotated": "unannotated", "ours_no_rim": "no_rim"}
+        "ours_unannotated": "unannotated", "ours_no_rim": "no_rim", "ours_no_pyramid": "no_pyramid",
+        "ours_tumor_harmonized": "tumor_harmonized"}
 TITLES = {
     "baseline": "Baseline: CycleGAN(B->A) + S_A",
     "ours": "Ours: pix2pix(harmonized B') + S_A",
@@ -66,10 +71,13 @@ TITLES = {
     "gba": "GBA-style: translated tumor x lambda in place, harmonized",
     "ours_unannotated": "Ours without the one-slice annotation",
     "ours_no_rim": "Ours without the annotated rim",
+    "ours_no_pyramid": "Ours without the generators (level, rim, texture only)",
+    "ours_tumor_harmonized": "Ours with the tumor harmonized by the pyramid (paper)",
 }
 PAIRS = (("ours", "baseline"), ("ours", "naive"), ("oracle", "naive"), ("gba", "naive"), ("ours", "gba"),
          ("naive", "baseline"), ("ours", "ours_unannotated"), ("ours_unannotated", "naive"),
-         ("ours", "ours_no_rim"), ("ours_no_rim", "naive"))
+         ("ours", "ours_no_rim"), ("ours_no_rim", "naive"), ("ours", "ours_no_pyramid"),
+         ("ours", "ours_tumor_harmonized"))
 GAP_FRACTION_TARGET = 0.5
 BASELINE_MARGIN_TARGET = 0.15
 
@@ -157,6 +165,8 @@ def run_once(args, work: Path) -> dict:
     timed("4_gba", variants.write_gba_bprime, pipeline)
     timed("4_unannotated", variants.write_unannotated_bprime, pipeline)
     timed("4_no_rim", variants.write_no_rim_bprime, pipeline)
+    timed("4_no_pyramid", variants.write_no_pyramid_bprime, pipeline)
+    timed("4_tumor_harmonized", variants.write_tumor_harmonized_bprime, pipeline)
     baseline_predictions = timed("6_segment_baseline", pipeline.segment_validation, "baseline")
 
     validation = data.validation_images()

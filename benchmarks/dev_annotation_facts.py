@@ -9,8 +9,13 @@
    voxels in-plane, of the in-plane low-pass (sd 1.5 voxels) of the ceT1 image (resampled onto
    the hrT2 grid) with that of the true hrT2; this bounds what keeping the source's structure
    can gain (:data:`singan_insert.insertion.insert.STRUCTURE_SHRINK`).
+3. What B shows around its tumors: on the same slice, the mean level (model units) in each band
+   of :data:`singan_insert.insertion.annotation.RIM_EDGES_MM` outside the tumor (the rim
+   :class:`~singan_insert.insertion.annotation.TumorProfile` carries over,
+   :func:`~singan_insert.insertion.annotation.render_rim`), beside the level of the tissue
+   3-6 mm out: a rim that is brighter than both, from subject to subject, is B's, not the place's.
 
-    OMP_NUM_THREADS=1 python benchmarks/dev_annotation_facts.py [--first-seed 200 --subjects 8]
+    OMP_NUM_THREADS=1 python benchmarks/dev_annotation_facts.py [--first-seed 200 --subjects 20]
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from _common import machine, write_results  # noqa: E402
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--first-seed", type=int, default=200)
-    parser.add_argument("--subjects", type=int, default=8)
+    parser.add_argument("--subjects", type=int, default=20)
     parser.add_argument("--name", default="dev_annotation_facts")
     args = parser.parse_args(argv)
 
@@ -36,7 +41,7 @@ def main(argv=None) -> None:
 
     from singan_insert.datasets.phantom import simulate_subject
     from singan_insert.harmonizer.normalization import PercentileNormalization
-    from singan_insert.insertion.annotation import TumorProfile
+    from singan_insert.insertion.annotation import RIM_EDGES_MM, TumorProfile, rim_profile
     from singan_insert.insertion.placement import intensity_quantiles
 
     rows = []
@@ -52,11 +57,15 @@ def main(argv=None) -> None:
         inner = binary_erosion(tumor, np.ones((3, 3, 1), bool), iterations=2)
         low_a, low_b = (gaussian_filter(np.asarray(v, np.float64), (1.5, 1.5, 0)) for v in (source, subject.image_b))
         correlation = float(np.corrcoef(low_a[inner], low_b[inner])[0, 1]) if inner.sum() > 2 else float("nan")
+        beyond = float(rim_profile(image[None], tumor[None, :, :, k], subject.spacing_b[:2], (3.0, 6.0))[0])
         rows.append({"seed": seed, "level": profile.tumor_mean, "contrast_to_ring": profile.contrast,
-                     "lowpass_correlation_a_b": correlation, "cysts": int(len(subject.tumor.cyst_radii_mm))})
+                     "lowpass_correlation_a_b": correlation, "cysts": int(len(subject.tumor.cyst_radii_mm)),
+                     "rim_levels": list(profile.rim_levels), "level_3_6mm": beyond})
     levels = np.array([r["level"] for r in rows])
     contrasts = np.array([r["contrast_to_ring"] for r in rows])
     solid = [r["lowpass_correlation_a_b"] for r in rows if r["cysts"] == 0]
+    rims = np.array([r["rim_levels"] + [r["level_3_6mm"]] for r in rows])
+    bands = [f"{a:g}-{b:g} mm" for a, b in zip(RIM_EDGES_MM[:-1], RIM_EDGES_MM[1:])] + ["3-6 mm"]
     lines = [f"Machine: {machine()['cpu_count']} CPUs, {machine()['date']}. Seeds {args.first_seed}.."
              f"{args.first_seed + args.subjects - 1}.", "",
              "| seed | level (model units) | contrast to 2 mm ring | A-B low-pass correlation | cysts |",
@@ -65,11 +74,18 @@ def main(argv=None) -> None:
               f"{r['lowpass_correlation_a_b']:+.2f} | {r['cysts']} |" for r in rows]
     lines += ["", f"sd over subjects: level {levels.std(ddof=1):.3f}, contrast to the ring {contrasts.std(ddof=1):.3f}. "
               f"A-B correlation without cysts: {min(solid):.2f}..{max(solid):.2f} (mean {np.mean(solid):.2f})."
-              if solid else ""]
+              if solid else "", "", "Level outside the tumor by band (model units), over subjects:", "",
+              "| band | mean | sd | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {band} | {rims[:, i].mean():+.3f} | {rims[:, i].std(ddof=1):.3f} | {rims[:, i].min():+.3f} | "
+              f"{rims[:, i].max():+.3f} |" for i, band in enumerate(bands)]
+    lines += ["", f"First band brighter than the 3-6 mm tissue in {int(np.sum(rims[:, 0] > rims[:, -1]))}/{len(rows)} "
+              "subjects."]
     text = "\n".join(lines)
     print(text)
     write_results(args.name, {"rows": rows, "level_sd": float(levels.std(ddof=1)),
-                              "contrast_sd": float(contrasts.std(ddof=1))}, text)
+                              "contrast_sd": float(contrasts.std(ddof=1)),
+                              "rim_bands": bands, "rim_mean": rims.mean(0).tolist(),
+                              "rim_sd": rims.std(0, ddof=1).tolist()}, text)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from singan_insert.evaluation.experiments import training_slice_from_subject
 from singan_insert.harmonizer.model_file import load_tensors, save_tensors
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.harmonizer.training import TrainingHealthWarning
-from singan_insert.insertion.annotation import TumorProfile, interior_spread
+from singan_insert.insertion.annotation import RIM_EDGES_MM, TumorProfile, interior_spread, render_rim
+from singan_insert.insertion.appearance import inplane_distance
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.placement import SourceTumor, intensity_quantiles
 
@@ -180,3 +181,86 @@ def test_cli_train_annotates_from_the_label_and_annotate_adds_or_removes(trainin
     # A label without the tumor on the chosen slice is a clear error, before any training.
     assert main(["train", *common, "--slice", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "no tumor" in capsys.readouterr().err
+
+
+def test_profile_measures_the_rim_band_by_band():
+    image = np.full((40, 40), -0.5)
+    mask = np.zeros((40, 40), bool)
+    mask[12:28, 12:28] = True
+    image[mask] = 0.0
+    distance = inplane_distance(mask[None], (0.5, 0.5))[0]
+    image[(distance > 0) & (distance <= 1.0)] = 0.9  # a bright 1 mm cleft, as CSF around a schwannoma
+    profile = TumorProfile.measure(image, mask, (0.5, 0.5), shell_mm=2.0)
+    assert profile.rim_levels == pytest.approx((0.9, -0.5, -0.5))
+    assert RIM_EDGES_MM == (0.0, 1.0, 2.0, 3.0)
+
+
+def test_render_rim_shifts_each_band_to_b_level_and_keeps_the_rest():
+    rng = np.random.default_rng(0)
+    slices = rng.normal(1.0, 0.05, (3, 40, 40)).astype(np.float32)
+    mask = np.zeros(slices.shape, bool)
+    mask[:, 14:26, 15:27] = True
+    mask[0, 14:18, 15:19] = False  # slices of different cross-sections
+    spacing = (0.5, 0.5)
+    normalization = PercentileNormalization(0.0, 2.0)  # model units = value - 1
+    levels = (0.6, 0.2, float("nan"))  # the third band unknown on the annotated slice: left as it is
+    out, record = render_rim(slices, mask, spacing, levels, normalization)
+    distance = inplane_distance(mask, spacing)
+    for (low, high), level in zip([(0, 1), (1, 2)], levels):
+        band = (distance > low) & (distance <= high)
+        assert float(out[band].mean()) == pytest.approx(level + 1.0, abs=1e-5)
+        shift = out[band] - slices[band]
+        assert np.ptp(shift) < 1e-5  # one shift per band: the texture stays
+    untouched = mask | (distance > 2.0)
+    assert np.array_equal(out[untouched], slices[untouched])
+    assert record["target"][2] is None and record["after"][0] == pytest.approx(1.6, abs=1e-4)
+    with pytest.raises(SinganInsertError, match="bands"):
+        render_rim(slices, mask, spacing, (0.1, 0.2), normalization)
+
+
+def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
+    subject = simulate_subject(3)
+    # The target without the tumor's CSF pocket (what a CycleGAN that washed the tumor out may
+    # show): everything within 5 mm of the tumor filled with the tissue level 5-8 mm out.
+    from scipy.ndimage import distance_transform_edt
+
+    target = subject.render_b_washed_out().copy()
+    distance_3d = distance_transform_edt(subject.label_b != 1, sampling=subject.spacing_b)
+    near = distance_3d <= 5.0
+    rng = np.random.default_rng(0)
+    target[near] = np.median(target[(distance_3d > 5) & (distance_3d <= 8)]) + rng.normal(0, 0.01, near.sum())
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    with_rim = insert_tumor(target, subject.affine_b, source, annotated_model, InsertionParameters(seed=0))
+    without = insert_tumor(target, subject.affine_b, source, annotated_model, InsertionParameters(seed=0, rim=False))
+    assert with_rim.record["parameters"]["rim"] is True and without.record["parameters"]["rim"] is False
+    normalization = PercentileNormalization.fit(intensity_quantiles(target))
+    profile = TumorProfile.of(annotated_model, 2.0)
+    slices = sorted(set(np.nonzero(with_rim.mask)[2]))
+    mask = np.moveaxis(with_rim.mask, 2, 0)[slices]
+    distance = inplane_distance(mask, subject.spacing_b[:2])
+    for b, (low, high) in enumerate(zip(RIM_EDGES_MM[:-1], RIM_EDGES_MM[1:])):
+        band = (distance > low) & (distance <= high)
+        got = float(normalization.to_model(torch.tensor(np.moveaxis(with_rim.image, 2, 0)[slices][band])).mean())
+        before = float(normalization.to_model(torch.tensor(np.moveaxis(without.image, 2, 0)[slices][band])).mean())
+        assert got == pytest.approx(profile.rim_levels[b], abs=0.01)
+        if b == 0:  # the cleft: B's annotated tumor is outlined by bright CSF, this target is not
+            assert profile.rim_levels[0] > before + 0.2
+    # Inside the tumor, and far from it, the rim changes nothing.
+    far = np.ones(target.shape, bool)
+    margin = [int(np.ceil(3.5 / size)) for size in subject.spacing_b]  # past the rim's 3 mm
+    far[tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(_box(with_rim.mask), margin))] = False
+    assert np.array_equal(with_rim.image[with_rim.mask], without.image[with_rim.mask])
+    assert np.array_equal(with_rim.image[far], without.image[far])
+    # No annotation, no rim: asking for one says so; an old record without the field still replays.
+    plain = annotated_model.copy().annotate(None)
+    with pytest.warns(UserWarning, match="rim=True has no effect"):
+        result = insert_tumor(target, subject.affine_b, source, plain, InsertionParameters(seed=0, rim=True))
+    assert result.record["parameters"]["rim"] is False
+    old = {k: v for k, v in with_rim.record["parameters"].items() if k != "rim"}
+    assert InsertionParameters.from_dict(old).rim is None
+
+
+def _box(mask):
+    from scipy.ndimage import find_objects
+
+    return find_objects(mask.astype(np.uint8))[0]

@@ -131,7 +131,70 @@ def test_narrow_blend_replays_ours_with_a_narrower_blend(inserted):
     assert len(written) == len(_twins(inserted)) >= 1
     for info, fake, affine, mask, image, record in _pairs(inserted, "narrow_blend"):
         assert record["parameters"]["dilation_mm"] == 0 and record["parameters"]["feather_mm"] == 1
-        # Beyond the narrow blend's reach the fake hrT2 is untouched, bit for bit.
+        # Beyond the narrow blend's reach and the annotated rim's 3 mm, the fake hrT2 is untouched.
         weight = slice_blend_weight(mask, axis=2, spacing=spacing_from_affine(affine), dilation_mm=0.0,
                                     feather_mm=1.0)
-        np.testing.assert_array_equal(image[weight == 0], fake[weight == 0])
+        far = (weight == 0) & _beyond(mask, affine, 3.0)
+        np.testing.assert_array_equal(image[far], fake[far])
+
+
+def _beyond(mask, affine, mm):
+    """Voxels farther than ``mm`` (in-plane, per slice along the last axis) from the mask."""
+    from singan_insert.insertion.appearance import inplane_distance
+
+    spacing = spacing_from_affine(affine)
+    distance = np.moveaxis(inplane_distance(np.moveaxis(mask, 2, 0), spacing[:2]), 0, 2)
+    return distance > mm
+
+
+def test_ablation_variants_replay_ours_without_one_part(inserted):
+    for write in (variants.write_no_rim_bprime, variants.write_no_pyramid_bprime,
+                  variants.write_tumor_harmonized_bprime):
+        assert len(write(inserted)) == len(_twins(inserted)) >= 1
+    for name in ("no_rim", "no_pyramid", "tumor_harmonized"):
+        for twin_path in _twins(inserted):
+            stem = twin_path.name[:-len(".json")]
+            twin = json.loads(twin_path.read_text())
+            record = json.loads((inserted.bprime_dir(name) / twin_path.name).read_text())
+            image = read_volume(inserted.bprime_dir(name) / f"{stem}_image.nii.gz")[0]
+            ours = read_volume(inserted.bprime_dir("harmonized") / f"{stem}_image.nii.gz")[0]
+            mask = read_volume(twin_path.with_name(f"{stem}_label.nii.gz"))[0] == 1
+            assert twin["parameters"]["rim"] is True and twin["parameters"]["harmonize_tumor"] is False
+            assert record["variant"] == name and not np.array_equal(image, ours)
+            if name == "no_rim":
+                assert record["parameters"]["rim"] is False
+            if name == "tumor_harmonized":
+                assert record["parameters"]["harmonize_tumor"] is True
+                assert not np.allclose(image[mask], ours[mask])
+            if name == "no_pyramid":
+                # The default keeps the tumor's chosen appearance: the generators act on its
+                # surroundings only, so without them the tumor itself is the same, bit for bit.
+                np.testing.assert_array_equal(image[mask], ours[mask])
+
+
+def test_stale_variants_models_and_predictions_are_made_again(inserted):
+    variants.write_oracle_bprime(inserted)
+    twin = _twins(inserted)[0]
+    oracle_record = inserted.bprime_dir("oracle") / twin.name
+    before = oracle_record.stat().st_mtime_ns
+    assert variants.write_oracle_bprime(inserted) and oracle_record.stat().st_mtime_ns == before  # current: kept
+    original = twin.read_text()
+    try:
+        twin.write_text(original.replace('"format"', '"format" ', 1))  # the twin changed
+        variants.write_oracle_bprime(inserted)
+        assert json.loads(oracle_record.read_text())["twin_checksum"] == variants._digest([twin])
+    finally:
+        twin.write_text(original)
+    variants.write_oracle_bprime(inserted)
+    model = variants.train_pix2pix_seeded(inserted, "oracle", 0)
+    folder = variants.pix2pix_seeded_dir(inserted, "oracle", 0)
+    (folder / variants.INPUTS_FILE).write_text('{"bprime": "something else"}')
+    with pytest.warns(UserWarning, match="stale"):
+        again = variants.train_pix2pix_seeded(inserted, "oracle", 0)
+    assert torch.equal(next(iter(model.generator.parameters())), next(iter(again.generator.parameters())))
+    inserted.train_source_segmenter()
+    variants.segment_validation_seeded(inserted, "oracle", 0)
+    predictions = inserted.work / "predictions" / "oracle_seed0"
+    (predictions / variants.INPUTS_FILE).write_text("{}")
+    with pytest.warns(UserWarning, match="pix2pix model changed"):
+        assert all(p.is_file() for p in variants.segment_validation_seeded(inserted, "oracle", 0))

@@ -102,6 +102,9 @@ STRUCTURE_SHRINK = 0.5
 #: With an annotation, bring the harmonized tumor back to the annotated level (the pyramid pulls
 #: a tumor toward its surroundings). A module switch so that the ablation can turn it off.
 RESTORE_ANNOTATED_LEVEL = True
+#: Ablation only (benchmarks and the pipeline's ``no_pyramid`` variant): skip the generators,
+#: keeping every other step (level, rim, texture). A module switch, not a user option.
+_ABLATE_PYRAMID = False
 RECORD_FORMAT = "singan-insert-insertion"
 RECORD_VERSION = 1
 
@@ -143,6 +146,10 @@ class InsertionParameters:
             :data:`~singan_insert.insertion.annotation.RIM_EDGES_MM` outside it (see
             :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with ``appearance="auto"`` and an annotated model.
             Without an annotation there is no rim to copy and this has no effect.
+        harmonize_tumor: whether the tumor's own voxels take the pyramid's output (the paper's
+            method) or keep the appearance chosen for them, the pyramid then harmonizing the
+            blend beyond the mask (the tumor's edge and surroundings); ``None``: kept with
+            ``appearance="auto"``, harmonized with ``"fixed"``.
     """
 
     placement: Placement | None = None
@@ -163,6 +170,7 @@ class InsertionParameters:
     visibility_floor: float = DEFAULT_VISIBILITY_FLOOR
     texture: bool | None = None
     rim: bool | None = None
+    harmonize_tumor: bool | None = None
 
     def __post_init__(self) -> None:
         if self.appearance not in ("auto", "fixed"):
@@ -170,7 +178,7 @@ class InsertionParameters:
         if not (isinstance(self.visibility_floor, (int, float)) and 0 <= self.visibility_floor < 0.5):
             raise SinganInsertError(
                 f"visibility_floor must be a number in [0, 0.5), got {self.visibility_floor!r}.")
-        for name in ("texture", "rim"):
+        for name in ("texture", "rim", "harmonize_tumor"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise SinganInsertError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
         check_intensity_mode(self.intensity_mode)
@@ -409,8 +417,19 @@ def insert_tumor(
     if appearance == "auto":
         composite = background + partial_volume(crop_mask) * (composite - background)
         np.moveaxis(composite_crop, axis, 0)[slice_indices] = composite  # the returned composite
+    profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
+    if params.rim and profile is None:
+        warnings.warn("rim=True has no effect: the model's training slice has no tumor annotation "
+                      "(Harmonizer.annotate) or the appearance is not 'auto'.", stacklevel=2)
+    rim = (profile is not None) if params.rim is None else (params.rim and profile is not None)
+    harmonize_tumor = (appearance == "fixed") if params.harmonize_tumor is None else params.harmonize_tumor
+    resolved = replace(resolved, rim=rim, harmonize_tumor=harmonize_tumor)
+    if rim:
+        # The pyramid is shown the tumor with B's rim: shown a bare blob, it paints a cleft of
+        # its own INSIDE the mask's edge (see render_rim).
+        composite, _ = render_rim(composite, crop_mask, plane_spacing, profile.rim_levels, normalization)
     try:
-        harmonized = harmonizer.harmonize(
+        harmonized = composite.copy() if _ABLATE_PYRAMID else harmonizer.harmonize(
             background, composite, crop_mask.astype(np.float32), start_scale,
             spacing=plane_spacing, normalization=normalization, dilation_mm=dilation_mm,
             feather_mm=feather_mm, seed=seed, shared_noise=True,
@@ -420,6 +439,10 @@ def insert_tumor(
             f"Harmonizing the {background.shape[0]} tumor slice(s) of {background.shape[1]}x"
             f"{background.shape[2]} px (the tumor plus {params.context_mm:g} mm of context, cut "
             f"to the {image.shape} target) failed: {error}") from error
+    if not harmonize_tumor:
+        # The tumor keeps the appearance chosen for it; the pyramid's output is kept only where
+        # the blend reaches beyond the mask (the edge and the surroundings).
+        harmonized = np.where(crop_mask > 0, composite, harmonized).astype(harmonized.dtype)
     if appearance_record.get("by") == "annotation" and RESTORE_ANNOTATED_LEVEL:
         # The pyramid pulls a tumor toward its surroundings' brightness; the annotated level is
         # B's, so the harmonized tumor is brought back to it (with the partial-volume edge).
@@ -429,13 +452,7 @@ def insert_tumor(
         shift = (appearance_record["level"] - float(np.mean(harmonized[inside]))) / float(np.mean(fraction[inside]))
         harmonized = (harmonized + fraction * shift).astype(harmonized.dtype)
         appearance_record["level_restored_by"] = shift
-    profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
-    if params.rim and profile is None:
-        warnings.warn("rim=True has no effect: the model's training slice has no tumor annotation "
-                      "(Harmonizer.annotate) or the appearance is not 'auto'.", stacklevel=2)
-    rim = (profile is not None) if params.rim is None else (params.rim and profile is not None)
-    resolved = replace(resolved, rim=rim)
-    if rim:
+    if rim:  # again: the pyramid moves the bands' levels too
         harmonized, appearance_record["rim"] = render_rim(harmonized, crop_mask, plane_spacing, profile.rim_levels,
                                                           normalization)
     if texture:

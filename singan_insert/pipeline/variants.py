@@ -28,6 +28,12 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     the harmonized twin's insertion replayed without B's annotated rim (``rim=False``,
     :func:`~singan_insert.insertion.annotation.render_rim`): what the rim adds downstream.
     Identical to ``harmonized`` when the model has no annotation.
+``no_pyramid``
+    the harmonized twin's insertion replayed without the generators (every other step, the
+    level, the rim and the texture, kept): what the pyramid itself adds.
+``tumor_harmonized``
+    the harmonized twin's insertion replayed with ``harmonize_tumor=True``: the tumor's voxels
+    take the pyramid's output, as in the paper, instead of keeping their chosen appearance.
 ``narrow_blend``
     the harmonized twin's insertion replayed with a narrower blend (``dilation_mm=0``,
     ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
@@ -37,7 +43,10 @@ Every variant shares the harmonized twin's stems (``<name>_aug<k>``), label maps
 pix2pix on any variant with any seed (``<work>/pix2pix/<variant>_seed<s>/``), and
 :func:`segment_validation_seeded` translates and segments the validation scans with it
 (``<work>/predictions/<variant>_seed<s>/``, on each scan's own grid). Everything skips what
-is already written, as the workflow does.
+is already written, as the workflow does, unless its inputs changed: every variant record
+stores the checksum of its harmonized twin's record, every seeded pix2pix folder that of its
+B' variant (``inputs.json``), every seeded prediction folder that of its pix2pix model; what
+no longer matches is made again (a stale output is never silently reused).
 """
 
 from __future__ import annotations
@@ -71,11 +80,14 @@ __all__ = [
     "write_gba_bprime",
     "write_oracle_bprime",
     "write_narrow_blend_bprime",
+    "write_no_pyramid_bprime",
     "write_no_rim_bprime",
+    "write_tumor_harmonized_bprime",
     "write_unannotated_bprime",
 ]
 
-VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "narrow_blend")
+VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "no_pyramid", "tumor_harmonized",
+            "narrow_blend")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -117,7 +129,38 @@ def _write(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, affine:
 
     write_volume(paths["image"], image.astype(np.float32), affine)
     write_volume(paths["label"], label, affine)
-    atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+    twin = paths["twin_label"].with_name(paths["record"].name)
+    # The record last: it marks the case done, with the checksum of the twin it was made from.
+    atomic_write_bytes(paths["record"], json.dumps({**record, "twin_checksum": _digest([twin])}, indent=2,
+                                                   default=str).encode())
+
+
+def _digest(files: Sequence[Path]) -> str:
+    """SHA-256 (first 16 hex digits) over ``files`` in the given order: a NIfTI file's voxels and
+    affine (its gzip header holds a time stamp, so equal images rewritten would differ), the bytes
+    of any other."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in map(Path, files):
+        digest.update(path.name.encode())
+        if path.name.endswith((".nii", _NIFTI)):
+            image, affine = read_volume(path)
+            digest.update(np.ascontiguousarray(image).tobytes())
+            digest.update(str(image.dtype).encode() + np.asarray(affine, np.float64).tobytes())
+        else:
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_current(record: Path, twin_record: Path) -> bool:
+    """Whether a variant's case exists and was made from the harmonized twin as it is now."""
+    if not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("twin_checksum") == _digest([twin_record])
+    except (OSError, ValueError):
+        return False
 
 
 def write_oracle_bprime(pipeline: CrossModaPipeline) -> list[Path]:
@@ -128,7 +171,7 @@ def write_oracle_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     written = []
     for record_path in _harmonized_records(pipeline):
         paths = _outputs(pipeline, "oracle", record_path)
-        if not paths["record"].is_file():
+        if not _is_current(paths["record"], record_path):
             record = json.loads(record_path.read_text())
             fake, affine = read_volume(record["case"]["target"])
             label, _ = read_volume(paths["twin_label"])
@@ -167,7 +210,7 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
     written = []
     for record_path in _harmonized_records(pipeline):
         paths = _outputs(pipeline, "gba", record_path)
-        if not paths["record"].is_file():
+        if not _is_current(paths["record"], record_path):
             record = json.loads(record_path.read_text())
             fake, affine = read_volume(record["case"]["target"])
             label, _ = read_volume(paths["twin_label"])
@@ -175,7 +218,7 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
                                                      int(record.get("augmentation", 0))))
             parameters = replace(InsertionParameters.from_dict(record["parameters"]),
                                  contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
-                                 appearance="fixed", texture=None,
+                                 appearance="fixed", texture=None, rim=None, harmonize_tumor=None,
                                  placement=None)
             harmonizer = harmonizer or load_harmonizer(record["model_file"])
             # The translated tumor is its own source, in place: the mapping only scales its contrast.
@@ -198,15 +241,29 @@ def write_no_rim_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     return _replay(pipeline, "no_rim", rim=False)
 
 
+def write_no_pyramid_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``no_pyramid`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "no_pyramid", pyramid=False)
+
+
+def write_tumor_harmonized_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``tumor_harmonized`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "tumor_harmonized", harmonize_tumor=True)
+
+
 def write_narrow_blend_bprime(pipeline: CrossModaPipeline, dilation_mm: float = 0.0,
                               feather_mm: float = 1.0) -> list[Path]:
     """The ``narrow_blend`` variant of every harmonized B' (see the module docstring); image paths."""
     return _replay(pipeline, "narrow_blend", dilation_mm=dilation_mm, feather_mm=feather_mm)
 
 
-def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, **overrides) -> list[Path]:
-    """Every harmonized twin's insertion again, same parameters and seeds but ``overrides``."""
+def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, pyramid: bool = True,
+            **overrides) -> list[Path]:
+    """Every harmonized twin's insertion again, same parameters and seeds but ``overrides``
+    (``annotated=False``: by the model without its annotation; ``pyramid=False``: without the
+    generators)."""
     from singan_insert.harmonizer.model import Harmonizer
+    from singan_insert.insertion import insert as insertion
     from singan_insert.insertion.insert import InsertionParameters, insert_tumor
     from singan_insert.insertion.placement import SourceTumor
 
@@ -214,7 +271,7 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, *
     written = []
     for record_path in _harmonized_records(pipeline):
         paths = _outputs(pipeline, variant, record_path)
-        if not paths["record"].is_file():
+        if not _is_current(paths["record"], record_path):
             record = json.loads(record_path.read_text())
             if harmonizer is None:  # a private copy: the cached, annotated model stays as it is
                 harmonizer = Harmonizer.load(record["model_file"])
@@ -224,7 +281,13 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, *
             target, affine = read_volume(case["target"])
             source = SourceTumor.from_files(case["source_image"], case["source_label"], label_value=TUMOR_LABEL)
             parameters = replace(InsertionParameters.from_dict(record["parameters"]), **overrides)
-            result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
+            if not annotated:  # no annotation, no rim: leave it to the default instead of asking in vain
+                parameters = replace(parameters, rim=None)
+            saved, insertion._ABLATE_PYRAMID = insertion._ABLATE_PYRAMID, not pyramid
+            try:
+                result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
+            finally:
+                insertion._ABLATE_PYRAMID = saved
             _write(paths, result.image, result.label, affine, {**record, "variant": variant,
                                                                "parameters": result.record["parameters"],
                                                                "appearance": result.record["appearance"]})
@@ -240,34 +303,69 @@ def train_pix2pix_seeded(pipeline: CrossModaPipeline, variant: str, seed: int):
     """pix2pix :math:`B' \\to A` on ``variant``'s pairs, the pipeline's settings but ``seed``."""
     from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix, train_pix2pix
 
+    from singan_insert.io import atomic_write_bytes
+
     _check_variant(variant)
     folder = pix2pix_seeded_dir(pipeline, variant, seed)
-    if (folder / MODEL_NAME).is_file():
-        return Pix2Pix.load(folder / MODEL_NAME)
     records = sorted(pipeline.bprime_dir(variant).glob("*_aug*.json"))
     if not records:
         raise SinganInsertError(
             f"No B' volumes in {pipeline.bprime_dir(variant)}; write the {variant!r} variant first.")
     pairs = [(record.with_name(record.name[:-len(".json")] + f"_image{_NIFTI}"),
               Path(json.loads(record.read_text())["case"]["source_image"])) for record in records]
+    inputs = {"bprime": _digest([image for image, _ in pairs])}
+    if folder.exists() and _read_json(folder / INPUTS_FILE) != inputs:
+        _discard(folder, f"its B' {variant!r} changed")  # a checkpoint of other data must not be resumed
+    if (folder / MODEL_NAME).is_file():
+        return Pix2Pix.load(folder / MODEL_NAME)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / INPUTS_FILE, json.dumps(inputs).encode())
     config = replace(pipeline.settings.pix2pix_config(pipeline.progress), seed=int(seed))
     return train_pix2pix(pairs, folder, config)
+
+
+#: Beside seeded pix2pix models and predictions: the checksum of what they were made from.
+INPUTS_FILE = "inputs.json"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _discard(folder: Path, why: str) -> None:
+    import shutil
+    import warnings
+
+    warnings.warn(f"{folder} is stale ({why}); making it again.", stacklevel=3)
+    shutil.rmtree(folder)
 
 
 def segment_validation_seeded(pipeline: CrossModaPipeline, variant: str, seed: int) -> list[Path]:
     """Translate the validation scans with :func:`train_pix2pix_seeded`'s model, segment them
     with :math:`S_A`, and return the predictions on each scan's own grid (validation order)."""
+    from singan_insert.io import atomic_write_bytes
     from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix
 
     _check_variant(variant)
     method = f"{variant}_seed{int(seed)}"
     validation = pipeline.data.validation_images()
     outputs = [pipeline.prediction(method, name) for name, _ in validation]
-    if all(path.is_file() for path in outputs):
-        return outputs
     model_file = pix2pix_seeded_dir(pipeline, variant, seed) / MODEL_NAME
     if not model_file.is_file():
         raise SinganInsertError(f"{model_file} does not exist: train it with train_pix2pix_seeded first.")
+    inputs = {"pix2pix": _digest([model_file])}
+    folders = [pipeline.work / kind / method for kind in ("predictions", "translated", "predictions_grid")]
+    if folders[0].exists() and _read_json(folders[0] / INPUTS_FILE) != inputs:
+        for folder in folders:
+            if folder.exists():
+                _discard(folder, "its pix2pix model changed")
+    if all(path.is_file() for path in outputs):
+        return outputs
+    folders[0].mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folders[0] / INPUTS_FILE, json.dumps(inputs).encode())
     model = Pix2Pix.load(model_file)
     translated = []
     for name, _ in validation:
