@@ -29,8 +29,9 @@ Every comparison is paired (same validation cases, same pix2pix seed, same run):
 difference with a 95 % bootstrap CI (:func:`singan_insert.evaluation.metrics.paired_bootstrap_ci`)
 and a Wilcoxon p. Targets of issue 10 (item 7), per pix2pix seed: ours closes >= 50 % of the
 naive -> oracle gap, the CI of ours - naive above 0, ours > gba, ours > baseline + 0.15.
-Diagnostics (tumor-vs-ring contrast of the fake hrT2, each B', and the real validation hrT2)
-are all measured on the working grid. Reproducibility: seed, pix2pix seeds, torch version and
+Diagnostics (tumor-vs-ring contrast, the tumor's texture, i.e. its in-plane high-pass sd, and
+the contrast of the cleft, the first voxel ring around the tumor, to the tissue 3-5 voxels out;
+of the fake hrT2, each B', and the real validation hrT2) are all measured on the working grid. Reproducibility: seed, pix2pix seeds, torch version and
 threads are recorded; ``--repeat`` runs the configuration twice in fresh folders and reports
 the run-to-run spread of every per-case score.
 
@@ -264,7 +265,8 @@ def _markdown(args, result: dict) -> str:
     settings = result["settings"]
     lines = [
         f"Machine: {info['cpu_count']} CPUs, torch {info['torch']} with {args.threads} thread(s), {info['date']}; "
-        f"whole benchmark {result['seconds'] / 60:.1f} min"
+        f"this invocation {result['seconds'] / 60:.1f} min (steps already in the work folder are reused: "
+        "see the time per step)"
         f"{' (QUICK: short schedules, the numbers mean nothing)' if args.quick else ''}.",
         f"Data: simulated crossMoDA layout, {args.cases[0]} labelled ceT1 / {args.cases[1]} unlabelled hrT2 / "
         f"{args.cases[2]} hrT2 validation subjects; pipeline seed {args.seed}, pix2pix seeds {args.pix2pix_seeds}. "
@@ -372,6 +374,8 @@ def _diagnostics(pipeline, pix2pix_seed: int, num_fit: int = 8) -> dict[str, lis
         for row, variant in ROWS.items():
             image = read_volume(pipeline.bprime_dir(variant) / f"{stem}_image.nii.gz")[0]
             values.setdefault(f"tumor contrast in {row} B'", []).append(_tumor_contrast(image, mask))
+            values.setdefault(f"tumor texture (high-pass sd) in {row} B'", []).append(_tumor_texture(image, mask))
+            values.setdefault(f"cleft contrast in {row} B'", []).append(_cleft_contrast(image, mask))
     for name, native in pipeline.data.validation_images():
         image, grid_affine = read_volume(pipeline.grid_validation(name))
         truth, affine = read_volume(pipeline.data.truth(name))
@@ -379,6 +383,10 @@ def _diagnostics(pipeline, pix2pix_seed: int, num_fit: int = 8) -> dict[str, lis
         if mask.any():
             values.setdefault("tumor contrast in real hrT2 (validation scans, working grid)", []).append(
                 _tumor_contrast(image, mask))
+            values.setdefault("tumor texture (high-pass sd) in real hrT2 (validation scans, working grid)",
+                              []).append(_tumor_texture(image, mask))
+            values.setdefault("cleft contrast in real hrT2 (validation scans, working grid)", []).append(
+                _cleft_contrast(image, mask))
     for row in ("ours", "naive"):
         variant = ROWS[row]
         model = Pix2Pix.load(variants.pix2pix_seeded_dir(pipeline, variant, pix2pix_seed) / MODEL_NAME)
@@ -406,6 +414,34 @@ def _tumor_contrast(image: np.ndarray, mask: np.ndarray) -> float:
     ring = ndimage.binary_dilation(mask, plane, iterations=3) & ~ndimage.binary_dilation(mask, plane, iterations=1)
     low, high = np.percentile(image, (0.5, 99.5))
     return float((image[mask].mean() - image[ring].mean()) / max(high - low, 1e-6))
+
+
+def _tumor_texture(image: np.ndarray, mask: np.ndarray) -> float:
+    """Sd of the in-plane high-pass (x - G_1.5 * x) inside the tumor eroded by 1 voxel in-plane,
+    / robust range (NaN for a tumor too thin to erode)."""
+    from scipy import ndimage
+
+    plane = np.zeros((3, 3, 3), bool)
+    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    inner = ndimage.binary_erosion(mask, plane)
+    if inner.sum() < 4:
+        return float("nan")
+    image = image.astype(np.float64)
+    low, high = np.percentile(image, (0.5, 99.5))
+    return float(np.std((image - ndimage.gaussian_filter(image, (1.5, 1.5, 0)))[inner]) / max(high - low, 1e-6))
+
+
+def _cleft_contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    """(mean of the first in-plane voxel ring outside the tumor - mean of the ring 3-5 voxels
+    out) / robust range: > 0 where the tumor is outlined by a bright cleft, as in hrT2."""
+    from scipy import ndimage
+
+    plane = np.zeros((3, 3, 3), bool)
+    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    grown = [ndimage.binary_dilation(mask, plane, iterations=k) for k in (1, 2, 5)]
+    first, outer = grown[0] & ~mask, grown[2] & ~grown[1]
+    low, high = np.percentile(image, (0.5, 99.5))
+    return float((image[first].mean() - image[outer].mean()) / max(high - low, 1e-6))
 
 
 def _wilcoxon(a, b) -> float:

@@ -15,13 +15,18 @@ Rows:
 ``auto -texture``     ablation: no texture injection;
 ``auto level, paste only``  ablation: the chosen level alone (no generators, no texture),
                       blended like the others;
+``auto, tumor harmonized``  ablation: the tumor's voxels taken from the pyramid
+                      (``harmonize_tumor=True``, the paper's way) instead of keeping their
+                      chosen appearance;
+``auto, no pyramid``  ablation: every step but the generators (what the pyramid adds);
 ``annotated``         the default insertion by the same model with its training slice's tumor
                       annotated (:mod:`singan_insert.insertion.annotation`), and its ablations:
                       ``-texture``, ``-level restore`` (the pyramid's pull toward the
                       surroundings kept), ``B's full spread`` / ``flat`` (the source's structure
                       at 1 x / 0 x B's spread instead of 0.5 x), ``start -1`` (the finest start
                       scale: the least re-synthesis), ``level, paste only`` (no generators, no
-                      texture, blended like the others);
+                      texture, blended like the others), ``-rim`` (without B's rim around the
+                      tumor), ``tumor harmonized`` and ``no pyramid`` (as for ``auto``);
 ``oracle``            the truth itself (sanity row: errors 0, ratios 1);
 ``paste at the true level (bound)``  the λ = 1 paste shifted to the truth's tumor mean and
                       blended: what a perfect level choice alone would give.
@@ -190,6 +195,8 @@ def main() -> None:
         add("auto -texture", no_texture.image)
         # the chosen level alone: the composite the generators receive, blended like the others
         add("auto level, paste only", blend(no_texture.composite, washed, mask, axis, spacing))
+        add("auto, tumor harmonized", run(replace(base, harmonize_tumor=True)).image)
+        add("auto, no pyramid", run(base, _ABLATE_PYRAMID=True).image)
         for start in (-2, -1):
             add(f"auto start {start}", run(replace(base, start_scale=start)).image)
         with_annotation = run(base, harmonizer=annotated)
@@ -206,6 +213,9 @@ def main() -> None:
         add("annotated, flat", run(base, harmonizer=annotated, STRUCTURE_SHRINK=0.0).image)
         add("annotated start -1", run(replace(base, start_scale=-1), harmonizer=annotated).image)
         add("annotated level, paste only", blend(plain.composite, washed, mask, axis, spacing))
+        add("annotated -rim", run(replace(base, rim=False), harmonizer=annotated).image)
+        add("annotated, tumor harmonized", run(replace(base, harmonize_tumor=True), harmonizer=annotated).image)
+        add("annotated, no pyramid", run(base, harmonizer=annotated, _ABLATE_PYRAMID=True).image)
         # Upper bound of any level chooser: the lambda = 1 paste moved to the truth's mean level.
         raw = run(replace(base, appearance="fixed", contrast=1.0))
         oracle_level = raw.composite.astype(np.float64)

@@ -18,22 +18,32 @@ For one tumor, :func:`insert_tumor`
    test volumes the result agrees with the whole-volume mapping within 1 % of the target's
    robust range for 99 % of the tumor voxels; only the few most extreme values of the tails
    (where whole-volume histogram matching follows single outlier voxels) differ by up to ~3 %;
-3. builds the composite (the target with the mapped tumor inside its mask);
+3. builds the composite (the target with the mapped tumor inside its mask); with an annotated
+   model (``rim``, default on) its surroundings get B's rim, the annotated tumor's band levels
+   0-3 mm outside it (:func:`singan_insert.insertion.annotation.render_rim`), before the pyramid
+   sees it: shown a bare blob, the generators paint a CSF cleft of their own inside the mask's
+   edge;
 4. cuts every slice that intersects the tumor along ``axis`` (default: the through-plane axis,
    the one with the largest voxel size) out of a crop that extends ``context_mm`` beyond the
    tumor in the slice plane, and harmonizes all of them in ONE batched
    :meth:`~singan_insert.harmonizer.model.Harmonizer.harmonize` call with the same noise field for
    every slice (``shared_noise=True``: neighbouring slices, whose composites differ little,
    receive the same noise, so no stripes appear in the through-plane view), normalised with
-   the whole volume's percentiles;
-5. with an annotated model (``rim``, default on), gives the tumor's surroundings B's rim, the
-   annotated tumor's band levels 0-3 mm outside it (:func:`singan_insert.insertion.annotation.render_rim`);
-   with ``texture`` (default with ``appearance="auto"``), adds seeded noise inside the tumor
-   up to the high-pass energy of B's tissue around it (the pyramid's own noise is too weak to
-   texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
+   the whole volume's percentiles. With ``appearance="auto"`` the tumor's own voxels then keep
+   their chosen appearance (``harmonize_tumor=False``): the pyramid's output is kept where the
+   blend reaches beyond the mask, the tumor's edge and surroundings. On the crossMoDA
+   simulation, the pyramid's output inside the tumor had 2.4x the high-pass energy of B's
+   tumors (mostly that misplaced cleft) and cost Dice downstream (``benchmarks/bench_pipeline.py``,
+   row ``ours_tumor_harmonized``). ``appearance="fixed"`` (the paper's method) harmonizes the
+   tumor too;
+5. with an annotated model, brings the tumor back to the annotated level and each rim band back
+   to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
+   seeded noise inside the tumor up to B's high-pass energy (the pyramid's own noise is too weak
+   to texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
 6. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
    them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor, and
-   beyond the annotated rim's 3 mm when ``rim`` is on, are left bit-identical) and writes ``label_value`` into a copy of the label map.
+   beyond the annotated rim's 3 mm when ``rim`` is on, are left bit-identical) and writes
+   ``label_value`` into a copy of the label map.
 
 Overlap with existing labels (``overlap``):
 
