@@ -233,6 +233,8 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
     with_rim = insert_tumor(target, subject.affine_b, source, annotated_model, InsertionParameters(seed=0))
     without = insert_tumor(target, subject.affine_b, source, annotated_model, InsertionParameters(seed=0, rim=False))
     assert with_rim.record["parameters"]["rim"] is True and without.record["parameters"]["rim"] is False
+    # With B's own look from the annotation, the tumor keeps it through harmonization.
+    assert with_rim.record["parameters"]["harmonize_tumor"] is False
     normalization = PercentileNormalization.fit(intensity_quantiles(target))
     profile = TumorProfile.of(annotated_model, 2.0)
     slices = sorted(set(np.nonzero(with_rim.mask)[2]))
@@ -256,6 +258,7 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
     with pytest.warns(UserWarning, match="rim=True has no effect"):
         result = insert_tumor(target, subject.affine_b, source, plain, InsertionParameters(seed=0, rim=True))
     assert result.record["parameters"]["rim"] is False
+    assert result.record["parameters"]["harmonize_tumor"] is True  # without it, harmonized as before
     old = {k: v for k, v in with_rim.record["parameters"].items() if k != "rim"}
     assert InsertionParameters.from_dict(old).rim is None
 

@@ -29,13 +29,13 @@ For one tumor, :func:`insert_tumor`
    :meth:`~singan_insert.harmonizer.model.Harmonizer.harmonize` call with the same noise field for
    every slice (``shared_noise=True``: neighbouring slices, whose composites differ little,
    receive the same noise, so no stripes appear in the through-plane view), normalised with
-   the whole volume's percentiles. With ``appearance="auto"`` the tumor's own voxels then keep
-   their chosen appearance (``harmonize_tumor=False``): the pyramid's output is kept where the
+   the whole volume's percentiles. With an annotated model the tumor's own voxels then keep
+   their appearance, B's (``harmonize_tumor=False``): the pyramid's output is kept where the
    blend reaches beyond the mask, the tumor's edge and surroundings. On the crossMoDA
-   simulation, the pyramid's output inside the tumor had 2.4x the high-pass energy of B's
-   tumors (mostly that misplaced cleft) and cost Dice downstream (``benchmarks/bench_pipeline.py``,
-   row ``ours_tumor_harmonized``). ``appearance="fixed"`` (the paper's method) harmonizes the
-   tumor too;
+   simulation the pyramid's output inside the tumor had twice the high-pass energy of real
+   hrT2 tumors and cost Dice downstream (``benchmarks/bench_pipeline.py``, row
+   ``ours_tumor_harmonized`` and the texture diagnostics). Without an annotation, and with
+   ``appearance="fixed"`` (the paper's method), the tumor is harmonized too;
 5. with an annotated model, brings the tumor back to the annotated level and each rim band back
    to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
    seeded noise inside the tumor up to B's high-pass energy (the pyramid's own noise is too weak
@@ -158,8 +158,9 @@ class InsertionParameters:
             Without an annotation there is no rim to copy and this has no effect.
         harmonize_tumor: whether the tumor's own voxels take the pyramid's output (the paper's
             method) or keep the appearance chosen for them, the pyramid then harmonizing the
-            blend beyond the mask (the tumor's edge and surroundings); ``None``: kept with
-            ``appearance="auto"``, harmonized with ``"fixed"``.
+            blend beyond the mask (the tumor's edge and surroundings); ``None``: kept when the
+            tumor's look comes from the model's annotation (level, spread, texture and rim of a
+            real B tumor), harmonized otherwise (``"fixed"``, or ``"auto"`` without annotation).
     """
 
     placement: Placement | None = None
@@ -432,7 +433,10 @@ def insert_tumor(
         warnings.warn("rim=True has no effect: the model's training slice has no tumor annotation "
                       "(Harmonizer.annotate) or the appearance is not 'auto'.", stacklevel=2)
     rim = (profile is not None) if params.rim is None else (params.rim and profile is not None)
-    harmonize_tumor = (appearance == "fixed") if params.harmonize_tumor is None else params.harmonize_tumor
+    # Default: kept where the appearance is B's own (annotated); without an annotation the
+    # pyramid's pull still corrects a realism-chosen level (bench_quality: W1 and seam worse when
+    # kept, and no gain downstream, bench_pipeline's ours_unannotated, one-off runs 2026-12-02).
+    harmonize_tumor = (profile is None) if params.harmonize_tumor is None else params.harmonize_tumor
     resolved = replace(resolved, rim=rim, harmonize_tumor=harmonize_tumor)
     if rim:
         # The pyramid is shown the tumor with B's rim: shown a bare blob, it paints a cleft of
