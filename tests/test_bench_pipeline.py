@@ -114,6 +114,8 @@ def test_training_label_annotates_the_harmonizer_and_unannotated_replays_without
     for path in written:
         record = json.loads(path.with_name(path.name.replace("_image.nii.gz", ".json")).read_text())
         assert record["variant"] == "unannotated" and record["appearance"]["by"] == "realism"
+        # the unannotated model's own defaults, not the annotated twin's resolved choices
+        assert record["parameters"]["rim"] is False and record["parameters"]["harmonize_tumor"] is True
         image, label = read_volume(path)[0], read_volume(path.with_name(path.name.replace("_image", "_label")))[0]
         twin = read_volume(inserted.bprime_dir("harmonized") / path.name)[0]
         assert not np.allclose(image[label == 1], twin[label == 1])  # the annotation changed the tumor

@@ -281,8 +281,8 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, p
             target, affine = read_volume(case["target"])
             source = SourceTumor.from_files(case["source_image"], case["source_label"], label_value=TUMOR_LABEL)
             parameters = replace(InsertionParameters.from_dict(record["parameters"]), **overrides)
-            if not annotated:  # no annotation, no rim: leave it to the default instead of asking in vain
-                parameters = replace(parameters, rim=None)
+            if not annotated:  # what the annotation decided is left to the unannotated model's defaults
+                parameters = replace(parameters, **{"rim": None, "harmonize_tumor": None, **overrides})
             saved, insertion._ABLATE_PYRAMID = insertion._ABLATE_PYRAMID, not pyramid
             try:
                 result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
