@@ -93,7 +93,9 @@ def main(argv=None) -> None:
                         help="pix2pix seeds, each a full set of rows (default 0 1)")
     parser.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "singan-insert-bench-pipeline"),
                         help="work folder (re-runs resume from it)")
-    parser.add_argument("--fresh", action="store_true", help="delete the work folder first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the work folder first (needed after a change of the library's code: "
+                             "the resume checks inputs, not code)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--quick", action="store_true",
                         help="short schedules (plumbing check only; the numbers mean nothing)")

@@ -46,7 +46,9 @@ pix2pix on any variant with any seed (``<work>/pix2pix/<variant>_seed<s>/``), an
 is already written, as the workflow does, unless its inputs changed: every variant record
 stores the checksum of its harmonized twin's record, every seeded pix2pix folder that of its
 B' variant (``inputs.json``), every seeded prediction folder that of its pix2pix model; what
-no longer matches is made again (a stale output is never silently reused).
+no longer matches is made again. What these checksums cannot see is a change of the library's
+own code between two runs: after an upgrade, delete the variant folders (or run the benchmark
+with ``--fresh``).
 """
 
 from __future__ import annotations
