@@ -407,13 +407,24 @@ def _diagnostics(pipeline, pix2pix_seed: int, num_fit: int = 8) -> dict[str, lis
     return values
 
 
-def _tumor_contrast(image: np.ndarray, mask: np.ndarray) -> float:
-    """(mean inside the tumor - mean of an in-plane ring 2-3 voxels outside) / robust range."""
+def _in_plane_cross() -> np.ndarray:
+    """4-connected structuring element within the slices (the last axis is through-plane)."""
     from scipy import ndimage
 
     plane = np.zeros((3, 3, 3), bool)
     plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    ring = ndimage.binary_dilation(mask, plane, iterations=3) & ~ndimage.binary_dilation(mask, plane, iterations=1)
+    return plane
+
+
+_IN_PLANE = _in_plane_cross()
+
+
+def _tumor_contrast(image: np.ndarray, mask: np.ndarray) -> float:
+    """(mean inside the tumor - mean of an in-plane ring 2-3 voxels outside) / robust range."""
+    from scipy import ndimage
+
+    ring = ndimage.binary_dilation(mask, _IN_PLANE, iterations=3) & \
+        ~ndimage.binary_dilation(mask, _IN_PLANE, iterations=1)
     low, high = np.percentile(image, (0.5, 99.5))
     return float((image[mask].mean() - image[ring].mean()) / max(high - low, 1e-6))
 
@@ -423,9 +434,7 @@ def _tumor_texture(image: np.ndarray, mask: np.ndarray) -> float:
     / robust range (NaN for a tumor too thin to erode)."""
     from scipy import ndimage
 
-    plane = np.zeros((3, 3, 3), bool)
-    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    inner = ndimage.binary_erosion(mask, plane)
+    inner = ndimage.binary_erosion(mask, _IN_PLANE)
     if inner.sum() < 4:
         return float("nan")
     image = image.astype(np.float64)
@@ -438,9 +447,7 @@ def _cleft_contrast(image: np.ndarray, mask: np.ndarray) -> float:
     out) / robust range: > 0 where the tumor is outlined by a bright cleft, as in hrT2."""
     from scipy import ndimage
 
-    plane = np.zeros((3, 3, 3), bool)
-    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    grown = [ndimage.binary_dilation(mask, plane, iterations=k) for k in (1, 2, 5)]
+    grown = [ndimage.binary_dilation(mask, _IN_PLANE, iterations=k) for k in (1, 2, 5)]
     first, outer = grown[0] & ~mask, grown[2] & ~grown[1]
     low, high = np.percentile(image, (0.5, 99.5))
     return float((image[first].mean() - image[outer].mean()) / max(high - low, 1e-6))

@@ -124,7 +124,8 @@ def rim_profile(slices: np.ndarray, mask: np.ndarray, spacing: tuple[float, floa
 
 def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, float],
                rim_levels: tuple[float, ...], normalization: Any,
-               edges_mm: tuple[float, ...] = RIM_EDGES_MM) -> tuple[np.ndarray, dict[str, Any]]:
+               edges_mm: tuple[float, ...] = RIM_EDGES_MM,
+               distance: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Give the surroundings of a new tumor B's rim: the annotated tumor's band levels.
 
     The pasted tumor brings no surroundings of its own, and the target's are those of a place
@@ -148,6 +149,8 @@ def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
         rim_levels: :attr:`TumorProfile.rim_levels` (model units; NaN bands are skipped).
         normalization: the target's :class:`~singan_insert.harmonizer.normalization.PercentileNormalization`.
         edges_mm: band edges (mm), increasing from 0.
+        distance: :func:`~singan_insert.insertion.appearance.inplane_distance` of ``mask``, when
+            the caller has it already.
 
     Returns:
         The new slices and a record (band levels before and after, target units, and the shift).
@@ -160,7 +163,7 @@ def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     if len(rim_levels) != len(edges) - 1:
         raise SinganInsertError(f"{len(rim_levels)} rim levels for {len(edges) - 1} bands: the annotation "
                                 "profile and the band edges disagree.")
-    distance = inplane_distance(mask, spacing)
+    distance = inplane_distance(mask, spacing) if distance is None else distance
     targets = normalization.from_model(torch.tensor(np.asarray(rim_levels, np.float64))).numpy()
     before = rim_profile(harmonized, mask, spacing, edges_mm, distance)
     offsets = np.where(np.isfinite(targets) & np.isfinite(before), targets - before, 0.0)
@@ -168,7 +171,8 @@ def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, f
     inside_bands = (band >= 0) & (band < len(offsets))
     field = np.where(inside_bands, offsets[np.clip(band, 0, len(offsets) - 1)], 0.0)
     out = (harmonized + field).astype(harmonized.dtype)
-    after = rim_profile(out, mask, spacing, edges_mm, distance)
+    after = before + offsets  # every pixel of a band moved by its offset
+
     def listed(values):  # JSON has no NaN
         return [round(float(v), 5) if np.isfinite(v) else None for v in values]
 

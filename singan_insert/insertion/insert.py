@@ -75,11 +75,11 @@ from singan_insert.insertion.appearance import (
     DEFAULT_VISIBILITY_FLOOR,
     PatchBank,
     TextureBank,
+    inplane_distance,
     partial_volume,
     choose_level,
     inject_texture,
     masked_lowpass,
-    ring,
     scoring_slices,
 )
 from singan_insert.insertion.annotation import STRUCTURE_SIGMA_PX, TumorProfile, interior_spread, render_rim
@@ -397,7 +397,9 @@ def insert_tumor(
     crop_mask = np.moveaxis(full_mask[crop], axis, 0)[slice_indices]
     plane_axes = [a for a in range(3) if a != axis]
     plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
-    shell = ring(crop_mask, plane_spacing, SHELL_MM)
+    # One distance transform per insertion: the shell and both rim renders use it.
+    distance = inplane_distance(crop_mask, plane_spacing)
+    shell = (distance > 0) & (distance <= SHELL_MM)
     box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
     appearance_record: dict[str, Any] = {"mode": appearance}
 
@@ -441,7 +443,8 @@ def insert_tumor(
     if rim:
         # The pyramid is shown the tumor with B's rim: shown a bare blob, it paints a cleft of
         # its own INSIDE the mask's edge (see render_rim).
-        composite, _ = render_rim(composite, crop_mask, plane_spacing, profile.rim_levels, normalization)
+        composite, _ = render_rim(composite, crop_mask, plane_spacing, profile.rim_levels, normalization,
+                                  distance=distance)
     try:
         harmonized = composite.copy() if _ABLATE_PYRAMID else harmonizer.harmonize(
             background, composite, crop_mask.astype(np.float32), start_scale,
@@ -468,7 +471,7 @@ def insert_tumor(
         appearance_record["level_restored_by"] = shift
     if rim:  # again: the pyramid moves the bands' levels too
         harmonized, appearance_record["rim"] = render_rim(harmonized, crop_mask, plane_spacing, profile.rim_levels,
-                                                          normalization)
+                                                          normalization, distance=distance)
     if texture:
         target_std = None
         width, texture_sigma = None, 1.0

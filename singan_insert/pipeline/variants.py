@@ -123,7 +123,8 @@ def _outputs(pipeline: CrossModaPipeline, variant: str, record: Path) -> dict[st
     stem = record.name[:-len(".json")]
     folder = pipeline.bprime_dir(variant)
     return {"image": folder / f"{stem}_image{_NIFTI}", "label": folder / f"{stem}_label{_NIFTI}",
-            "record": folder / f"{stem}.json", "twin_label": record.with_name(f"{stem}_label{_NIFTI}")}
+            "record": folder / f"{stem}.json", "twin_label": record.with_name(f"{stem}_label{_NIFTI}"),
+            "twin_record": record}
 
 
 def _write(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, affine: np.ndarray, record: dict) -> None:
@@ -131,10 +132,9 @@ def _write(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, affine:
 
     write_volume(paths["image"], image.astype(np.float32), affine)
     write_volume(paths["label"], label, affine)
-    twin = paths["twin_label"].with_name(paths["record"].name)
     # The record last: it marks the case done, with the checksum of the twin it was made from.
-    atomic_write_bytes(paths["record"], json.dumps({**record, "twin_checksum": _digest([twin])}, indent=2,
-                                                   default=str).encode())
+    atomic_write_bytes(paths["record"], json.dumps({**record, "twin_checksum": _digest([paths["twin_record"]])},
+                                                   indent=2, default=str).encode())
 
 
 def _digest(files: Sequence[Path]) -> str:
@@ -303,9 +303,8 @@ def pix2pix_seeded_dir(pipeline: CrossModaPipeline, variant: str, seed: int) -> 
 
 def train_pix2pix_seeded(pipeline: CrossModaPipeline, variant: str, seed: int):
     """pix2pix :math:`B' \\to A` on ``variant``'s pairs, the pipeline's settings but ``seed``."""
-    from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix, train_pix2pix
-
     from singan_insert.io import atomic_write_bytes
+    from singan_insert.stages.pix2pix import MODEL_NAME, Pix2Pix, train_pix2pix
 
     _check_variant(variant)
     folder = pix2pix_seeded_dir(pipeline, variant, seed)
