@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,15 @@ from singan_insert.evaluation.experiments import training_slice_from_subject
 from singan_insert.harmonizer.model_file import load_tensors, save_tensors
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.harmonizer.training import TrainingHealthWarning
-from singan_insert.insertion.annotation import RIM_EDGES_MM, TumorProfile, interior_spread, render_rim
+from singan_insert.insertion.annotation import (
+    RIM_EDGES_MM,
+    RIM_SCALE_RANGE,
+    TumorProfile,
+    equivalent_radius_mm,
+    interior_spread,
+    render_rim,
+    rim_scale,
+)
 from singan_insert.insertion.appearance import inplane_distance
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.placement import SourceTumor, intensity_quantiles
@@ -240,7 +249,13 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
     slices = sorted(set(np.nonzero(with_rim.mask)[2]))
     mask = np.moveaxis(with_rim.mask, 2, 0)[slices]
     distance = inplane_distance(mask, subject.spacing_b[:2])
-    for b, (low, high) in enumerate(zip(RIM_EDGES_MM[:-1], RIM_EDGES_MM[1:])):
+    # The rim's widths follow the new tumor's size over the annotated one's (here another subject's).
+    scale = with_rim.record["parameters"]["rim_scale"]
+    assert scale == pytest.approx(np.clip(equivalent_radius_mm(mask, subject.spacing_b[:2]) / profile.radius_mm,
+                                          *RIM_SCALE_RANGE))
+    assert scale != pytest.approx(1.0, abs=0.05)  # the case tests the scaling, not the identity
+    edges = np.asarray(RIM_EDGES_MM) * scale
+    for b, (low, high) in enumerate(zip(edges[:-1], edges[1:])):
         band = (distance > low) & (distance <= high)
         got = float(normalization.to_model(torch.tensor(np.moveaxis(with_rim.image, 2, 0)[slices][band])).mean())
         before = float(normalization.to_model(torch.tensor(np.moveaxis(without.image, 2, 0)[slices][band])).mean())
@@ -249,7 +264,8 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
             assert profile.rim_levels[0] > before + 0.2
     # Inside the tumor, and far from it, the rim changes nothing.
     far = np.ones(target.shape, bool)
-    margin = [int(np.ceil(3.5 / size)) for size in subject.spacing_b]  # past the rim's 3 mm
+    reach = max(RIM_EDGES_MM[-1] * scale, 1.0 + 2.0) + 0.5  # past the rim and the blend (dilation + feather)
+    margin = [int(np.ceil(reach / size)) for size in subject.spacing_b]
     far[tuple(slice(max(s.start - m, 0), s.stop + m) for s, m in zip(_box(with_rim.mask), margin))] = False
     assert np.array_equal(with_rim.image[with_rim.mask], without.image[with_rim.mask])
     assert np.array_equal(with_rim.image[far], without.image[far])
@@ -259,8 +275,36 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
         result = insert_tumor(target, subject.affine_b, source, plain, InsertionParameters(seed=0, rim=True))
     assert result.record["parameters"]["rim"] is False
     assert result.record["parameters"]["harmonize_tumor"] is True  # without it, harmonized as before
-    old = {k: v for k, v in with_rim.record["parameters"].items() if k != "rim"}
+    old = {k: v for k, v in with_rim.record["parameters"].items() if k not in ("rim", "rim_scale")}
     assert InsertionParameters.from_dict(old).rim is None
+    # A record made before the rim followed the tumor's size replays with the widths it had.
+    fixed_widths = {k: v for k, v in with_rim.record["parameters"].items() if k != "rim_scale"}
+    assert InsertionParameters.from_dict(fixed_widths).rim_scale == 1.0
+    replayed = insert_tumor(target, subject.affine_b, source, annotated_model,
+                            InsertionParameters.from_dict(with_rim.record["parameters"]))
+    assert np.array_equal(replayed.image, with_rim.image)
+
+
+def test_rim_scale_follows_the_tumor_size():
+    profile = TumorProfile(0.0, 0.0, 0.0, 0.0, 0.0, 1, rim_levels=(0.5, 0.1, 0.0), radius_mm=4.0)
+    spacing = (0.5, 0.5)
+    yy, xx = np.mgrid[:80, :80]
+
+    def disc(radius_mm):
+        return ((yy - 40) ** 2 + (xx - 40) ** 2 <= (radius_mm / spacing[0]) ** 2)[None]
+
+    assert equivalent_radius_mm(disc(6.0), spacing) == pytest.approx(6.0, rel=0.03)
+    assert rim_scale(profile, disc(6.0), spacing) == pytest.approx(1.5, rel=0.03)
+    assert rim_scale(profile, disc(4.0), spacing) == pytest.approx(1.0, rel=0.03)
+    # One tumor, one scale: its small end slices are cuts of the same tumor.
+    stack = np.concatenate([disc(1.0), disc(6.0), disc(2.0)])
+    assert rim_scale(profile, stack, spacing) == pytest.approx(1.5, rel=0.03)
+    assert rim_scale(profile, disc(0.5), spacing) == RIM_SCALE_RANGE[0]
+    assert rim_scale(profile, disc(15.0), spacing) == RIM_SCALE_RANGE[1]
+    assert rim_scale(replace(profile, radius_mm=0.0), disc(6.0), spacing) == 1.0
+    for bad in (0, -1.0, float("nan"), True, "2"):
+        with pytest.raises(SinganInsertError, match="rim_scale"):
+            InsertionParameters(rim_scale=bad)
 
 
 def _box(mask):

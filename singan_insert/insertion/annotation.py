@@ -50,6 +50,8 @@ MAX_EROSION_PX = 2
 #: Edges (mm, in-plane distance outside the tumor) of the bands of B's rim profile: the 1-3 mm
 #: around a tumor that B shows (in hrT2, the CSF cleft of the cistern the tumor has widened).
 RIM_EDGES_MM = (0.0, 1.0, 2.0, 3.0)
+#: The rim's widths follow the tumor's size (:func:`rim_scale`) within this factor either way.
+RIM_SCALE_RANGE = (0.5, 2.0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class TumorProfile:
     tumor_pixels: int
     texture_width_px: float = 0.0
     rim_levels: tuple[float, ...] = ()
+    radius_mm: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -91,7 +94,7 @@ class TumorProfile:
         width = correlation_width(rest, _interior(mask[None]), 1, 2)
         rim = tuple(float(v) for v in rim_profile(image[None], mask[None], spacing or (1.0, 1.0)))
         return cls(tumor_mean - shell_mean, structure, texture, tumor_mean, shell_mean, int(mask.sum()), width,
-                   rim)
+                   rim, equivalent_radius_mm(mask[None], spacing or (1.0, 1.0)))
 
     @classmethod
     def of(cls, harmonizer: Any, shell_mm: float) -> "TumorProfile | None":
@@ -120,6 +123,34 @@ def rim_profile(slices: np.ndarray, mask: np.ndarray, spacing: tuple[float, floa
         band = (distance > low) & (distance <= high)
         means.append(float(slices[band].mean()) if band.any() else float("nan"))
     return np.array(means)
+
+
+def equivalent_radius_mm(mask: np.ndarray, spacing: tuple[float, float]) -> float:
+    """Radius (mm) of the disc whose area is the largest in-plane cross-section of the ``(S, H, W)``
+    ``mask``: a tumor's size, the same on every slice of it (its end slices are small cuts of
+    the same tumor, and so of the same cistern around it)."""
+    areas = np.asarray(mask, dtype=bool).reshape(len(mask), -1).sum(axis=1)
+    return float(np.sqrt(areas.max(initial=0) * spacing[0] * spacing[1] / np.pi))
+
+
+def rim_scale(profile: "TumorProfile", mask: np.ndarray, spacing: tuple[float, float]) -> float:
+    """Factor on :data:`RIM_EDGES_MM` for a new tumor ``mask`` (``(S, H, W)``, pixel size ``spacing``):
+
+    .. math:: k = \\operatorname{clip}\\big(r / r_a,\\ 0.5,\\ 2\\big),
+
+    the new tumor's :func:`equivalent_radius_mm` :math:`r` over the annotated tumor's
+    :math:`r_a`: the rim keeps its proportions to the tumor. A schwannoma widens the cistern it
+    grows in, so a larger tumor sits in a wider CSF cleft; in the simulated hrT2 of seeds
+    200-219 the bright band reaches about 1 mm out around 3-4 mm tumors and 1.5-2 mm around
+    9-10 mm ones (``benchmarks/dev_annotation_facts.py``).
+    The clip keeps a tiny or huge tumor from getting no rim or a wide halo from one slice's
+    evidence. 1 for a profile without a radius (a model annotated by an earlier version measures
+    it again on load, so this only concerns hand-made profiles).
+    """
+    if profile.radius_mm <= 0:
+        return 1.0
+    low, high = RIM_SCALE_RANGE
+    return float(np.clip(equivalent_radius_mm(mask, spacing) / profile.radius_mm, low, high))
 
 
 def render_rim(harmonized: np.ndarray, mask: np.ndarray, spacing: tuple[float, float],

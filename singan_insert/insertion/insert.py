@@ -20,7 +20,8 @@ For one tumor, :func:`insert_tumor`
    (where whole-volume histogram matching follows single outlier voxels) differ by up to ~3 %;
 3. builds the composite (the target with the mapped tumor inside its mask); with an annotated
    model (``rim``, default on) its surroundings get B's rim, the annotated tumor's band levels
-   0-3 mm outside it (:func:`singan_insert.insertion.annotation.render_rim`), before the pyramid
+   0-3 mm outside it, widths scaled by the tumor's size over the annotated one's
+   (:func:`singan_insert.insertion.annotation.render_rim`, :func:`~singan_insert.insertion.annotation.rim_scale`), before the pyramid
    sees it: shown a bare blob, the generators paint a CSF cleft of their own inside the mask's
    edge;
 4. cuts every slice that intersects the tumor along ``axis`` (default: the through-plane axis,
@@ -42,7 +43,7 @@ For one tumor, :func:`insert_tumor`
    to texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
 6. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
    them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor, and
-   beyond the annotated rim's 3 mm when ``rim`` is on, are left bit-identical) and writes
+   beyond the rim's 3 mm x ``rim_scale`` when ``rim`` is on, are left bit-identical) and writes
    ``label_value`` into a copy of the label map.
 
 Overlap with existing labels (``overlap``):
@@ -82,7 +83,14 @@ from singan_insert.insertion.appearance import (
     masked_lowpass,
     scoring_slices,
 )
-from singan_insert.insertion.annotation import STRUCTURE_SIGMA_PX, TumorProfile, interior_spread, render_rim
+from singan_insert.insertion.annotation import (
+    RIM_EDGES_MM,
+    STRUCTURE_SIGMA_PX,
+    TumorProfile,
+    interior_spread,
+    render_rim,
+    rim_scale,
+)
 from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
@@ -156,6 +164,10 @@ class InsertionParameters:
             :data:`~singan_insert.insertion.annotation.RIM_EDGES_MM` outside it (see
             :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with ``appearance="auto"`` and an annotated model.
             Without an annotation there is no rim to copy and this has no effect.
+        rim_scale: factor on the rim's band widths; ``None``: the new tumor's size over the
+            annotated tumor's (:func:`~singan_insert.insertion.annotation.rim_scale`, in
+            [0.5, 2]), so that the rim keeps its proportions to the tumor; 1 keeps the annotated
+            widths in mm. The resolved factor is recorded.
         harmonize_tumor: whether the tumor's own voxels take the pyramid's output (the paper's
             method) or keep the appearance chosen for them, the pyramid then harmonizing the
             blend beyond the mask (the tumor's edge and surroundings); ``None``: kept when the
@@ -181,6 +193,7 @@ class InsertionParameters:
     visibility_floor: float = DEFAULT_VISIBILITY_FLOOR
     texture: bool | None = None
     rim: bool | None = None
+    rim_scale: float | None = None
     harmonize_tumor: bool | None = None
 
     def __post_init__(self) -> None:
@@ -193,6 +206,10 @@ class InsertionParameters:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise SinganInsertError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
         check_intensity_mode(self.intensity_mode)
+        if self.rim_scale is not None and not (isinstance(self.rim_scale, (int, float))
+                                               and not isinstance(self.rim_scale, bool)
+                                               and np.isfinite(self.rim_scale) and self.rim_scale > 0):
+            raise SinganInsertError(f"rim_scale must be a positive number or None, got {self.rim_scale!r}.")
         # Numbers: the checks the samplers use (NaN, booleans, fractions and overflows refused).
         from singan_insert.insertion import sampling
 
@@ -228,6 +245,8 @@ class InsertionParameters:
         data = dict(data)
         if data.get("placement") is not None:
             data["placement"] = Placement.from_dict(data["placement"])
+        if "rim" in data and "rim_scale" not in data:
+            data["rim_scale"] = 1.0  # recorded before the rim followed the tumor's size: replay as made
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise SinganInsertError(f"Unknown insertion parameters {sorted(unknown)}.")
@@ -439,12 +458,16 @@ def insert_tumor(
     # pyramid's pull still corrects a realism-chosen level (bench_quality: W1 and seam worse when
     # kept, and no gain downstream, bench_pipeline's ours_unannotated, one-off runs 2026-12-02).
     harmonize_tumor = (profile is None) if params.harmonize_tumor is None else params.harmonize_tumor
-    resolved = replace(resolved, rim=rim, harmonize_tumor=harmonize_tumor)
+    scale = params.rim_scale
+    if rim and scale is None:
+        scale = rim_scale(profile, crop_mask, plane_spacing)
+    resolved = replace(resolved, rim=rim, rim_scale=scale, harmonize_tumor=harmonize_tumor)
+    rim_edges = tuple(float(e) * scale for e in RIM_EDGES_MM) if rim else RIM_EDGES_MM
     if rim:
         # The pyramid is shown the tumor with B's rim: shown a bare blob, it paints a cleft of
         # its own INSIDE the mask's edge (see render_rim).
         composite, _ = render_rim(composite, crop_mask, plane_spacing, profile.rim_levels, normalization,
-                                  distance=distance)
+                                  rim_edges, distance)
     try:
         harmonized = composite.copy() if _ABLATE_PYRAMID else harmonizer.harmonize(
             background, composite, crop_mask.astype(np.float32), start_scale,
@@ -471,7 +494,7 @@ def insert_tumor(
         appearance_record["level_restored_by"] = shift
     if rim:  # again: the pyramid moves the bands' levels too
         harmonized, appearance_record["rim"] = render_rim(harmonized, crop_mask, plane_spacing, profile.rim_levels,
-                                                          normalization, distance=distance)
+                                                          normalization, rim_edges, distance)
     if texture:
         target_std = None
         width, texture_sigma = None, 1.0

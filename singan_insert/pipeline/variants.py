@@ -28,6 +28,10 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     the harmonized twin's insertion replayed without B's annotated rim (``rim=False``,
     :func:`~singan_insert.insertion.annotation.render_rim`): what the rim adds downstream.
     Identical to ``harmonized`` when the model has no annotation.
+``fixed_rim``
+    the harmonized twin's insertion replayed with the annotated rim's widths in mm
+    (``rim_scale=1``) instead of widths that follow the tumor's size
+    (:func:`~singan_insert.insertion.annotation.rim_scale`): what the scaling adds downstream.
 ``no_pyramid``
     the harmonized twin's insertion replayed without the generators (every other step, the
     level, the rim and the texture, kept): what the pyramid itself adds.
@@ -83,13 +87,14 @@ __all__ = [
     "write_oracle_bprime",
     "write_narrow_blend_bprime",
     "write_no_pyramid_bprime",
+    "write_fixed_rim_bprime",
     "write_no_rim_bprime",
     "write_tumor_harmonized_bprime",
     "write_unannotated_bprime",
 ]
 
-VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "no_pyramid", "tumor_harmonized",
-            "narrow_blend")
+VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "fixed_rim", "no_pyramid",
+            "tumor_harmonized", "narrow_blend")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -220,7 +225,7 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
                                                      int(record.get("augmentation", 0))))
             parameters = replace(InsertionParameters.from_dict(record["parameters"]),
                                  contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
-                                 appearance="fixed", texture=None, rim=None, harmonize_tumor=None,
+                                 appearance="fixed", texture=None, rim=None, rim_scale=None, harmonize_tumor=None,
                                  placement=None)
             harmonizer = harmonizer or load_harmonizer(record["model_file"])
             # The translated tumor is its own source, in place: the mapping only scales its contrast.
@@ -241,6 +246,11 @@ def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
 def write_no_rim_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     """The ``no_rim`` variant of every harmonized B' (see the module docstring); image paths."""
     return _replay(pipeline, "no_rim", rim=False)
+
+
+def write_fixed_rim_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``fixed_rim`` variant of every harmonized B' (see the module docstring); image paths."""
+    return _replay(pipeline, "fixed_rim", rim_scale=1.0)
 
 
 def write_no_pyramid_bprime(pipeline: CrossModaPipeline) -> list[Path]:
@@ -284,7 +294,7 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, p
             source = SourceTumor.from_files(case["source_image"], case["source_label"], label_value=TUMOR_LABEL)
             parameters = replace(InsertionParameters.from_dict(record["parameters"]), **overrides)
             if not annotated:  # what the annotation decided is left to the unannotated model's defaults
-                parameters = replace(parameters, **{"rim": None, "harmonize_tumor": None, **overrides})
+                parameters = replace(parameters, **{"rim": None, "rim_scale": None, "harmonize_tumor": None, **overrides})
             saved, insertion._ABLATE_PYRAMID = insertion._ABLATE_PYRAMID, not pyramid
             try:
                 result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
