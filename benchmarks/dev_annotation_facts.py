@@ -14,6 +14,13 @@
    :class:`~singan_insert.insertion.annotation.TumorProfile` carries over,
    :func:`~singan_insert.insertion.annotation.render_rim`), beside the level of the tissue
    3-6 mm out: a rim that is brighter than both, from subject to subject, is B's, not the place's.
+4. Does the rim follow the tumor's size? On the same slice, the width of the bright cleft (where
+   the profile in 0.25 mm bands first falls below halfway between its first non-empty band and the 3-6 mm
+   tissue) against the tumor's equivalent radius
+   (:func:`~singan_insert.insertion.annotation.equivalent_radius_mm`); and, every subject's fine
+   profile predicted from every other subject's (the annotated one), the mean absolute error over
+   0-3 mm with the annotated widths in mm and with widths scaled by the radius ratio
+   (:func:`~singan_insert.insertion.annotation.rim_scale`).
 
     OMP_NUM_THREADS=1 python benchmarks/dev_annotation_facts.py [--first-seed 200 --subjects 20]
 """
@@ -29,6 +36,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from _common import machine, write_results  # noqa: E402
 
 
+#: 0.25 mm bands out to 3 mm, for the cleft's width and the rim transfer.
+FINE_EDGES_MM = tuple(0.25 * i for i in range(13))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--first-seed", type=int, default=200)
@@ -41,7 +52,8 @@ def main(argv=None) -> None:
 
     from singan_insert.datasets.phantom import simulate_subject
     from singan_insert.harmonizer.normalization import PercentileNormalization
-    from singan_insert.insertion.annotation import RIM_EDGES_MM, TumorProfile, rim_profile
+    from singan_insert.insertion.annotation import (RIM_EDGES_MM, RIM_SCALE_RANGE, TumorProfile,
+                                                    equivalent_radius_mm, rim_profile)
     from singan_insert.insertion.placement import intensity_quantiles
 
     rows = []
@@ -58,9 +70,15 @@ def main(argv=None) -> None:
         low_a, low_b = (gaussian_filter(np.asarray(v, np.float64), (1.5, 1.5, 0)) for v in (source, subject.image_b))
         correlation = float(np.corrcoef(low_a[inner], low_b[inner])[0, 1]) if inner.sum() > 2 else float("nan")
         beyond = float(rim_profile(image[None], tumor[None, :, :, k], subject.spacing_b[:2], (3.0, 6.0))[0])
+        fine = rim_profile(image[None], tumor[None, :, :, k], subject.spacing_b[:2], FINE_EDGES_MM)
+        first = fine[np.isfinite(fine)][0]  # bands finer than a pixel may hold none
+        below = np.nonzero(fine < (first + beyond) / 2)[0]
+        width = float(FINE_EDGES_MM[below[0]]) if below.size else float("nan")
         rows.append({"seed": seed, "level": profile.tumor_mean, "contrast_to_ring": profile.contrast,
                      "lowpass_correlation_a_b": correlation, "cysts": int(len(subject.tumor.cyst_radii_mm)),
-                     "rim_levels": list(profile.rim_levels), "level_3_6mm": beyond})
+                     "rim_levels": list(profile.rim_levels), "level_3_6mm": beyond,
+                     "radius_mm": equivalent_radius_mm(tumor[None, :, :, k], subject.spacing_b[:2]),
+                     "cleft_width_mm": width, "fine_rim": fine.tolist()})
     levels = np.array([r["level"] for r in rows])
     contrasts = np.array([r["contrast_to_ring"] for r in rows])
     solid = [r["lowpass_correlation_a_b"] for r in rows if r["cysts"] == 0]
@@ -80,12 +98,34 @@ def main(argv=None) -> None:
               f"{rims[:, i].max():+.3f} |" for i, band in enumerate(bands)]
     lines += ["", f"First band brighter than the 3-6 mm tissue in {int(np.sum(rims[:, 0] > rims[:, -1]))}/{len(rows)} "
               "subjects."]
+    radii = np.array([r["radius_mm"] for r in rows])
+    widths = np.array([r["cleft_width_mm"] for r in rows])
+    centres = (np.asarray(FINE_EDGES_MM[:-1]) + np.asarray(FINE_EDGES_MM[1:])) / 2
+    errors = {"fixed (mm)": [], "scaled by the radius ratio": []}
+    for a in rows:
+        for b in rows:
+            if a is b:
+                continue
+            k = float(np.clip(b["radius_mm"] / a["radius_mm"], *RIM_SCALE_RANGE))
+            for name, factor in (("fixed (mm)", 1.0), ("scaled by the radius ratio", k)):
+                predicted = np.interp(centres / factor, centres, a["fine_rim"])  # b's band at d is a's at d / k
+                errors[name].append(float(np.nanmean(np.abs(predicted - np.asarray(b["fine_rim"])))))
+    valid = np.isfinite(widths)
+    lines += ["", "Cleft width (mm) against the tumor's equivalent radius (mm):", "",
+              "| seed | radius | cleft width |", "|---|---|---|"]
+    lines += [f"| {r['seed']} | {r['radius_mm']:.1f} | {r['cleft_width_mm']:.2f} |" for r in rows]
+    lines += ["", f"Correlation of width and radius: {np.corrcoef(radii[valid], widths[valid])[0, 1]:+.2f} "
+              f"({int(valid.sum())} subjects).", "",
+              "Every subject's rim (0.25 mm bands, 0-3 mm) predicted from every other's, mean abs error "
+              "(model units):", "", "| widths | mean | median |", "|---|---|---|"]
+    lines += [f"| {name} | {np.mean(v):.3f} | {np.median(v):.3f} |" for name, v in errors.items()]
     text = "\n".join(lines)
     print(text)
     write_results(args.name, {"rows": rows, "level_sd": float(levels.std(ddof=1)),
                               "contrast_sd": float(contrasts.std(ddof=1)),
                               "rim_bands": bands, "rim_mean": rims.mean(0).tolist(),
-                              "rim_sd": rims.std(0, ddof=1).tolist()}, text)
+                              "rim_sd": rims.std(0, ddof=1).tolist(),
+                              "rim_transfer_error": {k: float(np.mean(v)) for k, v in errors.items()}}, text)
 
 
 if __name__ == "__main__":

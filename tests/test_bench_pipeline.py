@@ -133,10 +133,10 @@ def test_narrow_blend_replays_ours_with_a_narrower_blend(inserted):
     assert len(written) == len(_twins(inserted)) >= 1
     for info, fake, affine, mask, image, record in _pairs(inserted, "narrow_blend"):
         assert record["parameters"]["dilation_mm"] == 0 and record["parameters"]["feather_mm"] == 1
-        # Beyond the narrow blend's reach and the annotated rim's 3 mm, the fake hrT2 is untouched.
+        # Beyond the narrow blend's reach and the rim (3 mm x its scale), the fake hrT2 is untouched.
         weight = slice_blend_weight(mask, axis=2, spacing=spacing_from_affine(affine), dilation_mm=0.0,
                                     feather_mm=1.0)
-        far = (weight == 0) & _beyond(mask, affine, 3.0)
+        far = (weight == 0) & _beyond(mask, affine, 3.0 * record["parameters"]["rim_scale"])
         np.testing.assert_array_equal(image[far], fake[far])
 
 
@@ -150,10 +150,10 @@ def _beyond(mask, affine, mm):
 
 
 def test_ablation_variants_replay_ours_without_one_part(inserted):
-    for write in (variants.write_no_rim_bprime, variants.write_no_pyramid_bprime,
+    for write in (variants.write_no_rim_bprime, variants.write_fixed_rim_bprime, variants.write_no_pyramid_bprime,
                   variants.write_tumor_harmonized_bprime):
         assert len(write(inserted)) == len(_twins(inserted)) >= 1
-    for name in ("no_rim", "no_pyramid", "tumor_harmonized"):
+    for name in ("no_rim", "fixed_rim", "no_pyramid", "tumor_harmonized"):
         for twin_path in _twins(inserted):
             stem = twin_path.name[:-len(".json")]
             twin = json.loads(twin_path.read_text())
@@ -165,6 +165,9 @@ def test_ablation_variants_replay_ours_without_one_part(inserted):
             assert record["variant"] == name and not np.array_equal(image, ours)
             if name == "no_rim":
                 assert record["parameters"]["rim"] is False
+            if name == "fixed_rim":  # ours' rim follows the tumor's size; this one keeps the annotated mm
+                assert record["parameters"]["rim_scale"] == 1.0 != twin["parameters"]["rim_scale"]
+                np.testing.assert_array_equal(image[mask], ours[mask])
             if name == "tumor_harmonized":
                 assert record["parameters"]["harmonize_tumor"] is True
                 assert not np.allclose(image[mask], ours[mask])
