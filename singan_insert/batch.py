@@ -69,7 +69,9 @@ from singan_insert.insertion.sampling import (
 #: translations of the ceT1 scan (CycleGAN as in docs/crossmoda.md, the pipeline's, the demo's).
 TRANSLATED_SUFFIXES = ("cyclegan_hrT2", "fakehrT2", "hrT2_washed_out")
 LOCK_NAME = ".singan-insert.lock"
-FINGERPRINT_VERSION = 1
+#: Part of every output's fingerprint: raised whenever the same settings give another result
+#: (2: the annotated rim's widths follow the tumor's size), so that a resume redoes old outputs.
+FINGERPRINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class InsertSettings:
         axis: slicing axis (0, 1, 2) or ``None`` (through-plane).
         context_mm: in-plane context around the tumor, >= 0 mm.
         seed: base seed, in :math:`[0, 2^{63})`.
+        rim, rim_scale: the annotated rim (:class:`~singan_insert.insertion.insert.InsertionParameters`):
+            ``None`` for the defaults; ``rim=False`` keeps the targets' own surroundings.
         panels: also write before/after PNG panels.
         image_compression: gzip level (0-9) of the written images. Default 0: noisy float
             volumes compress by ~10 % only, and at crossMoDA size level 1 costs ~4 s of the ~7 s
@@ -127,6 +131,8 @@ class InsertSettings:
     axis: int | None = None
     context_mm: float = 20.0
     seed: int = 0
+    rim: bool | None = None
+    rim_scale: float | None = None
     panels: bool = False
     image_compression: int = 0
 
@@ -145,6 +151,9 @@ class InsertSettings:
             set_("axis", check_integer(self.axis, "axis", 0, 2))
         set_("context_mm", check_non_negative(self.context_mm, "context_mm"))
         set_("seed", check_seed(self.seed))
+        from singan_insert.insertion.insert import InsertionParameters
+
+        InsertionParameters(rim=self.rim, rim_scale=self.rim_scale)  # their checks, here, not in a worker
         set_("panels", bool(self.panels))
         set_("image_compression", check_integer(self.image_compression, "image_compression", 0, 9))
 
@@ -183,6 +192,13 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-scale", nargs="+",
                         help="start scales to draw from, or one range LOW:HIGH (write "
                              "--start-scale=-3:-1 for negative ranges; default: the model's)")
+    parser.add_argument("--rim", choices=["auto", "on", "off"], default="auto",
+                        help="B's rim around each tumor, from the model's one-slice annotation: auto "
+                             "(default: on with an annotated model), on, or off (keep the target's own "
+                             "surroundings, e.g. a target that already shows B's cleft)")
+    parser.add_argument("--rim-scale", type=float,
+                        help="factor on the rim's widths (default: the tumor's size over the annotated "
+                             "tumor's; 1 keeps the annotated widths in mm)")
     parser.add_argument("--intensity-mode", choices=sorted(INTENSITY_MODES), default="normalized",
                         help="how the tumor's intensities are brought into the target's units")
     parser.add_argument("--label-value", type=int, default=1, help="label written for the tumor")
@@ -443,7 +459,7 @@ def prepare_case(case: Case, index: int, model: str, settings: InsertSettings,
     parameters = InsertionParameters(
         appearance=settings.appearance, intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
         start_scale=drawn.start_scale, axis=settings.axis, context_mm=settings.context_mm,
-        seed=drawn.seed, label_value=settings.label_value)
+        seed=drawn.seed, label_value=settings.label_value, rim=settings.rim, rim_scale=settings.rim_scale)
     target, affine = _read_volume(Path(case.target), "target")
     source = SourceTumor.from_files(case.source_image, case.source_label,
                                     label_value=settings.source_label_value)
@@ -627,7 +643,8 @@ def run_insert(args: argparse.Namespace) -> int:
         num=args.num, appearance=args.appearance, contrast=args.contrast, start_scale=args.start_scale,
         intensity_mode=args.intensity_mode, label_value=args.label_value,
         source_label_value=args.source_label_value, axis=args.axis, context_mm=args.context_mm,
-        seed=args.seed, panels=args.panels, image_compression=args.image_compression)
+        seed=args.seed, rim={"auto": None, "on": True, "off": False}[args.rim], rim_scale=args.rim_scale,
+        panels=args.panels, image_compression=args.image_compression)
     cases, refused, incomplete = _collect_cases(args)
     model_file = resolve_model_file(args.model)
     Harmonizer.load(model_file)  # fail early, in the main process, on a bad model file

@@ -152,3 +152,18 @@ def test_errors_are_clear(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     assert "No complete case" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "m")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder),
+                 "--target-suffix", "hrT2", "--out", str(tmp_path / "o"), "--rim-scale", "0"]) == 2
+    assert "rim_scale must be a positive number" in capsys.readouterr().err
+
+
+def test_insert_rim_options_reach_the_record_and_the_fingerprint(tiny_model_dir, crossmoda_folder, tmp_path):
+    import json
+
+    common = ["--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--target-suffix", "hrT2"]
+    assert main(["insert", *common, "--out", str(tmp_path / "a")]) == 0
+    assert main(["insert", *common, "--out", str(tmp_path / "b"), "--rim", "off", "--rim-scale", "1.5"]) == 0
+    record = next((tmp_path / "b").glob("*_aug0.json"))
+    default, chosen = (json.loads((tmp_path / d / record.name).read_text()) for d in ("a", "b"))
+    assert chosen["parameters"]["rim"] is False and chosen["parameters"]["rim_scale"] == 1.5
+    assert default["settings"]["rim"] is None and default["fingerprint"] != chosen["fingerprint"]

@@ -260,6 +260,24 @@ def test_declared_modality_and_bad_arguments(model, source_files):
             target_subject(label=tio.ScalarImage(tensor=np.zeros((1, *SHAPE), np.float32), affine=AFFINE)))
 
 
+def test_appearance_parts_reach_the_insertion(model, source_files):
+    subject = target_subject()
+    default = TumorInsertion(model, source_files, (22, 25, 8), seed=5)
+    kept = TumorInsertion(model, source_files, (22, 25, 8), seed=5, harmonize_tumor=False, texture=False)
+    assert kept.insertion_parameters().harmonize_tumor is False and kept.insertion_parameters().texture is False
+    assert not torch.equal(default(subject)["image"].data, kept(subject)["image"].data)
+    torch.manual_seed(0)
+    randomized = RandomTumorInsertion(model, [source_files], rim=False, rim_scale=1.5)(subject)
+    (twin,) = randomized.history
+    assert twin.rim is False and twin.rim_scale == 1.5
+    assert same(randomized, randomized.get_composed_history()(subject))
+    for bad in ({"rim_scale": 0}, {"rim": "yes"}, {"harmonize_tumor": 1}):
+        with pytest.raises(SinganInsertError, match=next(iter(bad))):
+            TumorInsertion(model, source_files, (22, 25, 8), **bad)
+        with pytest.raises(SinganInsertError, match=next(iter(bad))):
+            RandomTumorInsertion(model, [source_files], **bad)
+
+
 # ---------------------------------------------------------------- loaders and queues
 def _dataset(model, source_files, p=1.0):
     transform = RandomTumorInsertion(model, [source_files], degrees=0, scales=0, p=p, border_margin=4)

@@ -93,6 +93,10 @@ __all__ = ["RandomTumorInsertion", "TumorInsertion", "load_harmonizer"]
 #: :class:`TumorInsertion` it applies.
 SHARED_ARGUMENTS: dict[str, Any] = {
     "appearance": "auto",
+    "texture": None,
+    "rim": None,
+    "rim_scale": None,
+    "harmonize_tumor": None,
     "intensity_mode": "normalized",
     "label_key": "label",
     "label_value": 1,
@@ -213,6 +217,11 @@ class TumorInsertion(Transform):
         appearance: ``"auto"`` (default: the model chooses the tumor's level in the target
             modality, see :mod:`singan_insert.insertion.appearance`; ``contrast`` is then
             unused) or ``"fixed"`` (the paper's method: the given :math:`\lambda`).
+        texture, rim, rim_scale, harmonize_tumor: the automatic appearance's parts
+            (:class:`~singan_insert.insertion.insert.InsertionParameters`); ``None``: their
+            defaults (with an annotated model: B's texture, B's rim scaled to the tumor's size,
+            the tumor kept through harmonization). ``rim=False`` keeps the target's own
+            surroundings, e.g. when it already shows B's cleft around the site.
         intensity_mode: ``"normalized"`` or ``"matched"``.
         label_key: name of the label map that receives the tumor (see above).
         label_value: value written for the tumor, an integer >= 1.
@@ -294,7 +303,8 @@ class TumorInsertion(Transform):
             seed=self.seed, label_value=self.label_value, overlap=self.overlap,
             dilation_mm=self.dilation_mm, feather_mm=self.feather_mm,
             border_margin=self.border_margin, clip_to_fov=self.clip_to_fov,
-            max_anisotropy=self.max_anisotropy, appearance=self.appearance,
+            max_anisotropy=self.max_anisotropy, appearance=self.appearance, texture=self.texture,
+            rim=self.rim, rim_scale=self.rim_scale, harmonize_tumor=self.harmonize_tumor,
         )
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
