@@ -154,7 +154,7 @@ def test_errors_are_clear(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder),
                  "--target-suffix", "hrT2", "--out", str(tmp_path / "o"), "--rim-scale", "0"]) == 2
-    assert "rim_scale must be a positive number" in capsys.readouterr().err
+    assert "rim_scale must be > 0" in capsys.readouterr().err
 
 
 def test_insert_rim_options_reach_the_record_and_the_fingerprint(tiny_model_dir, crossmoda_folder, tmp_path):

@@ -93,7 +93,7 @@ from singan_insert.insertion.annotation import (
 )
 from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_positive
 from singan_insert.harmonizer.pyramid import resize
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
@@ -206,10 +206,8 @@ class InsertionParameters:
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise SinganInsertError(f"{name} must be True, False or None, got {getattr(self, name)!r}.")
         check_intensity_mode(self.intensity_mode)
-        if self.rim_scale is not None and not (isinstance(self.rim_scale, (int, float))
-                                               and not isinstance(self.rim_scale, bool)
-                                               and np.isfinite(self.rim_scale) and self.rim_scale > 0):
-            raise SinganInsertError(f"rim_scale must be a positive number or None, got {self.rim_scale!r}.")
+        if self.rim_scale is not None:
+            check_positive(self.rim_scale, "rim_scale")
         # Numbers: the checks the samplers use (NaN, booleans, fractions and overflows refused).
         from singan_insert.insertion import sampling
 
