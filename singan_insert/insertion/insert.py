@@ -34,8 +34,8 @@ For one tumor, :func:`insert_tumor`
    their appearance, B's (``harmonize_tumor=False``): the pyramid's output is kept where the
    blend reaches beyond the mask, the tumor's edge and surroundings. On the crossMoDA
    simulation the pyramid's output inside the tumor had twice the high-pass energy of real
-   hrT2 tumors and cost Dice downstream (``benchmarks/bench_pipeline.py``, row
-   ``ours_tumor_harmonized`` and the texture diagnostics). Without an annotation, and with
+   hrT2 tumors (``benchmarks/bench_pipeline.py``, the texture diagnostics; downstream, row
+   ``ours_tumor_harmonized``, keeping the tumor gained Dice in one of four runs). Without an annotation, and with
    ``appearance="fixed"`` (the paper's method), the tumor is harmonized too;
 5. with an annotated model, brings the tumor back to the annotated level and each rim band back
    to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
