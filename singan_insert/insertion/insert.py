@@ -457,10 +457,10 @@ def insert_tumor(
     # kept, and no gain downstream, bench_pipeline's ours_unannotated, one-off runs 2026-12-02).
     harmonize_tumor = (profile is None) if params.harmonize_tumor is None else params.harmonize_tumor
     scale = params.rim_scale
-    if rim and scale is None:
-        scale = rim_scale(profile, crop_mask, plane_spacing)
+    if rim:
+        scale = rim_scale(profile, crop_mask, plane_spacing) if scale is None else scale
+        rim_edges = tuple(float(e) * scale for e in RIM_EDGES_MM)
     resolved = replace(resolved, rim=rim, rim_scale=scale, harmonize_tumor=harmonize_tumor)
-    rim_edges = tuple(float(e) * scale for e in RIM_EDGES_MM) if rim else RIM_EDGES_MM
     if rim:
         # The pyramid is shown the tumor with B's rim: shown a bare blob, it paints a cleft of
         # its own INSIDE the mask's edge (see render_rim).
