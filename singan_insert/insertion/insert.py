@@ -163,7 +163,8 @@ class InsertionParameters:
             annotated tumor's rim, B's mean level in each band of
             :data:`~singan_insert.insertion.annotation.RIM_EDGES_MM` outside it (see
             :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with ``appearance="auto"`` and an annotated model.
-            Without an annotation there is no rim to copy and this has no effect.
+            Without an annotation there is no rim to copy and this has no effect (the realism
+            score cannot choose one: it prefers the tissue's level, ``benchmarks/dev_rim_realism.py``).
         rim_scale: factor on the rim's band widths; ``None``: the new tumor's size over the
             annotated tumor's (:func:`~singan_insert.insertion.annotation.rim_scale`, in
             [0.5, 2]), so that the rim keeps its proportions to the tumor; 1 keeps the annotated
