@@ -286,6 +286,13 @@ def nifti_spacing(image, axes: tuple[int, ...] | None = None) -> tuple[float, ..
     return zooms if axes is None else tuple(zooms[a] for a in axes)
 
 
+def orientation_codes(affine: np.ndarray) -> str:
+    """The axis codes of a voxel-to-world affine (RAS+ world), e.g. ``"RAS"`` or ``"LPS"``."""
+    from nibabel.orientations import aff2axcodes
+
+    return "".join(aff2axcodes(np.asarray(affine, dtype=np.float64)))
+
+
 def read_2d(path: str | os.PathLike, what: str = "slice") -> np.ndarray:
     """Read one 2D slice as ``float32``: PNG/JPEG/TIFF (grayscale), NPY, or a 2D / one-slice NIfTI.
 

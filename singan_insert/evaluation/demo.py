@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from singan_insert.io import write_nifti
+from singan_insert.io import orientation_codes, write_nifti
 from singan_insert.evaluation.experiments import fidelity_markdown, run_case, summarize_fidelity, training_slice_from_subject
 from singan_insert.devices import select_device
 from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
@@ -56,7 +56,8 @@ def run_demo(
     harmonizer = train_harmonizer(image, config, out_dir=out / "model", seed=seed, spacing=spacing,
                                   device=select_device(device), annotation=annotation, provenance={
                                       "source": f"simulated subject seed {seed}", "axis": 2,
-                                      "slice_index": index, "modality": "hrT2"})
+                                      "slice_index": index, "modality": "hrT2",
+                                      "orientation": orientation_codes(train_subject.affine_b)})
     harmonizer.to("cpu")
     scales = sorted({harmonizer.default_start_scale, harmonizer.num_scales - 2, harmonizer.num_scales - 1})
     print(f"[3/4] Inserting tumors into {num_subjects} simulated subjects (start scales {scales}) ...")

@@ -108,6 +108,13 @@ class Harmonizer:
     def modality(self) -> str | None:
         return self.provenance.get("modality")
 
+    @property
+    def orientation(self) -> str | None:
+        """Axis codes of the training volume (``"RAS"``, ``"LPS"``...), if it came from a NIfTI
+        volume: insertion brings a target into this orientation first
+        (:mod:`singan_insert.insertion.orientation`)."""
+        return self.provenance.get("orientation")
+
     def copy(self) -> "Harmonizer":
         """A second harmonizer on the same (frozen) generators, with its own annotation and caches:
         e.g. ``model.copy().annotate(mask)`` beside the unannotated ``model``."""

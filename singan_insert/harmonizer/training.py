@@ -256,7 +256,11 @@ def train_harmonizer(
         spacing: (row, col) pixel size in mm of ``image``, stored in the model so that slices
             of other spacings are resampled at harmonization.
         device: ``"cpu"``, ``"cuda"``, ... (default: CUDA when available).
-        provenance: free-form JSON (source file, axis, slice index, crop, modality...).
+        provenance: free-form JSON (source file, axis, slice index, crop, modality...);
+            ``"orientation"``, the training volume's axis codes (``"RAS"``...,
+            :func:`singan_insert.io.orientation_codes` of its affine), makes insertion bring each
+            target into that orientation first (:mod:`singan_insert.insertion.orientation`);
+            :func:`~singan_insert.harmonizer.training_slice.load_training_slice` records it.
         progress: show a tqdm bar per scale.
         sample_figures: write a PNG of the reconstruction and random samples per scale.
         stop_after_iterations: stop (as if interrupted) after this many iterations in total;

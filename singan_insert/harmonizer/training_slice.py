@@ -75,7 +75,7 @@ def load_training_slice(
             a zero or NaN affine or voxel size (see :func:`singan_insert.io.read_nifti`), a
             label on another grid or empty, a bad axis, index or crop.
     """
-    from singan_insert.io import nifti_spacing, read_nifti
+    from singan_insert.io import nifti_spacing, orientation_codes, read_nifti
 
     if isinstance(axis, bool) or axis not in (0, 1, 2):
         raise SinganInsertError(f"axis must be 0, 1 or 2, got {axis!r}.")
@@ -111,7 +111,8 @@ def load_training_slice(
     slice_2d = apply_crop(slice_2d, crop)
     label_2d = None if label is None else apply_crop(np.take(label, int(index), axis=axis), crop)
     provenance = {"source": os.path.basename(str(path)), "axis": axis, "slice_index": int(index),
-                  "crop": list(crop) if crop else None, "modality": modality}
+                  "crop": list(crop) if crop else None, "modality": modality,
+                  "orientation": orientation_codes(image.affine)}
     return TrainingSlice(slice_2d.astype(np.float32), (float(spacing[0]), float(spacing[1])), provenance, label_2d)
 
 

@@ -61,6 +61,7 @@ Inputs are never modified; errors are raised before anything is written.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -91,9 +92,11 @@ from singan_insert.insertion.annotation import (
     render_rim,
     rim_scale,
 )
+from singan_insert.insertion.orientation import Reorientation, check_orientation_codes, reorientation_to
 from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite, check_positive
+from singan_insert.io import orientation_codes
 from singan_insert.harmonizer.pyramid import resize
 from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
@@ -333,9 +336,73 @@ def insert_tumor(
         normalization: intensity normalisation of the target; default: fitted on the volume.
         return_composite: also return the naive paste (the composite before harmonization).
 
+    When the model knows its training volume's orientation, the target is inserted in that
+    orientation and the results come back in the target's own (see
+    :mod:`~singan_insert.insertion.orientation`; ``record["orientation"]`` says when it happened).
+
     Returns:
         An :class:`InsertionResult` (new arrays; the inputs are not modified).
     """
+    image = np.asarray(target_image)
+    arguments = dict(target_label=target_label, modality=modality, normalization=normalization,
+                     return_composite=return_composite)
+    codes = harmonizer.orientation
+    labels_agree = target_label is None or np.shape(target_label) == image.shape
+    if codes is None or image.ndim != 3 or not labels_agree:  # (the bad shapes are refused below)
+        return _insert_tumor(image, target_affine, source, harmonizer, parameters, **arguments)
+    affine = check_affine(target_affine, "target affine")
+    turn = reorientation_to(affine, image.shape, check_orientation_codes(codes, "model's orientation"))
+    if turn.is_identity:
+        return _insert_tumor(image, affine, source, harmonizer, parameters, **arguments)
+    params = parameters or InsertionParameters()
+    placement = params.placement
+    if placement is not None and placement.location is not None and placement.units == "voxel":
+        placement = replace(placement, location=turn.point(placement.location))
+    turned = replace(params, placement=placement, axis=None if params.axis is None else turn.axis(params.axis))
+    arguments["target_label"] = None if target_label is None else turn.array(np.asarray(target_label))
+    result = _insert_tumor(turn.array(image), turn.affine(affine), source, harmonizer, turned, **arguments)
+    return _turned_back(result, turn.inverse(), params.placement, orientation_codes(affine), codes)
+
+
+def _turned_back(result: InsertionResult, back: Reorientation, placement: Placement | None, target_codes: str,
+                 model_codes: str) -> InsertionResult:
+    """``result`` of the reoriented target in the target's own voxel frame (arrays and record)."""
+    record = copy.deepcopy(result.record)
+    resolved = InsertionParameters.from_dict(record["parameters"])
+    record["parameters"] = replace(resolved, placement=placement, axis=back.axis(resolved.axis)).to_dict()
+    tumor = record["tumor"]
+    box = [back.interval(a, start, start + size) for a, (start, size)
+           in enumerate(zip(tumor["box_start"], tumor["box_shape"]))]
+    crop = [back.interval(a, start, stop) for a, (start, stop) in enumerate(tumor["crop"])]
+    tumor["box_start"], tumor["box_shape"], tumor["crop"] = [0] * 3, [0] * 3, [None] * 3
+    for axis, start, stop in box:
+        tumor["box_start"][axis], tumor["box_shape"][axis] = start, stop - start
+    for axis, start, stop in crop:
+        tumor["crop"][axis] = [start, stop]
+    tumor["slices"] = back.indices(resolved.axis, tumor["slices"])
+    target = record["target"]
+    target["shape"] = list(back.output_shape)
+    target["spacing_mm"] = [target["spacing_mm"][back.source_axis(a)] for a in range(3)]
+    record["orientation"] = {"target": target_codes, "model": model_codes,
+                             "note": "inserted in the model's orientation, returned in the target's"}
+    composite = None if result.composite is None else back.array(result.composite)
+    return InsertionResult(image=back.array(result.image), label=back.array(result.label),
+                           mask=back.array(result.mask), record=record, composite=composite)
+
+
+def _insert_tumor(
+    target_image: np.ndarray,
+    target_affine: np.ndarray,
+    source: SourceTumor,
+    harmonizer: Harmonizer,
+    parameters: InsertionParameters | None = None,
+    *,
+    target_label: np.ndarray | None = None,
+    modality: str | None = None,
+    normalization: PercentileNormalization | None = None,
+    return_composite: bool = False,
+) -> InsertionResult:
+    """:func:`insert_tumor` on the target as its voxels are stored."""
     params = parameters or InsertionParameters()
     image = np.asarray(target_image)
     if image.ndim != 3:
