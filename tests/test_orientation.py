@@ -4,6 +4,7 @@ another way round gives the same tumor, and the record speaks of the target's ow
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import replace
 
 import nibabel as nib
@@ -148,3 +149,22 @@ def test_training_from_a_nifti_records_its_orientation(tmp_path):
     nib.save(nib.Nifti1Image(volume, lps), tmp_path / "b.nii.gz")
     chosen = load_training_slice(tmp_path / "b.nii.gz", axis=2, index=8)
     assert chosen.provenance["orientation"] == "LPS"
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_slices_across_another_plane_than_the_model_s_are_announced(tiny_harmonizer, oriented_model, recorded):
+    model = oriented_model if recorded else tiny_harmonizer
+    # A coronal acquisition: the thick voxels run anterior-posterior (axis 1), the model's slices
+    # were cut across axis 2.
+    spacing = (0.5, 1.5, 0.5)
+    affine = np.diag([*spacing, 1.0])
+    target = synthetic_volume(4, shape=(48, 16, 48))[0]
+    image, label = synthetic_volume(5, shape=(48, 16, 48), tumor=((24, 8, 24), (8, 3.5, 6)))
+    source = SourceTumor.from_arrays(image, label, affine)
+    expected = "runs A-P but the model was trained on slices cut across S-I" if recorded else \
+        "thickest voxel axis is 1 but the model was trained on slices cut along axis 2"
+    with pytest.warns(UserWarning, match=expected):
+        insert_tumor(target, affine, source, model, InsertionParameters(seed=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        insert_tumor(target, affine, source, model, InsertionParameters(seed=0, axis=2))

@@ -390,6 +390,23 @@ def _turned_back(result: InsertionResult, back: Reorientation, placement: Placem
                            mask=back.array(result.mask), record=record, composite=composite)
 
 
+_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+def _plane_mismatch(axis: int, model_axis: int, codes: str | None) -> str:
+    """The warning for tumor slices cut across another axis than the model's training slice."""
+    if codes is None:
+        return (f"The target's thickest voxel axis is {axis} but the model was trained on slices cut along "
+                f"axis {model_axis}: the tumor slices are cut along axis {axis}, in a plane the model may "
+                f"not have seen. Pass axis={model_axis} to harmonize in the model's plane, or train a "
+                "model on this plane.")
+    runs = {a: f"{codes[a]}-{_OPPOSITE[codes[a]]}" for a in range(3)}
+    return (f"The target's thickest axis runs {runs[axis]} but the model was trained on slices cut across "
+            f"{runs[model_axis]}: the tumor slices are cut across {runs[axis]}, in a plane the model has not "
+            f"seen. Pass as axis the target's voxel axis that runs {runs[model_axis]} to harmonize in the "
+            "model's plane, or train a model on this plane.")
+
+
 def _insert_tumor(
     target_image: np.ndarray,
     target_affine: np.ndarray,
@@ -425,6 +442,9 @@ def _insert_tumor(
     check_model_provenance(harmonizer, params.axis, modality)
     spacing = spacing_from_affine(affine)
     axis = through_plane_axis(spacing) if params.axis is None else int(params.axis)
+    if params.axis is None and harmonizer.axis is not None and axis != int(harmonizer.axis):
+        codes = orientation_codes(affine) if harmonizer.orientation else None  # here the model's, when known
+        warnings.warn(_plane_mismatch(axis, int(harmonizer.axis), codes), stacklevel=3)
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) if params.seed is None else int(params.seed)
     start_scale = harmonizer.default_start_scale if params.start_scale is None else params.start_scale
     dilation_mm = _HARMONIZE_DEFAULTS["dilation_mm"].default if params.dilation_mm is None \
