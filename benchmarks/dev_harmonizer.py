@@ -65,7 +65,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import RESULTS, machine  # noqa: E402
+from _common import RESULTS, add_subject_arguments, development_case, development_model, machine  # noqa: E402
 
 LAMBDAS = (0.5, 0.8, 1.0, 1.5)
 
@@ -114,11 +114,8 @@ def blurred_paste(composite, background, mask, axis, spacing):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=8)
-    parser.add_argument("--first-seed", type=int, default=200,
-                        help="seeds first..first+subjects-1 (100-111 were used to develop the method)")
+    add_subject_arguments(parser)
     parser.add_argument("--preset", default="fast")
-    parser.add_argument("--model-dir", default=str(RESULTS / "dev_model"))
     parser.add_argument("--name", default="dev_harmonizer")
     parser.add_argument("--arch", default=None, help="generator architecture (default: the preset's)")
     parser.add_argument("--restoration-weight", type=float, default=None,
@@ -128,23 +125,16 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from singan_insert.datasets.phantom import simulate_subject
-    from singan_insert.evaluation.experiments import training_slice_from_subject
-    from singan_insert.harmonizer.training import TrainingConfig, train_harmonizer
-    from singan_insert.insertion.insert import InsertionParameters, insert_tumor, through_plane_axis
-    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 
     started = time.perf_counter()
-    image, spacing2d, index = training_slice_from_subject(simulate_subject(0))
-    config = TrainingConfig.preset(args.preset, arch=args.arch, restoration_weight=args.restoration_weight)
-    model = train_harmonizer(image, config, out_dir=args.model_dir, seed=0,
-                             spacing=spacing2d, device="cpu", progress=False,
-                             provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
+    model, training_subject, index = development_model(args.model_dir, reuse=False, preset=args.preset,
+                                                       arch=args.arch, restoration_weight=args.restoration_weight)
     train_seconds = time.perf_counter() - started
-    log = model.metadata["training"]["log"]
+    log, config = model.metadata["training"]["log"], model.metadata["training"]["config"]
     from singan_insert.insertion import insert as insertion_module
 
-    annotated = model.copy().annotate(np.take(simulate_subject(0).label_b, index, axis=2) == 1)
+    annotated = model.copy().annotate(np.take(training_subject.label_b, index, axis=2) == 1)
 
     rows: dict[str, list[dict]] = {}
     # Wall time is what a user waits; CPU time of this process is what it costs (on a shared
@@ -152,11 +142,7 @@ def main() -> None:
     timing: dict[str, list[float]] = {"auto": [], "fixed": [], "auto_cpu": [], "fixed_cpu": [], "slices": []}
     per_subject = []
     for seed in range(args.first_seed, args.first_seed + args.subjects):
-        subject = simulate_subject(seed)
-        washed = subject.render_b_washed_out()
-        source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
-        spacing = tuple(float(s) for s in subject.spacing_b)
-        axis = through_plane_axis(spacing)
+        subject, washed, source, spacing, axis = development_case(seed)
         base = InsertionParameters(seed=0)
 
         def run(params, key=None, harmonizer=model, **switches):
@@ -237,7 +223,7 @@ def main() -> None:
     best_blur = min(blur_rows, key=lambda n: summary[n]["lp_err"])
     keys = ["vis", "c_ratio", "lp_err", "mae", "w1", "seam", "hp", "seed_diff", "seed_mean"]
     lines = [f"Machine: {machine()['cpu_count']} CPUs, {machine()['date']}. {args.subjects} subjects, "
-             f"{args.preset} preset, arch {config.arch}, restoration weight {config.restoration_weight:g} "
+             f"{args.preset} preset, arch {config['arch']}, restoration weight {config['restoration_weight']:g} "
              f"({train_seconds:.0f} s training this run). Best fixed-λ blur "
              f"(hindsight): {best_blur}.", "",
              "| method | " + " | ".join(keys) + " | lp_err / best blur |", "|" + "---|" * (len(keys) + 2)]

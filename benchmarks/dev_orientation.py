@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import RESULTS, machine, table, write_results  # noqa: E402
+from _common import add_subject_arguments, development_case, development_model, machine, table, write_results  # noqa: E402
 from dev_harmonizer import scores  # noqa: E402
 
 
@@ -42,32 +41,16 @@ def storages(volume, affine):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=8)
-    parser.add_argument("--first-seed", type=int, default=200)
-    parser.add_argument("--model-dir", default=str(RESULTS / "dev_model"),
-                        help="reuses DIR/harmonizer.safetensors when present, else trains one there")
+    add_subject_arguments(parser)  # the model in --model-dir is reused when there
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from singan_insert.datasets.phantom import simulate_subject
-    from singan_insert.evaluation.experiments import training_slice_from_subject
-    from singan_insert.harmonizer.model import Harmonizer
-    from singan_insert.harmonizer.training import TrainingConfig, train_harmonizer
-    from singan_insert.insertion.insert import InsertionParameters, insert_tumor, through_plane_axis
-    from singan_insert.insertion.placement import SourceTumor
+    from singan_insert.insertion.insert import InsertionParameters, insert_tumor
     from singan_insert.io import orientation_codes
 
-    training_subject = simulate_subject(0)
-    image, spacing2d, index = training_slice_from_subject(training_subject)
-    model_file = Path(args.model_dir) / "harmonizer.safetensors"
-    if model_file.exists():
-        model = Harmonizer.load(model_file)
-    else:
-        model = train_harmonizer(image, TrainingConfig.preset("fast"), out_dir=args.model_dir, seed=0,
-                                 spacing=spacing2d, device="cpu", progress=False,
-                                 provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
+    model, training_subject, index = development_model(args.model_dir)
     unoriented = model.copy()
     unoriented.metadata = {**model.metadata, "provenance": {
         k: v for k, v in model.provenance.items() if k != "orientation"}}
@@ -82,11 +65,8 @@ def main() -> None:
 
     results: dict[tuple[str, str], list[dict]] = {}
     for seed in range(args.first_seed, args.first_seed + args.subjects):
-        subject = simulate_subject(seed)
-        washed = subject.render_b_washed_out().astype(np.float32)
-        source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
-        spacing = tuple(float(s) for s in subject.spacing_b)
-        axis = through_plane_axis(spacing)
+        subject, washed, source, spacing, axis = development_case(seed)
+        washed = washed.astype(np.float32)
         for model_name, harmonizer in models.items():
             reference = None
             for storage, volume, affine, back in storages(washed, subject.affine_b):

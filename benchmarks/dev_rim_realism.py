@@ -20,53 +20,34 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from _common import RESULTS, machine, table, write_results  # noqa: E402
+from _common import add_subject_arguments, development_case, development_model, machine, table, write_results  # noqa: E402
 
 CANDIDATES = np.linspace(-0.6, 1.0, 17)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=8)
-    parser.add_argument("--first-seed", type=int, default=200)
-    parser.add_argument("--model-dir", default=str(RESULTS / "dev_model"),
-                        help="reuses DIR/harmonizer.safetensors when present, else trains one there")
+    add_subject_arguments(parser)  # the model in --model-dir is reused when there
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)
-    from singan_insert.datasets.phantom import simulate_subject
-    from singan_insert.evaluation.experiments import training_slice_from_subject
-    from singan_insert.harmonizer.model import Harmonizer
     from singan_insert.harmonizer.normalization import PercentileNormalization
-    from singan_insert.harmonizer.training import TrainingConfig, train_harmonizer
     from singan_insert.insertion.annotation import RIM_EDGES_MM, render_rim, rim_profile
     from singan_insert.insertion.appearance import PatchBank, inplane_distance
-    from singan_insert.insertion.insert import InsertionParameters, _model_grid, insert_tumor, through_plane_axis
-    from singan_insert.insertion.placement import SourceTumor, intensity_quantiles
+    from singan_insert.insertion.insert import InsertionParameters, _model_grid, insert_tumor
+    from singan_insert.insertion.placement import intensity_quantiles
 
-    model_file = Path(args.model_dir) / "harmonizer.safetensors"
-    if model_file.exists():
-        model = Harmonizer.load(model_file)
-    else:
-        image, spacing2d, index = training_slice_from_subject(simulate_subject(0))
-        model = train_harmonizer(image, TrainingConfig.preset("fast"), out_dir=args.model_dir, seed=0,
-                                 spacing=spacing2d, device="cpu", progress=False,
-                                 provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
+    model = development_model(args.model_dir)[0]
     bank = PatchBank.of(model)
     rows = []
     for seed in range(args.first_seed, args.first_seed + args.subjects):
-        subject = simulate_subject(seed)
-        washed = subject.render_b_washed_out()
-        source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
-        spacing = tuple(float(s) for s in subject.spacing_b)
-        axis = through_plane_axis(spacing)
+        subject, washed, source, spacing, axis = development_case(seed)
         result = insert_tumor(washed, subject.affine_b, source, model, InsertionParameters(seed=0))
         truth = subject.render_b(result.mask)
         normalization = PercentileNormalization.fit(intensity_quantiles(washed))

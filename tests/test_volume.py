@@ -250,3 +250,21 @@ def test_target_smaller_than_the_needed_crop(tiny_harmonizer):
 def test_integer_target_gives_float_output(tiny_harmonizer, source, target):
     result = insert_tumor(np.round(target).astype(np.int16), AFFINE, source, tiny_harmonizer)
     assert result.image.dtype == np.float32
+
+
+def test_a_tumor_placed_in_the_background_is_announced(tiny_harmonizer, source, target):
+    import warnings
+
+    with_air = target.copy()
+    with_air[:, :, :5] = 0.0  # the lowest slices are air, below the tumor (slices 5..11)
+    in_tissue = insert_tumor(with_air, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))
+    assert in_tissue.record["tumor"]["background_fraction"] == 0.0
+    with_air[:, :, :12] = 0.0  # now most of the tumor's slices (5..11) are air
+    with pytest.warns(UserWarning, match=r"% of the tumor lies in the target's background .* co-registered"):
+        in_air = insert_tumor(with_air, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))
+    assert in_air.record["tumor"]["background_fraction"] > 0.5
+    # An image with negative values (standardised, CT) has no air to tell by intensity.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        standardised = insert_tumor(with_air - 50.0, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))
+    assert standardised.record["tumor"]["background_fraction"] == 0.0

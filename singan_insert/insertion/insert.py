@@ -93,7 +93,8 @@ from singan_insert.insertion.annotation import (
     rim_scale,
 )
 from singan_insert.insertion.orientation import Reorientation, check_orientation_codes, reorientation_to
-from singan_insert.insertion.intensity import IntensityMode, check_intensity_mode, map_tumor_intensities, robust_range
+from singan_insert.insertion.intensity import (TISSUE_THRESHOLD, IntensityMode, check_intensity_mode,
+                                               map_tumor_intensities, robust_range)
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite, check_positive
 from singan_insert.io import orientation_codes
@@ -407,19 +408,9 @@ def _plane_mismatch(axis: int, model_axis: int, codes: str | None) -> str:
             "model's plane, or train a model on this plane.")
 
 
-def _insert_tumor(
-    target_image: np.ndarray,
-    target_affine: np.ndarray,
-    source: SourceTumor,
-    harmonizer: Harmonizer,
-    parameters: InsertionParameters | None = None,
-    *,
-    target_label: np.ndarray | None = None,
-    modality: str | None = None,
-    normalization: PercentileNormalization | None = None,
-    return_composite: bool = False,
-) -> InsertionResult:
-    """:func:`insert_tumor` on the target as its voxels are stored."""
+def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *, target_label, modality,
+                  normalization, return_composite) -> InsertionResult:
+    """:func:`insert_tumor` (same arguments) on the target as its voxels are stored."""
     params = parameters or InsertionParameters()
     image = np.asarray(target_image)
     if image.ndim != 3:
@@ -477,6 +468,13 @@ def _insert_tumor(
 
     # 2. intensities, mapped on quantile tables (see the module docstring)
     target_quantiles = intensity_quantiles(image)
+    in_background = _background_fraction(image[box][mask_box], target_quantiles)
+    if in_background > 0.5:
+        warnings.warn(
+            f"{100 * in_background:.0f} % of the tumor lies in the target's background (air, or tissue "
+            f"as dark as air: below {100 * TISSUE_THRESHOLD:g} % of its 99.5th percentile). With no "
+            "placement location the tumor goes where it physically is in the source: are source and "
+            "target co-registered? Otherwise pass Placement(location=...).", stacklevel=3)
     if normalization is None:
         normalization = PercentileNormalization.fit(target_quantiles)
     appearance = params.appearance
@@ -625,6 +623,7 @@ def _insert_tumor(
             "slices": [int(crop[axis].start + i) for i in slice_indices],
             "crop": [[int(s.start), int(s.stop)] for s in crop],
             "mapped_intensity_mean": float(np.mean(mapped)),
+            "background_fraction": in_background,
         },
         "appearance": appearance_record,
     }
@@ -634,6 +633,16 @@ def _insert_tumor(
         composite_volume[crop] = composite_crop
     return InsertionResult(image=out, label=new_label, mask=full_mask, record=record,
                            composite=composite_volume)
+
+
+def _background_fraction(values: np.ndarray, quantiles: np.ndarray) -> float:
+    """Fraction of the target ``values`` under the tumor that are background, as
+    :func:`~singan_insert.insertion.intensity.tissue_values` tells it (0 for an image with negative
+    values, whose air cannot be told by intensity)."""
+    if quantiles[0] < 0:
+        return 0.0
+    p995 = float(np.interp(0.995, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
+    return float(np.mean(values <= TISSUE_THRESHOLD * p995))
 
 
 def _model_grid(slices, plane_spacing, harmonizer) -> torch.Tensor:
