@@ -63,6 +63,25 @@ def test_same_results_as_one_by_one_with_one_forward_pass_per_geometry(source, t
         assert result.record == reference.record
 
 
+def test_batched_cases_stored_otherwise_are_inserted_in_the_model_s_orientation(source, tiny_harmonizer):
+    model = tiny_harmonizer.copy()
+    model.metadata = {**model.metadata, "provenance": {**model.provenance, "orientation": "RAS"}}
+    mirrored = AFFINE.copy()
+    mirrored[:3, 3] += mirrored[:3, 0] * 47
+    mirrored[:, 0] *= -1
+    plain = cases(source)[:2]
+    flipped = [InsertionCase(np.ascontiguousarray(c.target_image[::-1]), mirrored, c.source,
+                             InsertionParameters(placement=Placement(location=(47 - c.parameters.placement.location[0],
+                                                                               *c.parameters.placement.location[1:])),
+                                                 contrast=c.parameters.contrast, seed=c.parameters.seed))
+               for c in plain]
+    expected = insert_tumors(plain, model)
+    results = insert_tumors(flipped, model)
+    for result, reference in zip(results, expected):
+        np.testing.assert_allclose(result.image[::-1], reference.image, rtol=0, atol=1e-4 * np.ptp(plain[0].target_image))
+        assert result.record["orientation"]["target"] == "LAS"
+
+
 def test_a_failing_case_does_not_stop_the_others(source, tiny_harmonizer):
     bad = InsertionCase(volume(5), AFFINE, source, InsertionParameters(
         placement=Placement(location=(1, 1, 1))))  # the tumor sticks out of the volume
