@@ -27,6 +27,7 @@ from singan_insert.integrations import nnunet as online  # noqa: E402
 from singan_insert.integrations.nnunet import (  # noqa: E402
     OnlineInsertionSettings,
     TumorInsertionTransform,
+    in_model_frame,
     patch_affine,
     read_online_settings,
     write_online_settings,
@@ -106,6 +107,20 @@ def test_patch_affine_maps_each_array_axis_to_its_world_axis():
                                [[0, 0, 0.7], [0, 0.8, 0], [1.5, 0, 0]])
     np.testing.assert_allclose(patch_affine((0.7, 1.5, 0.8), (2, 0, 1))[:3, :3],
                                [[0.7, 0, 0], [0, 0, 0.8], [0, 1.5, 0]])
+
+
+@pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
+@pytest.mark.parametrize("transpose", [(0, 1, 2), (2, 0, 1)])
+def test_patches_reach_the_model_s_orientation_by_undoing_the_transpose_only(codes, transpose):
+    from singan_insert.insertion.orientation import reorientation_to
+
+    plain = patch_affine((1.5, 0.8, 0.7), transpose)
+    turn = reorientation_to(in_model_frame(plain, codes), (10, 12, 14), codes)
+    assert (turn.transform[:, 1] == 1).all()  # never mirrored
+    assert [int(a) for a in turn.transform[:, 0]] == [2 - t for t in transpose]  # back to the file's axes
+    # The plain patch affine (all signs positive) would mirror a patch for a model of a non-RAS file.
+    assert (reorientation_to(plain, (10, 12, 14), codes).transform[:, 1] == -1).any() == (codes != "RAS")
+    assert np.array_equal(in_model_frame(plain, None), plain)
 
 
 # ---------------------------------------------------------------- the transform on one patch
