@@ -81,6 +81,35 @@ def test_deterministic_matches_insert_tumor_and_keeps_metadata(model, source):
     assert json.loads(out["record"])["parameters"] == expected.record["parameters"]
 
 
+def test_an_itk_lps_affine_places_the_tumor_where_the_ras_one_does(model, source):
+    parameters = InsertionParameters(seed=3)  # where the tumor physically is: the world matters
+    ras = sample()
+    lps = sample()
+    lps["image"] = MetaTensor(ras["image"].clone(), affine=torch.from_numpy(np.diag([-1.0, -1, 1, 1]) @ AFFINE),
+                              meta={"space": "LPS"})
+    expected = TumorInsertiond("image", model, source, parameters)(ras)
+    out = TumorInsertiond("image", model, source, parameters)(lps)
+    np.testing.assert_array_equal(out["image"][0].numpy(), expected["image"][0].numpy())
+    np.testing.assert_array_equal(out["label"][0].numpy(), expected["label"][0].numpy())
+    assert out["label"][0].numpy().any()
+
+
+def test_a_plain_array_is_taken_as_stored_like_the_model_s_file(model, source, tmp_path):
+    from singan_insert import Harmonizer
+
+    lps_model = Harmonizer.load(model)
+    lps_model.metadata["provenance"] = {**lps_model.provenance, "orientation": "LPS"}
+    path = lps_model.save(tmp_path / "lps.safetensors")
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5, seed=3)
+    image = volume(2)[0]
+    out = TumorInsertiond("image", str(path), source, parameters, record_key="record")({"image": image[None]})
+    assert "orientation" not in json.loads(out["record"])  # not mirrored into the model's LPS
+    # Its voxel axes run as the model file's do (L, P, S): no axis is flipped for the model.
+    expected = insert_tumor(image, np.diag([-1.0, -1, 1, 1]), source, load_harmonizer(str(path)), parameters)
+    np.testing.assert_array_equal(np.asarray(out["image"])[0], expected.image)
+    assert "orientation" not in expected.record
+
+
 def test_existing_label_keeps_its_values_and_metadata(model, source):
     data = sample()
     label = np.zeros((1, *SHAPE), np.uint8)

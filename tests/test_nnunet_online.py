@@ -27,7 +27,6 @@ from singan_insert.integrations import nnunet as online  # noqa: E402
 from singan_insert.integrations.nnunet import (  # noqa: E402
     OnlineInsertionSettings,
     TumorInsertionTransform,
-    in_model_frame,
     patch_affine,
     read_online_settings,
     write_online_settings,
@@ -112,7 +111,7 @@ def test_patch_affine_maps_each_array_axis_to_its_world_axis():
 @pytest.mark.parametrize("codes", ["RAS", "LPS", "PIR"])
 @pytest.mark.parametrize("transpose", [(0, 1, 2), (2, 0, 1)])
 def test_patches_reach_the_model_s_orientation_by_undoing_the_transpose_only(codes, transpose):
-    from singan_insert.insertion.orientation import reorientation_to
+    from singan_insert.insertion.orientation import in_model_frame, reorientation_to
 
     plain = patch_affine((1.5, 0.8, 0.7), transpose)
     turn = reorientation_to(in_model_frame(plain, codes), (10, 12, 14), codes)

@@ -29,7 +29,7 @@ import numpy as np
 
 from singan_insert.errors import SinganInsertError
 
-__all__ = ["Reorientation", "check_orientation_codes", "reorientation_to"]
+__all__ = ["Reorientation", "check_orientation_codes", "in_model_frame", "reorientation_to"]
 
 
 def check_orientation_codes(codes: Any, what: str = "orientation") -> str:
@@ -120,3 +120,26 @@ def reorientation_to(affine: np.ndarray, shape: Sequence[int], codes: str) -> Re
     wanted = axcodes2ornt(tuple(check_orientation_codes(codes)))
     current = io_orientation(np.asarray(affine, dtype=np.float64))
     return Reorientation(ornt_transform(current, wanted), tuple(int(s) for s in shape))
+
+
+def in_model_frame(affine: np.ndarray, codes: str | None) -> np.ndarray:
+    """``affine`` with its world axes renamed as the model's training file names its voxel axes.
+
+    For geometry that knows its voxel axes but not their directions (nnU-Net's patches, an array
+    without an affine): world axis :math:`k` of ``affine`` is taken to be voxel axis :math:`k` of
+    a file stored as the model's training file, which runs along ``codes[k]``. Insertion then
+    brings such a volume into the model's orientation by permuting its axes only, never by
+    mirroring it (which an affine of positive signs would do for a model of an LPS file).
+    ``codes=None`` (a model without a recorded orientation): ``affine`` unchanged.
+    """
+    if codes is None:
+        return affine
+    codes = check_orientation_codes(codes, "model's orientation")
+    out = np.zeros((4, 4))
+    out[3, 3] = 1.0
+    for axis in range(3):
+        file_axis = int(np.flatnonzero(affine[:3, axis])[0])
+        code = codes[file_axis]
+        out["RLAPSI".index(code) // 2, axis] = (1.0 if code in "RAS" else -1.0) * abs(affine[file_axis, axis])
+    out[:3, 3] = affine[:3, 3]
+    return out

@@ -19,7 +19,9 @@ They follow MONAI's conventions (``RandGaussianNoised`` is the model):
   all-zero map is created if the dictionary had none), so samples always collate.
 * Physical units come from the MetaTensor's affine (MONAI's affines are voxel-to-world RAS
   millimetres, like TorchIO's), so the harmonizer sees slices at their real pixel size and
-  ``context_mm`` means millimetres. A plain array has no affine and is taken as 1 mm isotropic.
+  ``context_mm`` means millimetres. A plain array has no affine and is taken as 1 mm isotropic,
+  stored like the model's training file (:func:`~singan_insert.insertion.orientation.in_model_frame`);
+  an affine in ITK's LPS world (meta ``space``) is converted to RAS.
 * The network is never carried by a transform: transforms hold the model file's path and load
   it lazily, once per process and device
   (:func:`singan_insert.integrations.torchio.load_harmonizer`), so they pickle small and work in
@@ -54,6 +56,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise MissingExtraError("monai", "monai", "The MONAI transforms") from error
 
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
+from singan_insert.insertion.orientation import in_model_frame
 from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
 from singan_insert.insertion.sampling import check_integer, check_probability
@@ -83,16 +86,24 @@ def _single_key(keys: KeysCollection) -> Hashable:
     return keys[0]
 
 
-def _volume_and_affine(value: Any, key: Hashable) -> tuple[np.ndarray, np.ndarray]:
-    """The (X, Y, Z) array of a channel-first image and its affine (identity without one)."""
+def _volume_and_affine(value: Any, key: Hashable) -> tuple[np.ndarray, np.ndarray | None]:
+    """The (X, Y, Z) array of a channel-first image and its RAS affine (``None`` without one)."""
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if array.ndim != 4 or array.shape[0] != 1:
         raise SinganInsertError(
             f"{key!r} must be a channel-first 3D image of shape (1, X, Y, Z), got {array.shape}. "
             "Put EnsureChannelFirstd before the insertion (one channel per image).")
     affine = getattr(value, "affine", None)
-    affine = np.eye(4) if affine is None else np.asarray(
-        affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if affine is None:
+        return array[0], None
+    affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    # MONAI's ITK reader can keep ITK's LPS world (meta "space"); the library's world is RAS, as
+    # NIfTI's, TorchIO's and MONAI's default: an LPS affine would mirror placements and orientation.
+    space = str(getattr(value, "meta", {}).get("space", "RAS")).upper()
+    if space == "LPS":
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    elif space != "RAS":
+        raise SinganInsertError(f"{key!r} has an affine in the space {space!r}; RAS or LPS are understood.")
     return array[0], check_affine(affine, f"affine of {key!r}")
 
 
@@ -154,6 +165,9 @@ class _InsertionBase(MapTransform):
                 "pass allow_missing_keys=True to let such samples through.")
         image = d[self.image_key]
         volume, affine = _volume_and_affine(image, self.image_key)
+        harmonizer = load_harmonizer(self.model, self.device)
+        if affine is None:  # voxels of unknown directions: taken as stored like the model's file
+            affine = in_model_frame(np.eye(4), harmonizer.orientation)
         label_in = d.get(self.label_key)
         label = None if label_in is None else _on_same_grid(label_in, self.label_key, image, self.image_key)
         parameters, source = parameters_for(d, volume, affine, label)
@@ -163,8 +177,8 @@ class _InsertionBase(MapTransform):
                 empty = np.zeros(volume.shape, dtype=default_label_dtype(self.parameters.label_value))
                 d[self.label_key] = _on_grid_of(empty, image, None)
         else:
-            result = insert_tumor(volume, affine, source, load_harmonizer(self.model, self.device),
-                                  parameters, target_label=label, modality=self.modality)
+            result = insert_tumor(volume, affine, source, harmonizer, parameters, target_label=label,
+                                  modality=self.modality)
             d[self.image_key] = _on_grid_of(result.image, image, image)
             d[self.label_key] = _on_grid_of(result.label, image, label_in)
             record = json.dumps(result.record, default=str)

@@ -32,7 +32,8 @@ axis stays the patch's through-plane axis. The harmonizer (``model``, trained on
 the dataset's modality) harmonizes along the through-plane axis (the largest spacing). A model
 that records its training file's orientation sees each patch in that orientation: the dataset's
 files are taken to be stored as that file, so only nnU-Net's transpose is undone
-(:func:`in_model_frame`; with a reader that reorients to RAS, train the model on a RAS file).
+(:func:`~singan_insert.insertion.orientation.in_model_frame`; with a reader that reorients to
+RAS, train the model on a RAS file).
 
 Placement (``placement``): ``"foreground"`` puts the tumor's centroid on a voxel of nnU-Net's
 foreground (the non-zero region it cropped to; outside it the segmentation holds -1), a list
@@ -71,7 +72,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     raise MissingExtraError("nnunetv2", "nnunet", "On-the-fly tumor insertion in nnU-Net") from error
 
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
-from singan_insert.insertion.orientation import check_orientation_codes
+from singan_insert.insertion.orientation import in_model_frame
 from singan_insert.insertion.placement import SourceTumor
 from singan_insert.insertion.sampling import InsertionRanges
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
@@ -85,7 +86,6 @@ __all__ = [
     "nnUNetTrainerTumorInsertion",
     "nnUNetTrainerTumorInsertion_Short",
     "nnUNetTrainerTumorInsertion_Smoke",
-    "in_model_frame",
     "patch_affine",
     "read_online_settings",
     "write_online_settings",
@@ -235,28 +235,6 @@ def patch_affine(spacing: Sequence[float], transpose_forward: Sequence[int]) -> 
         affine[2 - int(source_axis), axis] = float(size)
     affine[3, 3] = 1.0
     return affine
-
-
-def in_model_frame(affine: np.ndarray, codes: str | None) -> np.ndarray:
-    """A :func:`patch_affine` whose world axes run as the model's training file's voxel axes do.
-
-    nnU-Net does not reorient: its arrays are the files' voxel grids, transposed. A patch cannot
-    tell how the files were stored, so they are taken to be stored as the model's training file
-    (``codes``, :attr:`~singan_insert.harmonizer.model.Harmonizer.orientation`): voxel axis
-    :math:`k` of a file runs along ``codes[k]``. Insertion then brings a patch into the model's
-    orientation by undoing nnU-Net's transpose only, never by mirroring it (which the signs of
-    :func:`patch_affine`, all positive, would do for a model of an LPS file). ``None``: unchanged.
-    """
-    if codes is None:
-        return affine
-    codes = check_orientation_codes(codes, "model's orientation")
-    out = np.zeros((4, 4))
-    out[3, 3] = 1.0
-    for axis in range(3):
-        file_axis = int(np.flatnonzero(affine[:3, axis])[0])
-        code = codes[file_axis]
-        out["RLAPSI".index(code) // 2, axis] = (1.0 if code in "RAS" else -1.0) * abs(affine[file_axis, axis])
-    return out
 
 
 class TumorInsertionTransform(BasicTransform):
