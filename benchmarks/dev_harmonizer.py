@@ -59,7 +59,6 @@ import os
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage

@@ -16,7 +16,7 @@ from test_volume import AFFINE, SHAPE, TUMOR, ellipsoid, synthetic_volume
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.training_slice import load_training_slice
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
-from singan_insert.insertion.orientation import check_orientation_codes, reorientation_to
+from singan_insert.insertion.orientation import axis_direction, check_orientation_codes, reorientation_to
 from singan_insert.insertion.placement import Placement, SourceTumor
 from singan_insert.io import orientation_codes
 
@@ -138,6 +138,7 @@ def test_a_bad_orientation_in_the_model_is_refused_clearly(tiny_harmonizer, case
     with pytest.raises(SinganInsertError, match="model's orientation 'RAR' is not three axis codes"):
         insert_tumor(target, AFFINE, source, model)
     assert check_orientation_codes("lps") == "LPS"
+    assert [axis_direction(c) for c in "LPS"] == ["L-R", "P-A", "S-I"]
     for bad in ("RA", "RASS", "XYZ", None, 3):
         with pytest.raises(SinganInsertError):
             check_orientation_codes(bad)

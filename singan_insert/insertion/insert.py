@@ -92,8 +92,9 @@ from singan_insert.insertion.annotation import (
     render_rim,
     rim_scale,
 )
-from singan_insert.insertion.orientation import Reorientation, check_orientation_codes, reorientation_to
-from singan_insert.insertion.intensity import (TISSUE_THRESHOLD, IntensityMode, check_intensity_mode,
+from singan_insert.insertion.orientation import (Reorientation, axis_direction, check_orientation_codes,
+                                                 reorientation_to)
+from singan_insert.insertion.intensity import (TISSUE_THRESHOLD, IntensityMode, air_level, check_intensity_mode,
                                                map_tumor_intensities, robust_range)
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite, check_positive
@@ -391,9 +392,6 @@ def _turned_back(result: InsertionResult, back: Reorientation, placement: Placem
                            mask=back.array(result.mask), record=record, composite=composite)
 
 
-_OPPOSITE = {"R": "L", "L": "R", "A": "P", "P": "A", "S": "I", "I": "S"}
-
-
 def _plane_mismatch(axis: int, model_axis: int, codes: str | None) -> str:
     """The warning for tumor slices cut across another axis than the model's training slice."""
     if codes is None:
@@ -401,7 +399,7 @@ def _plane_mismatch(axis: int, model_axis: int, codes: str | None) -> str:
                 f"axis {model_axis}: the tumor slices are cut along axis {axis}, in a plane the model may "
                 f"not have seen. Pass axis={model_axis} to harmonize in the model's plane, or train a "
                 "model on this plane.")
-    runs = {a: f"{codes[a]}-{_OPPOSITE[codes[a]]}" for a in range(3)}
+    runs = {a: axis_direction(codes[a]) for a in range(3)}
     return (f"The target's thickest axis runs {runs[axis]} but the model was trained on slices cut across "
             f"{runs[model_axis]}: the tumor slices are cut across {runs[axis]}, in a plane the model has not "
             f"seen. Pass as axis the target's voxel axis that runs {runs[model_axis]} to harmonize in the "
@@ -639,10 +637,8 @@ def _background_fraction(values: np.ndarray, quantiles: np.ndarray) -> float:
     """Fraction of the target ``values`` under the tumor that are background, as
     :func:`~singan_insert.insertion.intensity.tissue_values` tells it (0 for an image with negative
     values, whose air cannot be told by intensity)."""
-    if quantiles[0] < 0:
-        return 0.0
-    p995 = float(np.interp(0.995, np.linspace(0.0, 1.0, len(quantiles)), quantiles))
-    return float(np.mean(values <= TISSUE_THRESHOLD * p995))
+    level = air_level(float(np.interp(0.995, np.linspace(0.0, 1.0, len(quantiles)), quantiles)), quantiles[0])
+    return 0.0 if level is None else float(np.mean(values <= level))
 
 
 def _model_grid(slices, plane_spacing, harmonizer) -> torch.Tensor:

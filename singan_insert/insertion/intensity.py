@@ -126,16 +126,24 @@ def soft_knee(unit: np.ndarray, knee: float = KNEE) -> np.ndarray:
 TISSUE_THRESHOLD = 0.05
 
 
+def air_level(p995: float, minimum: float, threshold: float = TISSUE_THRESHOLD) -> float | None:
+    """The level at or below which a magnitude image is air: ``threshold`` times its 99.5th
+    percentile ``p995``; ``None`` for an image with negative values (``minimum < 0``: already
+    standardised, CT), whose air cannot be told by intensity."""
+    return None if minimum < 0 else threshold * p995
+
+
 def tissue_values(values: np.ndarray, threshold: float = TISSUE_THRESHOLD) -> np.ndarray:
-    """The values of a magnitude image above ``threshold`` times its 99.5th percentile (tissue, not air).
+    """The values of a magnitude image above its :func:`air_level` (tissue, not air).
 
     Images with negative values (already standardised, CT) and images where that would leave
     fewer than 5 % of the values are returned whole: their air cannot be told this way.
     """
     flat = np.asarray(values, dtype=np.float64).ravel()
-    if flat.size == 0 or flat.min() < 0:
+    level = None if flat.size == 0 else air_level(float(np.percentile(flat, 99.5)), float(flat.min()), threshold)
+    if level is None:
         return flat
-    tissue = flat[flat > threshold * np.percentile(flat, 99.5)]
+    tissue = flat[flat > level]
     return tissue if tissue.size >= max(8, flat.size // 20) else flat
 
 

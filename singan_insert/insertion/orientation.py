@@ -29,14 +29,26 @@ import numpy as np
 
 from singan_insert.errors import SinganInsertError
 
-__all__ = ["Reorientation", "check_orientation_codes", "in_model_frame", "reorientation_to"]
+__all__ = ["Reorientation", "axis_direction", "check_orientation_codes", "in_model_frame", "reorientation_to"]
+
+#: The world axes x, y, z of the RAS+ convention, each as (positive, negative) direction code.
+AXIS_CODE_PAIRS = ("RL", "AP", "SI")
+
+
+def _world_axis(code: str) -> int:
+    return next((i for i, pair in enumerate(AXIS_CODE_PAIRS) if code in pair), -1)
+
+
+def axis_direction(code: str) -> str:
+    """The line a voxel axis of code ``code`` runs along, e.g. ``"L"`` -> ``"L-R"``."""
+    pair = AXIS_CODE_PAIRS[_world_axis(code)]
+    return f"{code}-{pair[1] if code == pair[0] else pair[0]}"
 
 
 def check_orientation_codes(codes: Any, what: str = "orientation") -> str:
     """``codes`` as three axis codes, one of R/L, A/P, S/I each (case-insensitive); a clear error otherwise."""
     text = codes.upper() if isinstance(codes, str) else ""
-    groups = sorted(next((i for i, pair in enumerate(("RL", "AP", "SI")) if c in pair), -1) for c in text)
-    if groups != [0, 1, 2]:
+    if sorted(_world_axis(c) for c in text) != [0, 1, 2]:
         raise SinganInsertError(
             f"The {what} {codes!r} is not three axis codes (one of R/L, one of A/P, one of S/I, "
             "e.g. 'RAS'). Retrain the model from a NIfTI volume, or correct the value.")
@@ -140,6 +152,7 @@ def in_model_frame(affine: np.ndarray, codes: str | None) -> np.ndarray:
     for axis in range(3):
         file_axis = int(np.flatnonzero(affine[:3, axis])[0])
         code = codes[file_axis]
-        out["RLAPSI".index(code) // 2, axis] = (1.0 if code in "RAS" else -1.0) * abs(affine[file_axis, axis])
+        positive = code == AXIS_CODE_PAIRS[_world_axis(code)][0]
+        out[_world_axis(code), axis] = (1.0 if positive else -1.0) * abs(affine[file_axis, axis])
     out[:3, 3] = affine[:3, 3]
     return out
