@@ -96,13 +96,13 @@ def insertion_times(model, subject, volume: np.ndarray, slices: int, repeats: in
     rows = []
     for name, appearance, harmonizer in (("auto", "auto", model), ("auto, annotated model", "auto", annotated),
                                          ("fixed", "fixed", model)):
-        parameters = InsertionParameters(appearance=appearance, contrast=0.5)
+        parameters = InsertionParameters(appearance=appearance, contrast=0.5 if appearance == "fixed" else 1.0)
         insert_tumor(volume, subject.affine_b, source, harmonizer, parameters)  # warm-up
         times, cpu = [], []
         for repeat in range(repeats):
             started, started_cpu = time.perf_counter(), time.process_time()
             insert_tumor(volume, subject.affine_b, source, harmonizer,
-                         InsertionParameters(appearance=appearance, contrast=0.5, seed=repeat))
+                         replace(parameters, seed=repeat))
             times.append(time.perf_counter() - started)
             cpu.append(time.process_time() - started_cpu)
         median = statistics.median(times)

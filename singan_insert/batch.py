@@ -58,6 +58,7 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import INTENSITY_MODES, check_intensity_mode
 from singan_insert.insertion.sampling import (
     InsertionRanges,
+    check_contrast_applies,
     check_integer,
     check_non_negative,
     check_seed,
@@ -99,7 +100,7 @@ class InsertSettings:
     Args:
         num: augmentations per case, >= 1.
         appearance: ``"auto"`` (default: the model chooses each tumor's level in the target
-            modality, :mod:`singan_insert.insertion.appearance`; ``contrast`` is then unused) or
+            modality, :mod:`singan_insert.insertion.appearance`; a ``contrast`` other than 1 is then refused) or
             ``"fixed"`` (the paper's method with the drawn :math:`\\lambda`).
         contrast: :math:`\\lambda` (> 0), used with ``appearance="fixed"``, in any spelling of
             :func:`~singan_insert.insertion.sampling.parse_contrast`: a number, a ``set`` of
@@ -141,6 +142,8 @@ class InsertSettings:
         set_("num", check_integer(self.num, "num", 1))
         if self.appearance not in ("auto", "fixed"):
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
+        check_contrast_applies(self.contrast, self.appearance,
+                               fixed_spelling="appearance='fixed' (command line: --appearance fixed)")
         set_("contrast", parse_contrast(self.contrast, "contrast"))
         set_("start_scale", parse_start_scale(self.start_scale, "start_scale"))
         check_intensity_mode(self.intensity_mode)
@@ -187,8 +190,8 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): the model chooses each tumor's level in the target "
                              "modality; fixed: the paper's method with --contrast")
     parser.add_argument("--contrast", nargs="+", default=["1.0"],
-                        help="contrast factors lambda to draw from (GBA: 0.5 0.8 1.5), or one range "
-                             "LOW:HIGH drawn uniformly")
+                        help="with --appearance fixed: contrast factors lambda to draw from (GBA: "
+                             "0.5 0.8 1.5), or one range LOW:HIGH drawn uniformly")
     parser.add_argument("--start-scale", nargs="+",
                         help="start scales to draw from, or one range LOW:HIGH (write "
                              "--start-scale=-3:-1 for negative ranges; default: the model's)")

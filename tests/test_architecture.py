@@ -159,7 +159,7 @@ def test_a_transform_pickled_under_its_old_path_loads(monkeypatch, tmp_path):
 
     model = tmp_path / "harmonizer.safetensors"
     model.write_bytes(b"")  # the transform checks the path exists; it loads the model lazily
-    transform = TumorInsertion(str(model), "ceT1", (10, 12, 4), contrast=0.5, seed=3)
+    transform = TumorInsertion(str(model), "ceT1", (10, 12, 4), contrast=0.5, seed=3, appearance="fixed")
     # A pickle written by version 0.1 names the class by its old module (protocol 0 is text,
     # so the module name can be rewritten in place).
     data = pickle.dumps(transform, protocol=0)

@@ -64,7 +64,8 @@ def test_harmonize_npy(tiny_model_dir, tmp_path):
 def test_insert_folder_resume_and_replay(tiny_model_dir, crossmoda_folder, tmp_path, capsys):
     out = tmp_path / "augmented"
     args = ["insert", "--model", str(tiny_model_dir), "--data-root", str(crossmoda_folder), "--out", str(out),
-            "--target-suffix", "hrT2", "--num", "2", "--contrast", "0.5", "0.8", "--seed", "3"]
+            "--target-suffix", "hrT2", "--num", "2", "--contrast", "0.5", "0.8", "--appearance", "fixed",
+            "--seed", "3"]
     assert main(args) == 0
     records = sorted(out.glob("*.json"))
     assert len(records) == 4

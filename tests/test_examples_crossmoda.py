@@ -211,7 +211,7 @@ def test_synthetic_chain_runs_end_to_end(tmp_path, one_thread, capsys):
         assert tumor.any()
         assert not np.allclose(harmonized[tumor], naive[tumor])
         record = json.loads((pipeline.bprime_dir("harmonized") / f"{stem}.json").read_text())
-        assert record["parameters"]["contrast"] == 0.5
+        assert record["parameters"]["appearance"] == "auto"  # the default: the model chooses the level
         far = np.ones_like(tumor)
         far[tuple(slice(max(int(i.min()) - 8, 0), int(i.max()) + 9) for i in np.nonzero(tumor))] = False
         np.testing.assert_array_equal(harmonized[far], fake_of(pipeline, n)[far])

@@ -60,13 +60,13 @@ def sample(seed: int = 2) -> dict:
 
 
 def random_transform(model, source, **kwargs) -> RandTumorInsertiond:
-    kwargs = {"placement_key": "brain", "contrast": (0.5, 0.8), "record_key": "record", **kwargs}
+    kwargs = {"placement_key": "brain", "record_key": "record", **kwargs}
     return RandTumorInsertiond("image", model, [source], **kwargs)
 
 
 # ---------------------------------------------------------------- deterministic transform
 def test_deterministic_matches_insert_tumor_and_keeps_metadata(model, source):
-    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5, seed=3)
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), seed=3)
     data = sample()
     data["image"].meta["filename_or_obj"] = "case2_hrT2.nii.gz"
     out = TumorInsertiond("image", model, source, parameters, record_key="record")(data)
@@ -100,7 +100,7 @@ def test_a_plain_array_is_taken_as_stored_like_the_model_s_file(model, source, t
     lps_model = Harmonizer.load(model)
     lps_model.metadata["provenance"] = {**lps_model.provenance, "orientation": "LPS"}
     path = lps_model.save(tmp_path / "lps.safetensors")
-    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5, seed=3)
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), seed=3)
     image = volume(2)[0]
     out = TumorInsertiond("image", str(path), source, parameters, record_key="record")({"image": image[None]})
     assert "orientation" not in json.loads(out["record"])  # not mirrored into the model's LPS
@@ -116,7 +116,7 @@ def test_existing_label_keeps_its_values_and_metadata(model, source):
     label[0, 2:5, 2:5, 2:4] = 2
     data["label"] = MetaTensor(torch.from_numpy(label), affine=torch.from_numpy(AFFINE),
                                meta={"filename_or_obj": "case2_Label.nii.gz"})
-    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5)
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)))
     out = TumorInsertiond("image", model, source, parameters)(data)
     assert set(torch.unique(out["label"]).tolist()) == {0, 1, 2}
     assert out["label"].meta["filename_or_obj"] == "case2_Label.nii.gz"
@@ -182,7 +182,7 @@ def test_transforms_pickle_small_without_the_network(model, source):
 
 
 def test_cache_and_persistent_datasets_cache_only_the_deterministic_part(model, source, tmp_path):
-    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)), contrast=0.5)
+    parameters = InsertionParameters(placement=Placement(location=(20, 21, 8)))
     transforms = Compose([TumorInsertiond("image", model, source, parameters, label_key="first"),
                           random_transform(model, source)])
     transforms.set_random_state(0)
@@ -210,7 +210,8 @@ def test_bad_input_gives_clear_errors(model, source):
     with pytest.raises(SinganInsertError, match="prob"):
         RandTumorInsertiond("image", model, [source], prob=1.5)
     with pytest.raises(SinganInsertError, match="contrast"):
-        RandTumorInsertiond("image", model, [source], contrast=(0.8, 0.5))
+        RandTumorInsertiond("image", model, [source], contrast=(0.8, 0.5),
+                            parameters=InsertionParameters(appearance="fixed"))
     with pytest.raises(SinganInsertError, match="EnsureChannelFirstd"):
         TumorInsertiond("image", model, source)({"image": torch.zeros(SHAPE)})
     with pytest.raises(SinganInsertError, match="no image 'image'"):

@@ -32,13 +32,14 @@ def source():
 
 
 def cases(source):
-    def parameters(location, contrast, seed):
-        return InsertionParameters(placement=Placement(location=location), contrast=contrast, seed=seed)
+    def parameters(location, seed, **fixed):
+        return InsertionParameters(placement=Placement(location=location), seed=seed, **fixed)
 
     return [
-        # Cases 0 and 1: the same slice geometry (one forward pass), other data, seeds, lambda.
-        InsertionCase(volume(2), AFFINE, source, parameters((22, 25, 8), 0.5, 1)),
-        InsertionCase(volume(3), AFFINE, source, parameters((26, 22, 7), 0.8, 2)),
+        # Cases 0 and 1: the same slice geometry (one forward pass), other data, seeds and
+        # appearance (the model's choice; the paper's fixed lambda).
+        InsertionCase(volume(2), AFFINE, source, parameters((22, 25, 8), 1)),
+        InsertionCase(volume(3), AFFINE, source, parameters((26, 22, 7), 2, appearance="fixed", contrast=0.8)),
         # Case 2: a larger volume and a rotated tumor: another geometry.
         InsertionCase(volume(4, (56, 52, 16)), AFFINE, source, InsertionParameters(
             placement=Placement(location=(30, 26, 8), rotation_degrees=(0, 0, 30)), seed=3),
@@ -73,7 +74,8 @@ def test_batched_cases_stored_otherwise_are_inserted_in_the_model_s_orientation(
     flipped = [InsertionCase(np.ascontiguousarray(c.target_image[::-1]), mirrored, c.source,
                              InsertionParameters(placement=Placement(location=(47 - c.parameters.placement.location[0],
                                                                                *c.parameters.placement.location[1:])),
-                                                 contrast=c.parameters.contrast, seed=c.parameters.seed))
+                                                 appearance=c.parameters.appearance, contrast=c.parameters.contrast,
+                                                 seed=c.parameters.seed))
                for c in plain]
     expected = insert_tumors(plain, model)
     results = insert_tumors(flipped, model)

@@ -68,7 +68,7 @@ def source():
 
 
 def transform(model, source, **settings):
-    settings = OnlineInsertionSettings(model=model, probability=1.0, contrast=(0.5, 0.8), **settings)
+    settings = OnlineInsertionSettings(model=model, probability=1.0, **settings)
     return TumorInsertionTransform(settings, [source], patch_affine(PATCH_SPACING, (0, 1, 2)))
 
 
@@ -77,7 +77,8 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
     monkeypatch.delenv(online.SETTINGS_VARIABLE, raising=False)
     with pytest.raises(SinganInsertError, match="write_online_settings"):
         read_online_settings(tmp_path)
-    settings = OnlineInsertionSettings(model=model, probability=0.3, placement=[2], contrast=(0.5, 1.5))
+    settings = OnlineInsertionSettings(model=model, probability=0.3, placement=[2], contrast=(0.5, 1.5),
+                                       appearance="fixed")
     path = write_online_settings(tmp_path, settings)
     assert path.name == "singan_insert_online.json"
     assert read_online_settings(tmp_path) == settings
@@ -92,7 +93,7 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
 
 @pytest.mark.parametrize("bad, match", [
     ({"probability": 1.5}, "probability"), ({"placement": "brain"}, "placement"),
-    ({"contrast": (0.8, 0.5)}, "contrast"), ({"overlap": "merge"}, "overlap"),
+    ({"contrast": (0.8, 0.5), "appearance": "fixed"}, "contrast"), ({"overlap": "merge"}, "overlap"),
     ({"label_value": 0}, "label_value"),
 ])
 def test_bad_settings_are_rejected_up_front(bad, match):
@@ -217,7 +218,7 @@ def test_real_nnunet_training_receives_inserted_tumors_and_never_reads_validatio
     (preprocessed / "splits_final.json").write_text(json.dumps(
         [{"train": [f"case{i}" for i in range(5)], "val": ["case5"]}]))
     write_online_settings(preprocessed, OnlineInsertionSettings(
-        model=model, probability=1.0, contrast=(0.5, 0.8), degrees=5.0))
+        model=model, probability=1.0, degrees=5.0))
 
     trainer = "singan_insert.integrations.nnunet.nnUNetTrainerTumorInsertion_Smoke"
     ws.train(dataset, "3d_fullres", 0, trainer=trainer, validate=False, timeout=400)

@@ -352,7 +352,7 @@ def test_resume_redoes_deleted_or_changed_outputs(model, data, sandbox, capsys, 
                                                   tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     out = sandbox / "out"
-    common = ["--data-root", str(data), "--out", str(out), "--seed", "4"]
+    common = ["--data-root", str(data), "--out", str(out), "--seed", "4", "--appearance", "fixed"]
     before = files_under(sandbox)
     assert insert(model, *common, "--contrast", "0.5") == 0
     assert len(list(out.glob("*.json"))) == 3
@@ -543,8 +543,8 @@ def test_two_concurrent_writers(model, data, reference, sandbox):
         # Pause the first writer so that the second surely arrives while it holds the folder.
         first.send_signal(signal.SIGSTOP)
         try:
-            second = subprocess.run(_command(model, data, out, "--contrast", "0.8"), env=_environment(),
-                                    capture_output=True, text=True, timeout=120)
+            second = subprocess.run(_command(model, data, out, "--appearance", "fixed", "--contrast", "0.8"),
+                                    env=_environment(), capture_output=True, text=True, timeout=120)
         finally:
             first.send_signal(signal.SIGCONT)
         assert first.wait(300) == 0

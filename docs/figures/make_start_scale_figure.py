@@ -49,7 +49,7 @@ def main() -> None:
     trained = time.perf_counter() - started
     scales = list(harmonizer.valid_start_scales)
     case = run_case("subject 1", simulate_subject(1), harmonizer, scales,
-                    InsertionParameters(contrast=CONTRAST, seed=0))
+                    InsertionParameters(appearance="fixed", contrast=CONTRAST, seed=0))
     methods = ["naive_mapped", *[f"singan_s{s}" for s in scales]]
     row = case.panel_row(methods)
 

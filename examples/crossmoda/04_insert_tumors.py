@@ -4,7 +4,7 @@ This is ``singan-insert insert`` (:func:`singan_insert.batch.augment_case`) on t
 with the fake hrT2 as target::
 
     singan-insert insert --model <work>/harmonizer --data-root <work>/grid/source \
-        --target-suffix fakehrT2 --contrast 0.5 --axis 2 --out <work>/bprime/harmonized
+        --target-suffix fakehrT2 --axis 2 --out <work>/bprime/harmonized
 
 For the ablation, the naive paste of each very insertion (same placement, intensity mapping
 and contrast factor, no harmonization) is written to ``<work>/bprime/naive``.
@@ -21,7 +21,10 @@ from _common import run_step  # noqa: E402
 
 
 def step(pipeline, args) -> None:
-    print(f"[4/7] Inserting tumors (contrast factors {pipeline.settings.contrast}) ...", flush=True)
+    settings = pipeline.settings
+    how = ("the model chooses each tumor's level" if settings.appearance == "auto"
+           else f"the paper's fixed contrast factors {settings.contrast}")
+    print(f"[4/7] Inserting tumors ({how}) ...", flush=True)
     written = pipeline.insert_tumors()
     print(f"B': {len(written['harmonized'])} harmonized volumes in {pipeline.bprime_dir('harmonized')}, "
           f"{len(written['naive'])} naive pastes in {pipeline.bprime_dir('naive')}")

@@ -82,7 +82,7 @@ def main() -> None:
     ws.plan_and_preprocess(dataset, ("3d_fullres",))
     write_online_settings(ws.preprocessed / dataset.folder_name, OnlineInsertionSettings(
         model=str(model / "harmonizer.safetensors"), probability=args.probability, sources=sources,
-        contrast=(0.5, 0.8), degrees=10.0))
+        degrees=10.0))
     trainer = f"singan_insert.integrations.nnunet.{TRAINERS[args.trainer]}"
     fold = ws.train(dataset, "3d_fullres", 0, trainer=trainer, device=args.device, validate=False)
     log = (ws.logs / "train_fold0.log").read_text()

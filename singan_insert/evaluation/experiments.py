@@ -250,18 +250,17 @@ def input_key(value: InputPaste) -> str:
 
 def default_parameters(value: InputPaste, seed: int) -> InsertionParameters:
     """The library's default insertion for an input: ``InsertionParameters()`` with only the
-    noise seed and, for a numeric input, the contrast factor set."""
-    parameters = InsertionParameters(seed=seed)
-    return parameters if value == "raw" else replace(parameters, contrast=float(value))
+    noise seed set. The automatic appearance takes no contrast factor (it chooses each tumor's
+    own), so every input gets the same insertion: that the input does not matter is the point."""
+    return InsertionParameters(seed=seed)
 
 
 def paper_parameters(value: InputPaste, start_scale: int, seed: int) -> InsertionParameters:
-    """The paper's mode: the input paste harmonized from a fixed ``start_scale``.
-
-    The one place to change should the default insertion stop being the paper's mode.
-    """
-    return replace(default_parameters(value, seed), appearance="fixed", texture=None,
-                   intensity_mode="normalized", start_scale=start_scale)
+    """The paper's mode: the input paste (its :math:`\\lambda`; ``"raw"``: 1) harmonized from a
+    fixed ``start_scale``."""
+    contrast = 1.0 if value == "raw" else float(value)
+    return InsertionParameters(seed=seed, appearance="fixed", contrast=contrast, intensity_mode="normalized",
+                               start_scale=start_scale)
 
 
 @dataclass
@@ -423,7 +422,7 @@ def run_quality(
         for index, case in enumerate(subjects):
             mapped = case.insert(harmonizer, _mapped_parameters(value, "normalized"), composite=True)
             matched = case.insert(harmonizer, _mapped_parameters(value, "matched"), composite=True)
-            contrast = default_parameters(value, 0).contrast
+            contrast = paper_parameters(value, start_scale, 0).contrast
             mapped_source = map_tumor_intensities(case.source_on_target, case.mask, case.washed_out, "normalized",
                                                   contrast)
             outputs = {

@@ -144,7 +144,8 @@ class InsertionParameters:
         intensity_mode: ``"normalized"`` or ``"matched"`` (see :mod:`singan_insert.insertion.intensity`).
         contrast: the factor :math:`\\lambda > 0` of ``appearance="fixed"`` (GBA uses 0.5, 0.8,
             1.5). With ``"auto"`` the model chooses each tumor's :math:`\\lambda` itself and this
-            value has no effect (the result is the same for any input :math:`\\lambda`).
+            value has no effect (the result is the same for any input :math:`\\lambda`; a
+            value other than 1 warns, and the transforms and the command line refuse it).
         start_scale: harmonizer injection scale (negative counts from the finest); ``None``:
             the model's default.
         axis: array axis the slices are cut along (0, 1 or 2); ``None``: the through-plane axis
@@ -483,6 +484,11 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
                       f"appearance='fixed' with contrast={params.contrast:g}. Retrain the model to "
                       "get the automatic appearance.", stacklevel=2)
         appearance = "fixed"
+    if appearance == "auto" and float(params.contrast) != 1.0:
+        warnings.warn(f"contrast={params.contrast:g} has no effect with appearance='auto' (the default), where "
+                      "the model chooses the tumor's level in the target modality itself. Pass "
+                      "InsertionParameters(appearance='fixed', contrast=...) to insert with your contrast "
+                      "factor (the paper's method), or leave contrast out.", stacklevel=3)
     texture = (appearance == "auto") if params.texture is None else params.texture
     resolved = replace(resolved, appearance=appearance, texture=texture)
     mapped = _map_intensities(pasted.image[mask_box], source.quantiles, target_quantiles,

@@ -241,6 +241,35 @@ def parse_contrast(value: Any, name: str = "contrast") -> ValueSpec:
     return spec
 
 
+def check_contrast_applies(contrast: Any, appearance: str, name: str = "contrast", default: Any = 1.0,
+                           fixed_spelling: str = "appearance='fixed'") -> None:
+    """Refuse contrast factors that would be ignored without a word.
+
+    With ``appearance="auto"`` (the default) the model chooses each tumor's :math:`\\lambda`
+    itself and the given one has no effect; a user who sets GBA's ``{0.5, 0.8, 1.5}`` there
+    would train on the model's choice believing it was theirs. ``None`` or ``default`` (the
+    caller's own default value) pass: they are what not choosing looks like.
+
+    Args:
+        contrast: the value as given (any spelling of :func:`parse_contrast`, or ``None``).
+        appearance: ``"auto"`` or ``"fixed"``.
+        name: the argument's name, for the message.
+        default: the caller's default contrast.
+        fixed_spelling: how to ask for the fixed appearance where the user is (e.g.
+            ``"--appearance fixed"`` on the command line).
+    """
+    if appearance != "auto" or contrast is None:
+        return
+    given = parse_contrast(contrast, name)
+    if set(given.values) <= set(parse_contrast(default, name).values):
+        return
+    raise SinganInsertError(
+        f"{name}={given} has no effect with appearance 'auto' (the default), where the model chooses "
+        f"each tumor's level in the target modality itself. To insert with these contrast factors "
+        f"(the paper's or GBA's fixed lambda), pass {fixed_spelling}; to let the model choose, leave "
+        f"{name} out.")
+
+
 def parse_start_scale(value: Any, name: str = "start_scale") -> ValueSpec | None:
     """``None`` (the model's default) or a :class:`ValueSpec` of integer start scales."""
     return None if value is None else parse_spec(value, name, integer=True)

@@ -20,7 +20,7 @@ import numpy as np
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import InsertionParameters
 from singan_insert.insertion.placement import Placement, SourceTumor, placed_bounds
-from singan_insert.insertion.sampling import InsertionRanges
+from singan_insert.insertion.sampling import InsertionRanges, check_contrast_applies
 
 
 def patch_ranges(base: InsertionParameters, contrast: Any = None, start_scale: Any = None,
@@ -33,8 +33,10 @@ def patch_ranges(base: InsertionParameters, contrast: Any = None, start_scale: A
     ``set``); ``degrees`` :math:`d` gives :math:`\\theta_i \\sim U(-d, d)`; ``scale`` :math:`v`
     one isotropic factor :math:`s \\sim U(1 - v, 1 + v)`.
     """
+    contrast = base.contrast if contrast is None else contrast
+    check_contrast_applies(contrast, base.appearance)
     return InsertionRanges(
-        contrast=base.contrast if contrast is None else contrast,
+        contrast=contrast,
         start_scale=base.start_scale if start_scale is None else start_scale,
         flip_axes=flip_axes, flip_probability=flip_probability,
         degrees=degrees, scales=scale, isotropic=True)

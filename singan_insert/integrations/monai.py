@@ -259,7 +259,8 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         placement_values: label values of the placement region.
         contrast: :math:`\lambda` for ``appearance="fixed"`` (in ``parameters``): a number,
             ``(a, b)`` for :math:`U(a, b)` or a set such as ``{0.5, 0.8, 1.5}``; ``None``:
-            ``parameters``' value. The default appearance, ``"auto"``, chooses the level itself.
+            ``parameters``' value. The default appearance, ``"auto"``, chooses the level itself and
+            refuses a contrast other than 1 (it would do nothing).
         start_scale: ``None`` (``parameters``' value, by default the model's), an int, ``(a, b)``
             (both >= 0, or both < 0 counting from the finest scale) or a set.
         degrees: rotation range :math:`d \ge 0` in degrees.

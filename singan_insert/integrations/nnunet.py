@@ -116,8 +116,8 @@ class OnlineInsertionSettings:
         start_scale: harmonizer start scale drawn uniformly in ``[a, b]``; ``None``: the model's
             default.
         intensity_mode: ``"normalized"`` or ``"matched"``.
-        appearance: ``"auto"`` (default: the harmonizer chooses each tumor's level; ``contrast``
-            unused) or ``"fixed"`` (the paper's :math:`\lambda`).
+        appearance: ``"auto"`` (default: the harmonizer chooses each tumor's level; a
+            ``contrast`` is then refused, as it would do nothing) or ``"fixed"`` (the paper's :math:`\lambda`).
         degrees: rotation range :math:`d`: :math:`\theta_i \sim U(-d, d)` about each axis.
         scale: isotropic scale range :math:`v`: :math:`s \sim U(1 - v, 1 + v)`, ``0 <= v < 1``.
         flip_probability: probability of flipping the tumor along each axis.

@@ -64,6 +64,7 @@ from singan_insert.insertion.placement import (
 from singan_insert.insertion.sampling import (
     InsertionRanges,
     check_contrast,
+    check_contrast_applies,
     check_integer,
     check_non_negative,
     check_number,
@@ -215,8 +216,8 @@ class TumorInsertion(Transform):
         source_image_key: for a ``torchio.Subject`` source, which image holds the tumor
             (``None``: its only scalar image). Used at construction only.
         appearance: ``"auto"`` (default: the model chooses the tumor's level in the target
-            modality, see :mod:`singan_insert.insertion.appearance`; ``contrast`` is then
-            unused) or ``"fixed"`` (the paper's method: the given :math:`\lambda`).
+            modality, see :mod:`singan_insert.insertion.appearance`; a ``contrast``
+            other than 1 is then refused, as it would do nothing) or ``"fixed"`` (the paper's method: the given :math:`\lambda`).
         texture, rim, rim_scale, harmonize_tumor: the automatic appearance's parts
             (:class:`~singan_insert.insertion.insert.InsertionParameters`); ``None``: their
             defaults (with an annotated model: B's texture, B's rim scaled to the tumor's size,
@@ -275,6 +276,7 @@ class TumorInsertion(Transform):
         self.location_units = location_units
         self.start_scale = check_start_scale(start_scale)
         self.contrast = check_contrast(contrast)
+        check_contrast_applies(contrast, self.appearance)
         self.seed = check_seed(seed)
         self.flip = tuple(_check_bool(v, "flip") for v in _triple(flip, "flip"))
         self.rotation = tuple(check_number(v, "rotation") for v in _triple(rotation, "rotation"))
@@ -476,6 +478,7 @@ class RandomTumorInsertion(RandomTransform):
         self.ranges = InsertionRanges(
             contrast=contrast, start_scale=start_scale, flip_axes=flip_axes,
             flip_probability=flip_probability, degrees=degrees, scales=scales, isotropic=isotropic)
+        check_contrast_applies(contrast, self.twin_arguments["appearance"])
         self.max_attempts = check_integer(max_attempts, "max_attempts", 1)
         # Validate the fixed arguments now (a twin with no source loads nothing).
         TumorInsertion(self.model, None, **self.twin_arguments)

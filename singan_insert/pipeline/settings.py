@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["PipelineSettings", "schedule"]
 
 
+#: The paper's contrast factor, the pipeline's with ``appearance="fixed"``.
+PAPER_CONTRAST = 0.5
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """Every knob of the pipeline; build one with :meth:`profile` and ``dataclasses.replace``.
@@ -70,7 +74,7 @@ class PipelineSettings:
     harmonizer_preset: str = "fast"
     harmonizer_iterations: int | None = None
     appearance: str = "auto"
-    contrast: tuple[float, ...] = (0.5,)
+    contrast: tuple[float, ...] = (PAPER_CONTRAST,)
     annotate: bool = True
     augmentations: int = 1
     seed: int = 0
@@ -81,7 +85,7 @@ class PipelineSettings:
     def __post_init__(self) -> None:
         if isinstance(self.grid, dict):
             object.__setattr__(self, "grid", WorkingGrid(**self.grid))
-        from singan_insert.insertion.sampling import check_contrast
+        from singan_insert.insertion.sampling import check_contrast, check_contrast_applies
 
         object.__setattr__(self, "contrast", tuple(check_contrast(c, "contrast factor") for c in self.contrast))
         if self.segmenter not in ("small", "nnunet"):
@@ -90,6 +94,7 @@ class PipelineSettings:
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
         if not self.contrast:
             raise SinganInsertError("contrast needs at least one factor.")
+        check_contrast_applies(set(self.contrast), self.appearance, default={PAPER_CONTRAST})
         if not isinstance(self.annotate, bool):
             raise SinganInsertError(f"annotate must be True or False, got {self.annotate!r}.")
         if self.augmentations < 1:

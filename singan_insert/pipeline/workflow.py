@@ -440,7 +440,8 @@ class CrossModaPipeline:
         if not (model / "harmonizer.safetensors").is_file():
             raise SinganInsertError("The harmonizer is not trained yet: run step 3 (03_train_harmonizer.py).")
         settings = InsertSettings(num=self.settings.augmentations, appearance=self.settings.appearance,
-                                  contrast=set(self.settings.contrast),
+                                  # the automatic appearance takes no contrast factor
+                                  contrast=set(self.settings.contrast) if self.settings.appearance == "fixed" else 1.0,
                                   axis=_SLICE_AXIS, seed=self.settings.seed, source_label_value=TUMOR_LABEL,
                                   label_value=TUMOR_LABEL)
         harmonized_dir, naive_dir = self.bprime_dir("harmonized"), self.bprime_dir("naive")
