@@ -63,7 +63,7 @@ def main() -> None:
                           brain=tio.LabelMap(tensor=torch.from_numpy((target.tissue_b > 0)[None].astype(np.uint8)),
                                              affine=target.affine_b))
     insertion = RandomTumorInsertion(str(work / "model"), sources=[source], placement_key="brain",
-                                     contrast=(0.5, 0.8), include=["image"])
+                                     include=["image"])
     torch.manual_seed(0)
     insertion(subject)  # loads the model once (as each DataLoader worker does)
     transforms = {"RandomTumorInsertion": insertion, "tio.RandomAffine": tio.RandomAffine(),
