@@ -268,3 +268,26 @@ def test_a_tumor_placed_in_the_background_is_announced(tiny_harmonizer, source, 
         warnings.simplefilter("error")
         standardised = insert_tumor(with_air - 50.0, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))
     assert standardised.record["tumor"]["background_fraction"] == 0.0
+
+
+def test_the_insertion_keeps_to_the_values_the_target_can_hold(tiny_harmonizer, source, target):
+    """Beside a black structure (bone, air) the generators ring and the rim shifts a dark pixel
+    further down: nothing may come out darker than the target's darkest voxel, and nothing around
+    the tumor brighter than its brightest."""
+    from singan_insert.insertion.insert import _within_target_range
+
+    with_bone = target.copy()
+    with_bone[:, 30:, :] = 0.0  # a black band right beside the tumor (rows 18..30)
+    result = insert_tumor(with_bone, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))
+    low, high = float(with_bone.min()), float(with_bone.max())
+    assert result.image.min() >= low and result.image[~result.mask].max() <= high
+    assert result.record["tumor"]["clipped_to_target_range"] > 0  # out of range before the clip
+
+    image = np.array([[0.0, 10.0, 20.0]])
+    mask = np.array([[0, 1, 0]])
+    harmonized = np.array([[-3.0, 25.0, 24.0]])  # below the minimum, a bright tumor, a bright ring
+    clipped, count = _within_target_range(harmonized, mask, image)
+    np.testing.assert_array_equal(clipped, [[0.0, 25.0, 20.0]])  # the tumor may be the brightest
+    assert count == 2
+    unchanged, none = _within_target_range(np.array([[1.0, 30.0, 19.0]]), mask, image)
+    assert none == 0 and unchanged.tolist() == [[1.0, 30.0, 19.0]]
