@@ -41,7 +41,10 @@ For one tumor, :func:`insert_tumor`
    to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
    seeded noise inside the tumor up to B's high-pass energy (the pyramid's own noise is too weak
    to texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
-6. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
+6. keeps the result to the values the target can hold (the generators ring beside black bone
+   or air: nothing darker than the target's darkest voxel, nothing around the tumor brighter
+   than its brightest; the count is ``record["tumor"]["clipped_to_target_range"]``);
+7. restacks the harmonized slices into a copy of the volume (the harmonizer already blends
    them into the background: voxels beyond ``dilation_mm + feather_mm`` of the tumor, and
    beyond the rim's 3 mm x ``rim_scale`` when ``rim`` is on, are left bit-identical) and writes
    ``label_value`` into a copy of the label map.
