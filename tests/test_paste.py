@@ -310,3 +310,12 @@ def test_border_margin_must_be_a_non_negative_integer(source, margin):
     with pytest.raises(SinganInsertError, match="border_margin must be an integer >= 0"):
         paste_tumor(tumor, SHAPE, affine, Placement((24, 24, 10)), border_margin=margin)
     assert paste_tumor(tumor, SHAPE, affine, Placement((24, 24, 10)), border_margin=np.int64(2)).mask.any()
+
+
+def test_a_mask_saved_as_0_255_is_refused_with_the_value_to_pass():
+    image = np.random.default_rng(0).normal(size=(12, 12, 6)).astype(np.float32)
+    mask = np.zeros((12, 12, 6), np.uint8)
+    mask[4:8, 4:8, 2:4] = 255  # a binary mask written by an image editor
+    with pytest.raises(SinganInsertError, match=r"holds 255\. .*--source-label-value"):
+        SourceTumor.from_arrays(image, mask, np.eye(4), label_value=1)
+    assert SourceTumor.from_arrays(image, mask, np.eye(4), label_value=255).num_voxels == 32

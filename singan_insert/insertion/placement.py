@@ -201,7 +201,9 @@ def binary_tumor_mask(
                 present = np.unique(values[values != 0])[:10].astype(float)
                 raise SinganInsertError(
                     f"No voxel of the {name} has the value {label_value}; it holds "
-                    f"{', '.join(f'{v:g}' for v in present)}. Pass one of those as label_value."
+                    f"{', '.join(f'{v:g}' for v in present)}. Pass one of those as the tumor's value "
+                    "(label_value here, source_label_value in the transforms, --source-label-value on "
+                    "the command line)."
                 )
     if not mask.any():
         raise SinganInsertError(f"The {name} is empty: there is no tumor to insert.")
