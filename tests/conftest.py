@@ -36,3 +36,9 @@ def tiny_harmonizer(tiny_model_dir):
     from singan_insert import Harmonizer
 
     return Harmonizer.load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tiny_model_dir) -> str:
+    """The tiny model's file, as the transforms take it (a path string)."""
+    return str(tiny_model_dir / "harmonizer.safetensors")

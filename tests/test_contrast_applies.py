@@ -36,11 +36,6 @@ def volume(seed: int, tumor: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    return str(tiny_model_dir / "harmonizer.safetensors")
-
-
-@pytest.fixture(scope="module")
 def source():
     image, label = volume(3, tumor=True)
     return SourceTumor.from_arrays(image, label, AFFINE, label_value=1)
@@ -59,32 +54,32 @@ def test_not_choosing_a_contrast_passes(contrast):
     check_contrast_applies(contrast, "auto")
 
 
-def test_the_torchio_transforms_refuse_it(model, source):
+def test_the_torchio_transforms_refuse_it(tiny_model_file, source):
     from singan_insert.integrations.torchio import RandomTumorInsertion, TumorInsertion
 
     with pytest.raises(SinganInsertError, match=NO_EFFECT):
-        TumorInsertion(model, source, (20, 20, 8), contrast=0.8)
+        TumorInsertion(tiny_model_file, source, (20, 20, 8), contrast=0.8)
     with pytest.raises(SinganInsertError, match=NO_EFFECT):
-        RandomTumorInsertion(model, [source], contrast=(0.5, 0.8))
-    assert TumorInsertion(model, source, (20, 20, 8), contrast=0.8, appearance="fixed").contrast == 0.8
-    RandomTumorInsertion(model, [source], contrast=(0.5, 0.8), appearance="fixed")
-    RandomTumorInsertion(model, [source])
+        RandomTumorInsertion(tiny_model_file, [source], contrast=(0.5, 0.8))
+    assert TumorInsertion(tiny_model_file, source, (20, 20, 8), contrast=0.8, appearance="fixed").contrast == 0.8
+    RandomTumorInsertion(tiny_model_file, [source], contrast=(0.5, 0.8), appearance="fixed")
+    RandomTumorInsertion(tiny_model_file, [source])
 
 
-def test_monai_and_nnunet_refuse_it(model, source):
+def test_monai_and_nnunet_refuse_it(tiny_model_file, source):
     pytest.importorskip("monai")
     from singan_insert.integrations.monai import RandTumorInsertiond
     from singan_insert.integrations.nnunet import OnlineInsertionSettings
 
     with pytest.raises(SinganInsertError, match=NO_EFFECT):
-        RandTumorInsertiond("image", model, [source], contrast=(0.5, 0.8))
+        RandTumorInsertiond("image", tiny_model_file, [source], contrast=(0.5, 0.8))
     with pytest.raises(SinganInsertError, match=NO_EFFECT):  # lambda carried by the fixed part
-        RandTumorInsertiond("image", model, [source], parameters=InsertionParameters(contrast=0.5))
-    RandTumorInsertiond("image", model, [source], contrast=(0.5, 0.8),
+        RandTumorInsertiond("image", tiny_model_file, [source], parameters=InsertionParameters(contrast=0.5))
+    RandTumorInsertiond("image", tiny_model_file, [source], contrast=(0.5, 0.8),
                         parameters=InsertionParameters(appearance="fixed"))
     with pytest.raises(SinganInsertError, match=NO_EFFECT):
-        OnlineInsertionSettings(model=model, contrast=(0.5, 0.8))
-    OnlineInsertionSettings(model=model, contrast=(0.5, 0.8), appearance="fixed")
+        OnlineInsertionSettings(model=tiny_model_file, contrast=(0.5, 0.8))
+    OnlineInsertionSettings(model=tiny_model_file, contrast=(0.5, 0.8), appearance="fixed")
 
 
 def test_the_batch_settings_the_command_line_and_the_pipeline_refuse_it(tmp_path):
