@@ -77,6 +77,13 @@ from singan_insert.insertion.insert import InsertionParameters, insert_tumor, th
 #: outside report that found a blur of the mapped paste scoring as well as the pyramid (the
 #: quality benchmark chooses its blur on a separate subject instead).
 CASE_BLUR_SIGMA_PX = 1.0
+#: Sd (px) of the low-pass error and the high-pass energy, within slices (none across them).
+TEXTURE_SIGMA_PX = 1.5
+
+
+def in_plane_sigma(axis: int) -> tuple[float, ...]:
+    """:data:`TEXTURE_SIGMA_PX` along the two in-plane axes of slices cut along ``axis``, 0 across."""
+    return tuple(0.0 if a == axis else TEXTURE_SIGMA_PX for a in range(3))
 
 
 @dataclass
@@ -96,8 +103,8 @@ class InsertionCase:
     def fidelity(self) -> dict[str, dict[str, float]]:
         """Fidelity of every method against the truth (see :mod:`singan_insert.evaluation.metrics`);
         low-pass error and high-pass energy within slices, as in the quality benchmark."""
-        sigma = tuple(0.0 if a == self.axis else TEXTURE_SIGMA_PX for a in range(3))
-        return {method: harmonization_fidelity(volume, self.truth, self.mask, self.spacing, sigma_px=sigma).to_dict()
+        return {method: harmonization_fidelity(volume, self.truth, self.mask, self.spacing,
+                                               sigma_px=in_plane_sigma(self.axis)).to_dict()
                 for method, volume in self.outputs.items()}
 
     def center_slice(self) -> int:
@@ -190,7 +197,7 @@ FIDELITY_COLUMNS = ("lowpass_nmae_tumor", "wasserstein_tumor", "contrast_ratio",
 #: How :func:`fidelity_markdown` reads its columns (appended under the table).
 FIDELITY_LEGEND = (
     "Every metric compares the method with the simulator's truth (B with this very tumor). "
-    "lowpass_nmae_tumor: tumor error after smoothing both (sd 1.5 px within slices), so a texture of "
+    f"lowpass_nmae_tumor: tumor error after smoothing both (sd {TEXTURE_SIGMA_PX:g} px within slices), so a texture of "
     "the right statistics but another phase costs nothing; wasserstein_tumor (W1): distance between "
     "the tumor's histograms. Both: lower is better, 0 is the truth. contrast_ratio: tumor-vs-shell "
     "contrast over the truth's (1 is the truth, near 0 or negative: the tumor vanished). seam_ratio: "
@@ -226,7 +233,6 @@ InputPaste = Union[float, str]
 QUALITY_INPUTS: tuple[InputPaste, ...] = (0.5, 0.8, 1.0, 1.5, "raw")
 LAMBDA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5)
 BLUR_SIGMAS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
-TEXTURE_SIGMA_PX = 1.5  # low-pass error and high-pass energy, within slices
 METRIC_MARGIN = 12
 SEEDED_ROWS = ("harmonized", "default")
 QUALITY_ROWS = ("naive", "mapped", "matched", "poisson", "blurred", "best_fixed_lambda", "oracle", "oracle_level",
@@ -248,6 +254,11 @@ def input_key(value: InputPaste) -> str:
     return "raw" if value == "raw" else f"lambda={float(value):g}"
 
 
+def input_contrast(value: InputPaste) -> float:
+    """The :math:`\\lambda` of an input paste: its own, or for ``"raw"`` the parameters' default."""
+    return InsertionParameters().contrast if value == "raw" else float(value)
+
+
 def default_parameters(value: InputPaste, seed: int) -> InsertionParameters:
     """The library's default insertion for an input: ``InsertionParameters()`` with only the
     noise seed set. The automatic appearance takes no contrast factor (it chooses each tumor's
@@ -258,9 +269,8 @@ def default_parameters(value: InputPaste, seed: int) -> InsertionParameters:
 def paper_parameters(value: InputPaste, start_scale: int, seed: int) -> InsertionParameters:
     """The paper's mode: the input paste (its :math:`\\lambda`; ``"raw"``: 1) harmonized from a
     fixed ``start_scale``."""
-    contrast = 1.0 if value == "raw" else float(value)
-    return InsertionParameters(seed=seed, appearance="fixed", contrast=contrast, intensity_mode="normalized",
-                               start_scale=start_scale)
+    return InsertionParameters(seed=seed, appearance="fixed", contrast=input_contrast(value),
+                               intensity_mode="normalized", start_scale=start_scale)
 
 
 @dataclass
@@ -304,7 +314,7 @@ class QualitySubject:
 
     @property
     def sigma_px(self) -> tuple[float, ...]:
-        return tuple(0.0 if a == self.axis else TEXTURE_SIGMA_PX for a in range(3))
+        return in_plane_sigma(self.axis)
 
     def insert(self, harmonizer: Harmonizer, parameters: InsertionParameters, composite: bool = False) -> np.ndarray:
         """The harmonized volume (or, with ``composite``, the paste handed to the harmonizer)."""
@@ -422,9 +432,8 @@ def run_quality(
         for index, case in enumerate(subjects):
             mapped = case.insert(harmonizer, _mapped_parameters(value, "normalized"), composite=True)
             matched = case.insert(harmonizer, _mapped_parameters(value, "matched"), composite=True)
-            contrast = paper_parameters(value, start_scale, 0).contrast
             mapped_source = map_tumor_intensities(case.source_on_target, case.mask, case.washed_out, "normalized",
-                                                  contrast)
+                                                  input_contrast(value))
             outputs = {
                 "naive": naive_paste(case.washed_out, case.source_on_target, case.mask),
                 "mapped": mapped,
@@ -542,8 +551,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
 
 def _mapped_parameters(value: InputPaste, mode: str) -> InsertionParameters:
     """The paste at the input's own :math:`\\lambda` (fixed appearance): what the baselines map."""
-    contrast = InsertionParameters().contrast if value == "raw" else float(value)
-    return InsertionParameters(seed=0, intensity_mode=mode, contrast=contrast, appearance="fixed")
+    return InsertionParameters(seed=0, intensity_mode=mode, contrast=input_contrast(value), appearance="fixed")
 
 
 def _aggregate(values: Sequence[dict[str, float]]) -> dict[str, dict[str, Any]]:
