@@ -19,6 +19,9 @@ Rows:
                       (``harmonize_tumor=True``, the paper's way) instead of keeping their
                       chosen appearance;
 ``auto, no pyramid``  ablation: every step but the generators (what the pyramid adds);
+``auto, edge cut at the mask``  ablation: the partial-volume edge in-plane only and cut to 0
+                      at the mask's edge (the default before 2026-12-03) instead of reaching
+                      the voxels beside it and the neighbouring slices;
 ``annotated``         the default insertion by the same model with its training slice's tumor
                       annotated (:mod:`singan_insert.insertion.annotation`), and its ablations:
                       ``-texture``, ``-level restore`` (the pyramid's pull toward the
@@ -26,7 +29,8 @@ Rows:
                       at 1 x / 0 x B's spread instead of 0.5 x), ``start -1`` (the finest start
                       scale: the least re-synthesis), ``level, paste only`` (no generators, no
                       texture, blended like the others), ``-rim`` (without B's rim around the
-                      tumor), ``tumor harmonized`` and ``no pyramid`` (as for ``auto``);
+                      tumor), ``tumor harmonized``, ``no pyramid`` and ``edge cut at the mask``
+                      (as for ``auto``);
 ``oracle``            the truth itself (sanity row: errors 0, ratios 1);
 ``paste at the true level (bound)``  the λ = 1 paste shifted to the truth's tumor mean and
                       blended: what a perfect level choice alone would give.
@@ -182,6 +186,7 @@ def main() -> None:
         add("auto level, paste only", blend(no_texture.composite, washed, mask, axis, spacing))
         add("auto, tumor harmonized", run(replace(base, harmonize_tumor=True)).image)
         add("auto, no pyramid", run(base, _ABLATE_PYRAMID=True).image)
+        add("auto, edge cut at the mask", run(base, _ABLATE_EDGE=True).image)
         for start in (-2, -1):
             add(f"auto start {start}", run(replace(base, start_scale=start)).image)
         with_annotation = run(base, harmonizer=annotated)
@@ -201,6 +206,7 @@ def main() -> None:
         add("annotated -rim", run(replace(base, rim=False), harmonizer=annotated).image)
         add("annotated, tumor harmonized", run(replace(base, harmonize_tumor=True), harmonizer=annotated).image)
         add("annotated, no pyramid", run(base, harmonizer=annotated, _ABLATE_PYRAMID=True).image)
+        add("annotated, edge cut at the mask", run(base, harmonizer=annotated, _ABLATE_EDGE=True).image)
         # Upper bound of any level chooser: the lambda = 1 paste moved to the truth's mean level.
         raw = run(replace(base, appearance="fixed", contrast=1.0))
         oracle_level = raw.composite.astype(np.float64)

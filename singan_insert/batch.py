@@ -72,8 +72,9 @@ TRANSLATED_SUFFIXES = ("cyclegan_hrT2", "fakehrT2", "hrT2_washed_out")
 LOCK_NAME = ".singan-insert.lock"
 #: Part of every output's fingerprint: raised whenever the same settings give another result
 #: (2: the annotated rim's widths follow the tumor's size; 3: the result is kept to the target's
-#: value range, insert_tumor step 6), so that a resume redoes old outputs.
-FINGERPRINT_VERSION = 3
+#: value range, insert_tumor step 6; 4: the partial-volume edge reaches past the mask and across
+#: slices), so that a resume redoes old outputs.
+FINGERPRINT_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,19 @@ def test_training_label_annotates_the_harmonizer_and_unannotated_replays_without
         PipelineSettings.profile("tiny", annotate="yes")
 
 
+def test_replayed_is_ours_and_its_naive_paste_again_under_unchanged_code(inserted):
+    # What dev_pipeline_variant's 'replayed' rows rest on: the same code makes the same B'.
+    written = variants.write_replayed_bprime(inserted)
+    assert len(written) == len(_twins(inserted)) >= 1
+    for twin in _twins(inserted):
+        stem = twin.name[:-len(".json")]
+        for variant, original in (("replayed", "harmonized"), ("replayed_naive", "naive")):
+            again = read_volume(inserted.bprime_dir(variant) / f"{stem}_image.nii.gz")[0]
+            np.testing.assert_array_equal(again, read_volume(inserted.bprime_dir(original) / f"{stem}_image.nii.gz")[0])
+        record = json.loads((inserted.bprime_dir("replayed_naive") / twin.name).read_text())
+        assert record["variant"] == "replayed_naive" and record["naive_paste"] is True
+
+
 def test_narrow_blend_replays_ours_with_a_narrower_blend(inserted):
     written = variants.write_narrow_blend_bprime(inserted)
     assert len(written) == len(_twins(inserted)) >= 1

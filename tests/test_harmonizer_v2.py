@@ -16,7 +16,7 @@ from singan_insert.evaluation.experiments import training_slice_from_subject
 from singan_insert.harmonizer import training as training_module
 from singan_insert.harmonizer.training import TrainingHealthWarning, scale_health
 from singan_insert.insertion.appearance import (PatchBank, choose_level, highpass, inject_texture, partial_volume,
-                                                ring, robust_std)
+                                                ring, robust_std, spread_outward)
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
 from singan_insert.insertion.intensity import map_tumor_intensities, robust_range, soft_knee
 from singan_insert.insertion.placement import SourceTumor
@@ -120,9 +120,32 @@ def test_inject_texture_matches_the_surroundings_energy():
 def test_partial_volume_edge():
     mask = np.zeros((1, 12, 12), bool)
     mask[0, 3:9, 3:9] = True
-    fraction = partial_volume(mask)
-    assert np.all(fraction[~mask] == 0) and np.all((fraction[mask] > 0.4) & (fraction[mask] <= 1))
+    fraction = partial_volume(mask, through_plane_px=0.0)
+    assert np.all((fraction[mask] > 0.4) & (fraction[mask] <= 1))
     assert fraction[0, 6, 6] == pytest.approx(1.0, abs=1e-3) and fraction[0, 3, 6] < 0.9
+    # Like a scanner's point-spread function, the blur reaches past the edge, and only just.
+    assert 0.05 < fraction[0, 2, 6] < 0.5 and fraction[0, 0, 6] < 1e-3
+    assert fraction[0, 2, 6] + fraction[0, 3, 6] == pytest.approx(1.0, abs=0.02)  # symmetric about the edge
+
+
+def test_partial_volume_mixes_neighbouring_slices_only_when_asked():
+    mask = np.zeros((3, 12, 12), bool)
+    mask[1, 3:9, 3:9] = True
+    across, within = partial_volume(mask), partial_volume(mask, through_plane_px=0.0)
+    assert 0.05 < across[0, 6, 6] < 0.5 and across[1, 6, 6] < 0.95  # the slice profile
+    assert np.all(within[0] == 0) and within[1, 6, 6] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_spread_outward_carries_the_nearest_tumor_value():
+    values = np.zeros((2, 8, 8), np.float32)
+    mask = np.zeros((2, 8, 8), bool)
+    mask[0, 2:4, 2:4] = True
+    values[0, 2:4, 2] = 10.0
+    values[0, 2:4, 3] = 20.0
+    spread = spread_outward(values, mask)
+    assert spread[0, 3, 0] == 10.0 and spread[0, 2, 7] == 20.0  # from the nearest mask pixel, per slice
+    assert np.array_equal(spread[0][mask[0]], values[0][mask[0]])
+    assert np.array_equal(spread[1], values[1])  # a slice the mask does not touch is left alone
 
 
 def test_soft_knee_keeps_the_ranks_of_an_enhancing_tumor():
@@ -292,3 +315,26 @@ def test_architecture_is_recorded_and_old_files_load_as_singan(tmp_path):
         build_generator("unet")
     with pytest.raises(SinganInsertError, match="singan-mask"):
         TrainingConfig.preset("tiny", restoration_weight=1.0)
+
+
+def test_the_partial_volume_edge_has_the_scanner_like_seam_a_cut_edge_lacks(tiny_harmonizer):
+    # The simulator blurs its tumors like a scanner's point-spread function (within and across
+    # slices, on both sides of the edge). A flat tumor at the truth's own level, rendered with the
+    # library's edge, must have a seam closer to the truth's than the same tumor with a fraction
+    # cut to 0 at the mask, in-plane only (the edge before 2026-12-03).
+    from singan_insert.evaluation.experiments import QualitySubject
+    from singan_insert.evaluation.metrics import harmonization_fidelity
+
+    case = QualitySubject.prepare("s", simulate_subject(201, shape=(96, 96, 32)), tiny_harmonizer)
+    cut = np.moveaxis(partial_volume(np.moveaxis(case.mask, case.axis, 0), through_plane_px=0.0), 0, case.axis)
+    cut = np.where(case.mask, cut, 0.0)
+    level = float(case.truth[case.mask].mean())
+
+    def seam(image):
+        b = case.box
+        return harmonization_fidelity(image[b], case.truth[b], case.mask[b], case.spacing,
+                                      value_range=case.value_range, sigma_px=case.sigma_px).seam_ratio
+
+    ours = seam(case.flat_at_truth_level())
+    cut_edge = seam(case.washed_out + cut * (level - case.washed_out))
+    assert abs(ours - 1.0) < abs(cut_edge - 1.0) and 0.9 < ours < 1.08, (ours, cut_edge)

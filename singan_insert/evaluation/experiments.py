@@ -327,13 +327,19 @@ class QualitySubject:
         return result.composite if composite else result.image
 
     def flat_at_truth_level(self) -> np.ndarray:
-        """ORACLE bound: a flat tumor at the truth's mean level (with the automatic appearance's
-        partial-volume edge), not harmonized: what knowing B's exact level alone would score."""
+        """ORACLE bound: a flat tumor whose mean over the mask is the truth's (with the automatic
+        appearance's partial-volume edge), not harmonized: what knowing B's exact level alone
+        would score."""
         from singan_insert.insertion.appearance import partial_volume
 
         fraction = np.moveaxis(partial_volume(np.moveaxis(self.mask, self.axis, 0)), 0, self.axis)
         level = float(self.truth[self.mask].mean())
-        return (self.washed_out + fraction * (level - self.washed_out)).astype(self.washed_out.dtype)
+        # The tumor's own value is set so that the mean over the mask, edge voxels mixed with
+        # their surroundings, is the truth's mean (which is itself such a mix).
+        inside = fraction[self.mask]
+        mixed = float(np.mean((1.0 - inside) * self.washed_out[self.mask]))
+        value = (level - mixed) / float(np.mean(inside))
+        return (self.washed_out + fraction * (value - self.washed_out)).astype(self.washed_out.dtype)
 
     def blurred(self, composite: np.ndarray, sigma_px: float) -> np.ndarray:
         return blurred_paste(self.washed_out, composite, self.mask, sigma_px, axis=self.axis, spacing=self.spacing)

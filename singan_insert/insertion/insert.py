@@ -18,7 +18,9 @@ For one tumor, :func:`insert_tumor`
    test volumes the result agrees with the whole-volume mapping within 1 % of the target's
    robust range for 99 % of the tumor voxels; only the few most extreme values of the tails
    (where whole-volume histogram matching follows single outlier voxels) differ by up to ~3 %;
-3. builds the composite (the target with the mapped tumor inside its mask); with an annotated
+3. builds the composite (the target with the mapped tumor inside its mask; with the automatic
+   appearance, with a partial-volume edge that reaches the voxels beside the mask and the
+   neighbouring slices, :func:`~singan_insert.insertion.appearance.partial_volume`); with an annotated
    model (``rim``, default on) its surroundings get B's rim, the annotated tumor's band levels
    0-3 mm outside it, widths scaled by the tumor's size over the annotated one's
    (:func:`singan_insert.insertion.annotation.render_rim`, :func:`~singan_insert.insertion.annotation.rim_scale`), before the pyramid
@@ -82,6 +84,7 @@ from singan_insert.insertion.appearance import (
     TextureBank,
     inplane_distance,
     partial_volume,
+    spread_outward,
     choose_level,
     inject_texture,
     masked_lowpass,
@@ -131,6 +134,9 @@ RESTORE_ANNOTATED_LEVEL = True
 #: Ablation only (benchmarks and the pipeline's ``no_pyramid`` variant): skip the generators,
 #: keeping every other step (level, rim, texture). A module switch, not a user option.
 _ABLATE_PYRAMID = False
+#: Ablation only (``benchmarks/dev_harmonizer.py``): the partial-volume edge as it was before
+#: 2026-12-03, in-plane only and cut to 0 at the mask's edge.
+_ABLATE_EDGE = False
 RECORD_FORMAT = "singan-insert-insertion"
 RECORD_VERSION = 1
 
@@ -509,6 +515,12 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
     # One distance transform per insertion: the shell and both rim renders use it.
     distance = inplane_distance(crop_mask, plane_spacing)
+    # Blurred across the crop's slices, not the stack's: a tumor with a gap has non-adjacent slices.
+    # A single-slice target is a 2D image: no slice profile to mix.
+    fraction = partial_volume(np.moveaxis(full_mask[crop], axis, 0),
+                              through_plane_px=0.0 if image.shape[axis] == 1 else None)[slice_indices]
+    if _ABLATE_EDGE:  # the edge before 2026-12-03, for the ablation: in-plane only, cut at the mask
+        fraction = np.where(crop_mask > 0, partial_volume(crop_mask, through_plane_px=0.0), 0.0).astype(np.float32)
     shell = (distance > 0) & (distance <= SHELL_MM)
     box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
     appearance_record: dict[str, Any] = {"mode": appearance}
@@ -538,7 +550,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     # 4. composite, and every tumor slice along `axis` harmonized in one call
     composite_crop, composite = composite_of(mapped)
     if appearance == "auto":
-        composite = background + partial_volume(crop_mask) * (composite - background)
+        composite = background + fraction * (spread_outward(composite, crop_mask) - background)
         np.moveaxis(composite_crop, axis, 0)[slice_indices] = composite  # the returned composite
     profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
     if params.rim and profile is None:
@@ -577,7 +589,6 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     if appearance_record.get("by") == "annotation" and RESTORE_ANNOTATED_LEVEL:
         # The pyramid pulls a tumor toward its surroundings' brightness; the annotated level is
         # B's, so the harmonized tumor is brought back to it (with the partial-volume edge).
-        fraction = partial_volume(crop_mask)
         inside = crop_mask > 0
         # Scaled by the mean fraction so that the tumor's mean lands on the level exactly.
         shift = (appearance_record["level"] - float(np.mean(harmonized[inside]))) / float(np.mean(fraction[inside]))
@@ -728,7 +739,8 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
     else:
         region = (mask | shell)[picked]
         bg = _model_grid(to_model(background[picked]).numpy(), plane_spacing, harmonizer)
-        m = _model_grid(partial_volume(mask[picked]), plane_spacing, harmonizer).clamp(0, 1)
+        # In-plane only: the scored slices are spread over the tumor, not neighbours.
+        m = _model_grid(partial_volume(mask[picked], through_plane_px=0.0), plane_spacing, harmonizer).clamp(0, 1)
         rg = _model_grid(region.astype(np.float32), plane_spacing, harmonizer)
         choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
         level_model, gain = choice.level, None

@@ -41,6 +41,11 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
 ``narrow_blend``
     the harmonized twin's insertion replayed with a narrower blend (``dilation_mm=0``,
     ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
+``replayed``, ``replayed_naive``
+    the harmonized twin's insertion made again by the library's current code, same parameters
+    and seeds, and its composite (the naive paste, as the workflow writes ``naive``): identical
+    to ``harmonized`` and ``naive`` unless the insertion's code changed since the folder was
+    filled, so that a change can be judged downstream on a kept folder.
 
 Every variant shares the harmonized twin's stems (``<name>_aug<k>``), label maps and records'
 ``"case"`` (so pix2pix pairs each B' with the same ceT1). :func:`train_pix2pix_seeded` trains
@@ -85,6 +90,7 @@ __all__ = [
     "train_pix2pix_seeded",
     "write_gba_bprime",
     "write_oracle_bprime",
+    "write_replayed_bprime",
     "write_narrow_blend_bprime",
     "write_no_pyramid_bprime",
     "write_fixed_rim_bprime",
@@ -94,7 +100,7 @@ __all__ = [
 ]
 
 VARIANTS = ("harmonized", "naive", "oracle", "gba", "unannotated", "no_rim", "fixed_rim", "no_pyramid",
-            "tumor_harmonized", "narrow_blend")
+            "tumor_harmonized", "narrow_blend", "replayed", "replayed_naive")
 GBA_CONTRASTS = (0.5, 0.8, 1.5)
 _NIFTI = ".nii.gz"
 
@@ -269,11 +275,19 @@ def write_narrow_blend_bprime(pipeline: CrossModaPipeline, dilation_mm: float = 
     return _replay(pipeline, "narrow_blend", dilation_mm=dilation_mm, feather_mm=feather_mm)
 
 
+def write_replayed_bprime(pipeline: CrossModaPipeline) -> list[Path]:
+    """The ``replayed`` and ``replayed_naive`` variants of every harmonized B' (see the module
+    docstring); the ``replayed`` image paths."""
+    # Always made again: what is there may be an earlier code's.
+    return _replay(pipeline, "replayed", redo=True, composite_variant="replayed_naive")
+
+
 def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, pyramid: bool = True,
-            **overrides) -> list[Path]:
+            redo: bool = False, composite_variant: str | None = None, **overrides) -> list[Path]:
     """Every harmonized twin's insertion again, same parameters and seeds but ``overrides``
     (``annotated=False``: by the model without its annotation; ``pyramid=False``: without the
-    generators)."""
+    generators; ``redo``: also where the variant is already written; ``composite_variant``: the
+    insertions' composites, i.e. their naive pastes, written as that variant too)."""
     from singan_insert.harmonizer.model import Harmonizer
     from singan_insert.insertion import insert as insertion
     from singan_insert.insertion.insert import InsertionParameters, insert_tumor
@@ -283,7 +297,9 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, p
     written = []
     for record_path in _harmonized_records(pipeline):
         paths = _outputs(pipeline, variant, record_path)
-        if not _is_current(paths["record"], record_path):
+        composite_paths = _outputs(pipeline, composite_variant, record_path) if composite_variant else None
+        if redo or not _is_current(paths["record"], record_path) or (
+                composite_paths is not None and not _is_current(composite_paths["record"], record_path)):
             record = json.loads(record_path.read_text())
             if harmonizer is None:  # a private copy: the cached, annotated model stays as it is
                 harmonizer = Harmonizer.load(record["model_file"])
@@ -297,12 +313,15 @@ def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, p
                 parameters = replace(parameters, **{"rim": None, "rim_scale": None, "harmonize_tumor": None, **overrides})
             saved, insertion._ABLATE_PYRAMID = insertion._ABLATE_PYRAMID, not pyramid
             try:
-                result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters)
+                result = insert_tumor(target.astype(np.float32), affine, source, harmonizer, parameters,
+                                      return_composite=composite_variant is not None)
             finally:
                 insertion._ABLATE_PYRAMID = saved
-            _write(paths, result.image, result.label, affine, {**record, "variant": variant,
-                                                               "parameters": result.record["parameters"],
-                                                               "appearance": result.record["appearance"]})
+            made = {"parameters": result.record["parameters"], "appearance": result.record["appearance"]}
+            if composite_paths is not None:
+                _write(composite_paths, result.composite, result.label, affine,
+                       {**record, **made, "variant": composite_variant, "naive_paste": True})
+            _write(paths, result.image, result.label, affine, {**record, **made, "variant": variant})
         written.append(paths["image"])
     return written
 
