@@ -338,3 +338,16 @@ def test_the_partial_volume_edge_has_the_scanner_like_seam_a_cut_edge_lacks(tiny
     ours = seam(case.flat_at_truth_level())
     cut_edge = seam(case.washed_out + cut * (level - case.washed_out))
     assert abs(ours - 1.0) < abs(cut_edge - 1.0) and 0.9 < ours < 1.08, (ours, cut_edge)
+
+
+def test_a_tumor_cut_by_the_field_of_view_keeps_its_fraction_at_the_cut():
+    from singan_insert.insertion.insert import _tumor_fraction
+
+    mask = np.zeros((12, 12, 8), bool)
+    mask[3:9, 3:9, 0:5] = True  # cut by the volume's first slice (clip_to_fov), ends inside at slice 4
+    crop = (slice(1, 11), slice(1, 11), slice(0, 5))
+    fraction = _tumor_fraction(mask, crop, axis=2)  # (slices, H, W)
+    centre = fraction[:, 5, 5]
+    assert centre[0] == pytest.approx(1.0, abs=1e-3)  # the tumor goes on beyond the cut: no falloff there
+    assert centre[4] < 0.9 and centre[1:4] == pytest.approx(1.0, abs=1e-3)  # but it does end at slice 4
+    assert fraction[0, 2, 5] == pytest.approx(fraction[2, 2, 5])  # the in-plane edge is as everywhere

@@ -515,10 +515,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
     # One distance transform per insertion: the shell and both rim renders use it.
     distance = inplane_distance(crop_mask, plane_spacing)
-    # Blurred across the crop's slices, not the stack's: a tumor with a gap has non-adjacent slices.
-    # A single-slice target is a 2D image: no slice profile to mix.
-    fraction = partial_volume(np.moveaxis(full_mask[crop], axis, 0),
-                              through_plane_px=0.0 if image.shape[axis] == 1 else None)[slice_indices]
+    fraction = _tumor_fraction(full_mask, crop, axis)[slice_indices]
     if _ABLATE_EDGE:  # the edge before 2026-12-03, for the ablation: in-plane only, cut at the mask
         fraction = np.where(crop_mask > 0, partial_volume(crop_mask, through_plane_px=0.0), 0.0).astype(np.float32)
     shell = (distance > 0) & (distance <= SHELL_MM)
@@ -767,6 +764,25 @@ def _map_intensities(values, source_quantiles, target_quantiles, mode, contrast)
     ).astype(np.float64)
     knots, first = np.unique(source_quantiles, return_index=True)
     return np.interp(values.astype(np.float64), knots, table[first]).astype(np.float32)
+
+
+def _tumor_fraction(full_mask, crop, axis):
+    """:func:`~singan_insert.insertion.appearance.partial_volume` of the ``crop`` of the mask,
+    ``(S, H, W)`` with the slices along ``axis`` first.
+
+    Blurred across the crop's slices, not across the tumor slices' stack: a tumor with a gap has
+    non-adjacent slices. Where the crop ends at the volume's edge the tumor was cut there
+    (``clip_to_fov``; otherwise ``border_margin`` keeps it off the edge) and goes on beyond it, so
+    the mask is extended by its edge values rather than by zeros (the blur reaches one voxel).
+    A single-slice target is a 2D image: no slice profile to mix.
+    """
+    mask = full_mask[crop]
+    pads = [(int(c.start == 0), int(c.stop == n)) for c, n in zip(crop, full_mask.shape)]
+    padded = np.pad(mask, pads, mode="edge")
+    through = 0.0 if full_mask.shape[axis] == 1 else None
+    fraction = partial_volume(np.moveaxis(padded, axis, 0), through_plane_px=through)
+    kept = tuple(slice(low, size - high) for (low, high), size in zip(pads, padded.shape))
+    return np.moveaxis(np.moveaxis(fraction, 0, axis)[kept], axis, 0)
 
 
 def _harmonization_crop(full_mask, box, axis, spacing, context_mm):
