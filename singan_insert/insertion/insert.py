@@ -135,7 +135,7 @@ RESTORE_ANNOTATED_LEVEL = True
 #: keeping every other step (level, rim, texture). A module switch, not a user option.
 _ABLATE_PYRAMID = False
 #: Ablation only (``benchmarks/dev_harmonizer.py``): the partial-volume edge as it was before
-#: 2026-12-03, in-plane only and cut to 0 at the mask's edge.
+#: 2026-12-03, in-plane only and cut to 0 at the mask's edge (up to the blur's own cut at 2 sd, a 3e-4 tail).
 _ABLATE_EDGE = False
 RECORD_FORMAT = "singan-insert-insertion"
 RECORD_VERSION = 1
