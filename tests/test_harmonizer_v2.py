@@ -351,3 +351,12 @@ def test_a_tumor_cut_by_the_field_of_view_keeps_its_fraction_at_the_cut():
     assert centre[0] == pytest.approx(1.0, abs=1e-3)  # the tumor goes on beyond the cut: no falloff there
     assert centre[4] < 0.9 and centre[1:4] == pytest.approx(1.0, abs=1e-3)  # but it does end at slice 4
     assert fraction[0, 2, 5] == pytest.approx(fraction[2, 2, 5])  # the in-plane edge is as everywhere
+
+
+def test_a_single_slice_target_gets_no_through_plane_mixing():
+    from singan_insert.insertion.insert import _tumor_fraction
+
+    mask = np.zeros((12, 12, 1), bool)
+    mask[3:9, 3:9, 0] = True
+    fraction = _tumor_fraction(mask, (slice(0, 12), slice(0, 12), slice(0, 1)), axis=2)
+    np.testing.assert_allclose(fraction, partial_volume(np.moveaxis(mask, 2, 0), through_plane_px=0.0), atol=1e-6)

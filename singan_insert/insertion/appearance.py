@@ -253,7 +253,8 @@ PARTIAL_VOLUME_SIGMA = 0.5
 #: neighbouring slices as its in-plane point-spread function mixes neighbouring pixels (a profile
 #: whose full width at half maximum is one voxel has sd 0.42 voxel). On seeds 200-207, added to
 #: the uncut in-plane edge: the annotated default's seam 1.11 -> 1.07 and low-pass error
-#: 0.045 -> 0.039, the unannotated default's seam 1.15 -> 1.08 and W1 0.024 -> 0.021. An earlier
+#: 0.045 -> 0.039, the unannotated default's seam 1.15 -> 1.08 and W1 0.024 -> 0.021 (its
+#: high-pass ratio 0.83 -> 0.79). An earlier
 #: in-plane-only default rested on a one-off run in which this blur also mixed the non-adjacent
 #: slices that the level choice scores (they are scored in-plane only now), which raised W1.
 PARTIAL_VOLUME_THROUGH_PLANE = 0.5

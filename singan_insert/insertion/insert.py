@@ -515,9 +515,11 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     plane_spacing = (spacing[plane_axes[0]], spacing[plane_axes[1]])
     # One distance transform per insertion: the shell and both rim renders use it.
     distance = inplane_distance(crop_mask, plane_spacing)
-    fraction = _tumor_fraction(full_mask, crop, axis)[slice_indices]
-    if _ABLATE_EDGE:  # the edge before 2026-12-03, for the ablation: in-plane only, cut at the mask
-        fraction = np.where(crop_mask > 0, partial_volume(crop_mask, through_plane_px=0.0), 0.0).astype(np.float32)
+    fraction = None  # the partial-volume edge: the automatic appearance's only
+    if appearance == "auto":
+        fraction = _tumor_fraction(full_mask, crop, axis)[slice_indices]
+        if _ABLATE_EDGE:  # the edge before 2026-12-03, for the ablation: in-plane only, cut at the mask
+            fraction = np.where(crop_mask > 0, partial_volume(crop_mask, through_plane_px=0.0), 0.0).astype(np.float32)
     shell = (distance > 0) & (distance <= SHELL_MM)
     box_in_crop = tuple(slice(b.start - c.start, b.stop - c.start) for b, c in zip(box, crop))
     appearance_record: dict[str, Any] = {"mode": appearance}
@@ -774,15 +776,14 @@ def _tumor_fraction(full_mask, crop, axis):
     non-adjacent slices. Where the crop ends at the volume's edge the tumor was cut there
     (``clip_to_fov``; otherwise ``border_margin`` keeps it off the edge) and goes on beyond it, so
     the mask is extended by its edge values rather than by zeros (the blur reaches one voxel).
-    A single-slice target is a 2D image: no slice profile to mix.
+    The same rule leaves a single-slice target (a 2D image) without through-plane mixing.
     """
     mask = full_mask[crop]
     pads = [(int(c.start == 0), int(c.stop == n)) for c, n in zip(crop, full_mask.shape)]
-    padded = np.pad(mask, pads, mode="edge")
-    through = 0.0 if full_mask.shape[axis] == 1 else None
-    fraction = partial_volume(np.moveaxis(padded, axis, 0), through_plane_px=through)
+    padded = np.moveaxis(np.pad(mask, pads, mode="edge"), axis, 0)
+    pads.insert(0, pads.pop(axis))
     kept = tuple(slice(low, size - high) for (low, high), size in zip(pads, padded.shape))
-    return np.moveaxis(np.moveaxis(fraction, 0, axis)[kept], axis, 0)
+    return partial_volume(padded)[kept]
 
 
 def _harmonization_crop(full_mask, box, axis, spacing, context_mm):
