@@ -73,8 +73,9 @@ LOCK_NAME = ".singan-insert.lock"
 #: Part of every output's fingerprint: raised whenever the same settings give another result
 #: (2: the annotated rim's widths follow the tumor's size; 3: the result is kept to the target's
 #: value range, insert_tumor step 6; 4: the partial-volume edge reaches past the mask and across
-#: slices), so that a resume redoes old outputs.
-FINGERPRINT_VERSION = 4
+#: slices; 5: an annotated model sets the tumor's outermost pixels apart from its interior, as the
+#: annotated tumor's), so that a resume redoes old outputs.
+FINGERPRINT_VERSION = 5
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from singan_insert.insertion.annotation import (
     interior_spread,
     render_rim,
     rim_scale,
+    tumor_edge,
 )
 from singan_insert.insertion.appearance import inplane_distance
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor
@@ -128,9 +129,16 @@ def test_annotated_insertion_takes_b_level_from_the_slice(annotated_model, seed)
         normalization = PercentileNormalization.fit(intensity_quantiles(washed))
         to_model = lambda v: float(normalization.to_model(torch.tensor(v)).mean())  # noqa: E731
         level = to_model(result.image[result.mask])
-        # The harmonized tumor is brought back to the chosen level: the annotated one, unless
-        # that is within the visibility floor of these surroundings.
+        # The harmonized tumor is brought back to the chosen level (the annotated one, unless
+        # that is within the visibility floor of these surroundings), its outermost pixels
+        # standing above its interior by the annotated tumor's step (B's edge is mixed with the cleft).
         assert level == pytest.approx(to_model(record["level"]), abs=0.01)
+        axis = result.record["parameters"]["axis"]
+        slices = np.moveaxis(result.image, axis, 0)
+        edge = tumor_edge(np.moveaxis(result.mask, axis, 0))
+        interior = np.moveaxis(result.mask, axis, 0) & ~edge
+        step = to_model(slices[edge]) - to_model(slices[interior])
+        assert step == pytest.approx(profile.edge_mean - profile.interior_mean, abs=0.01)
         if abs(profile.tumor_mean - to_model(record["surroundings"])) >= 0.1:
             assert to_model(record["level"]) == pytest.approx(profile.tumor_mean, abs=1e-3)
     # The truth's level in the same units is close to the annotated one (the simulator's
@@ -202,6 +210,30 @@ def test_profile_measures_the_rim_band_by_band():
     profile = TumorProfile.measure(image, mask, (0.5, 0.5), shell_mm=2.0)
     assert profile.rim_levels == pytest.approx((0.9, -0.5, -0.5))
     assert RIM_EDGES_MM == (0.0, 1.0, 2.0, 3.0)
+
+
+def test_profile_measures_the_tumor_edge_apart_from_its_interior():
+    image = np.full((40, 40), -0.5)
+    mask = np.zeros((40, 40), bool)
+    mask[12:28, 10:30] = True
+    edge = tumor_edge(mask[None])[0]
+    # The outermost pixels: a 4-neighbour outside the mask; none outside it; a ring one pixel wide.
+    assert not edge[~mask].any() and edge.sum() == 2 * 16 + 2 * 20 - 4
+    assert not edge[13:27, 11:29].any()
+    image[mask] = 0.1
+    image[edge] = 0.3  # mixed with a bright cleft, as B's edge pixels are
+    profile = TumorProfile.measure(image, mask, (0.5, 0.5), shell_mm=2.0)
+    assert profile.edge_mean == pytest.approx(0.3) and profile.interior_mean == pytest.approx(0.1)
+    assert profile.interior_mean < profile.tumor_mean < profile.edge_mean
+    # A tumor cut by the image's border goes on beyond it; one two pixels wide has no interior.
+    cut = np.zeros((10, 10), bool)
+    cut[:4, 3:7] = True
+    assert not tumor_edge(cut[None])[0][0, 4:6].any() and tumor_edge(cut[None])[0][3, 3:7].all()
+    thin = np.zeros((40, 40), bool)
+    thin[10:30, 20:22] = True
+    image[thin] = 0.2
+    measured = TumorProfile.measure(image, thin, (0.5, 0.5), shell_mm=2.0)
+    assert np.isnan(measured.interior_mean) and measured.to_dict()["interior_mean"] is None
 
 
 def test_render_rim_shifts_each_band_to_b_level_and_keeps_the_rest():

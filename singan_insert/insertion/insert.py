@@ -39,8 +39,9 @@ For one tumor, :func:`insert_tumor`
    hrT2 tumors (``benchmarks/bench_pipeline.py``, the texture diagnostics; downstream, row
    ``ours_tumor_harmonized``, keeping the tumor gained Dice in one of four runs). Without an annotation, and with
    ``appearance="fixed"`` (the paper's method), the tumor is harmonized too;
-5. with an annotated model, brings the tumor back to the annotated level and each rim band back
-   to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
+5. with an annotated model, brings the tumor back to the annotated level, its outermost pixels
+   the annotated tumor's step above its interior (:func:`~singan_insert.insertion.annotation.tumor_edge`:
+   B's edge is mixed with the bright cleft), and each rim band back to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
    seeded noise inside the tumor up to B's high-pass energy (the pyramid's own noise is too weak
    to texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
 6. keeps the result to the values the target can hold (the generators ring beside black bone
@@ -97,6 +98,7 @@ from singan_insert.insertion.annotation import (
     interior_spread,
     render_rim,
     rim_scale,
+    tumor_edge,
 )
 from singan_insert.insertion.orientation import (Reorientation, axis_direction, check_orientation_codes,
                                                  reorientation_to)
@@ -586,13 +588,8 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
         # the blend reaches beyond the mask (the edge and the surroundings).
         harmonized = np.where(crop_mask > 0, composite, harmonized).astype(harmonized.dtype)
     if appearance_record.get("by") == "annotation" and RESTORE_ANNOTATED_LEVEL:
-        # The pyramid pulls a tumor toward its surroundings' brightness; the annotated level is
-        # B's, so the harmonized tumor is brought back to it (with the partial-volume edge).
-        inside = crop_mask > 0
-        # Scaled by the mean fraction so that the tumor's mean lands on the level exactly.
-        shift = (appearance_record["level"] - float(np.mean(harmonized[inside]))) / float(np.mean(fraction[inside]))
-        harmonized = (harmonized + fraction * shift).astype(harmonized.dtype)
-        appearance_record["level_restored_by"] = shift
+        harmonized = _restore_annotated_look(harmonized, crop_mask, fraction, profile, appearance_record,
+                                             normalization)
     if rim:  # again: the pyramid moves the bands' levels too
         harmonized, appearance_record["rim"] = render_rim(harmonized, crop_mask, plane_spacing, profile.rim_levels,
                                                           normalization, rim_edges, distance)
@@ -652,6 +649,35 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
         composite_volume[crop] = composite_crop
     return InsertionResult(image=out, label=new_label, mask=full_mask, record=record,
                            composite=composite_volume)
+
+
+def _restore_annotated_look(harmonized, crop_mask, fraction, profile, appearance_record, normalization):
+    """Bring the harmonized tumor back to B's annotated look: the pyramid pulls a tumor toward its
+    surroundings' brightness, and the composite's edge mixed it with the washed-out target.
+
+    The tumor's mean goes to the chosen level :math:`\\ell` (the harmonized slices shifted with the
+    partial-volume edge, by the mean fraction so that it lands exactly), and its outermost
+    pixels :math:`E` (:func:`~singan_insert.insertion.annotation.tumor_edge`) stand above the
+    rest, its interior :math:`I`, by the annotated tumor's :math:`\\Delta = \\bar x_E - \\bar x_I`
+    (B's edge is mixed with B's cleft): :math:`\\bar v_I = \\ell - \\frac{|E|}{|E| + |I|}\\Delta` and
+    :math:`\\bar v_E = \\bar v_I + \\Delta`, each by an additive shift, so that the mean stays
+    :math:`\\ell`. Without an interior (a tumor one or two pixels wide, here or on the annotated
+    slice) only the mean is set. Records the shifts.
+    """
+    inside = crop_mask > 0
+    level = appearance_record["level"]
+    shift = (level - float(np.mean(harmonized[inside]))) / float(np.mean(fraction[inside]))
+    harmonized = (harmonized + fraction * shift).astype(harmonized.dtype)
+    appearance_record["level_restored_by"] = shift
+    edge = tumor_edge(inside)
+    interior = inside & ~edge
+    if interior.any() and np.isfinite(profile.interior_mean) and np.isfinite(profile.edge_mean):
+        step = (profile.edge_mean - profile.interior_mean) * (normalization.high - normalization.low) / 2
+        interior_goal = level - step * np.count_nonzero(edge) / np.count_nonzero(inside)
+        harmonized[interior] += np.asarray(interior_goal - float(np.mean(harmonized[interior])), harmonized.dtype)
+        harmonized[edge] += np.asarray(interior_goal + step - float(np.mean(harmonized[edge])), harmonized.dtype)
+        appearance_record["edge_step"] = step
+    return harmonized
 
 
 def _within_target_range(harmonized: np.ndarray, mask: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, int]:

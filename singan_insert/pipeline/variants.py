@@ -43,7 +43,7 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
 ``replayed``, ``replayed_naive``
     the harmonized twin's insertion made again by the library's current code, same parameters
-    and seeds, and its composite (the naive paste, as the workflow writes ``naive``): identical
+    and seeds (the rim scale, which the workflow leaves to the code, resolved again), and its composite (the naive paste, as the workflow writes ``naive``): identical
     to ``harmonized`` and ``naive`` unless the insertion's code changed since the folder was
     filled, so that a change can be judged downstream on a kept folder.
 
@@ -278,8 +278,9 @@ def write_narrow_blend_bprime(pipeline: CrossModaPipeline, dilation_mm: float = 
 def write_replayed_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     """The ``replayed`` and ``replayed_naive`` variants of every harmonized B' (see the module
     docstring); the ``replayed`` image paths."""
-    # Always made again: what is there may be an earlier code's.
-    return _replay(pipeline, "replayed", redo=True, composite_variant="replayed_naive")
+    # Always made again: what is there may be an earlier code's. The pipeline never sets the rim
+    # scale, so it is resolved again, by the current code, rather than replayed as recorded.
+    return _replay(pipeline, "replayed", redo=True, composite_variant="replayed_naive", rim_scale=None)
 
 
 def _replay(pipeline: CrossModaPipeline, variant: str, annotated: bool = True, pyramid: bool = True,
