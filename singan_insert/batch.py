@@ -74,8 +74,9 @@ LOCK_NAME = ".singan-insert.lock"
 #: (2: the annotated rim's widths follow the tumor's size; 3: the result is kept to the target's
 #: value range, insert_tumor step 6; 4: the partial-volume edge reaches past the mask and across
 #: slices; 5: an annotated model sets the tumor's outermost pixels apart from its interior, as the
-#: annotated tumor's), so that a resume redoes old outputs.
-FINGERPRINT_VERSION = 5
+#: annotated tumor's; 6: the tumor's own texture is measured over its interior), so that a resume
+#: redoes old outputs.
+FINGERPRINT_VERSION = 6
 
 
 @dataclass(frozen=True)

@@ -343,3 +343,26 @@ def _box(mask):
     from scipy.ndimage import find_objects
 
     return find_objects(mask.astype(np.uint8))[0]
+
+
+def test_texture_tops_up_the_interior_not_the_edge_step():
+    # A flat tumor whose outermost pixels stand a step above its interior, as the annotated
+    # default renders it: the step is structure, so the noise still brings the interior's
+    # high-pass up to B's; counted over the whole mask, the step would pass for texture.
+    from singan_insert.insertion.appearance import highpass, inject_texture, masked_lowpass, robust_std
+    from singan_insert.insertion.annotation import tumor_interior
+
+    rng = np.random.default_rng(0)
+    background = rng.normal(0.0, 0.05, (3, 40, 40)).astype(np.float32)
+    mask = np.zeros(background.shape, bool)
+    mask[:, 14:24, 14:24] = True
+    slices = background.copy()
+    slices[mask] = 0.5
+    slices[tumor_edge(mask)] = 0.9
+    surroundings = ~mask
+    out, info = inject_texture(slices, background, mask, surroundings, seed=0, target_std=0.05)
+    over_mask = robust_std((slices - masked_lowpass(slices, mask, 1.0))[mask])
+    assert info["tumor_std"] < 0.5 * over_mask  # what reaches the interior of the step's blur only
+    assert info["added_std"] > 0.04 > np.sqrt(max(0.05 ** 2 - over_mask ** 2, 0.0))
+    interior = tumor_interior(mask)
+    assert robust_std(highpass(out)[interior]) > 0.6 * robust_std(highpass(background)[interior])

@@ -97,7 +97,7 @@ class TumorProfile:
         structure, texture = interior_spread(image[None], mask[None])
         tumor_mean, shell_mean = float(image[mask].mean()), float(image[shell].mean())
         rest = image[None] - masked_lowpass(image[None], mask[None], STRUCTURE_SIGMA_PX)
-        width = correlation_width(rest, _interior(mask[None]), 1, 2)
+        width = correlation_width(rest, tumor_interior(mask[None]), 1, 2)
         rim = tuple(float(v) for v in rim_profile(image[None], mask[None], spacing or (1.0, 1.0)))
         edge = tumor_edge(mask[None])[0]
         interior = mask & ~edge
@@ -246,13 +246,14 @@ def interior_spread(slices: np.ndarray, mask: np.ndarray) -> tuple[float, float]
     from singan_insert.insertion.appearance import masked_lowpass, robust_std
 
     slices = np.asarray(slices, dtype=np.float64)
-    interior = _interior(mask)
+    interior = tumor_interior(mask)
     low = masked_lowpass(slices, mask, STRUCTURE_SIGMA_PX)
     return robust_std(low[interior]), robust_std((slices - low)[interior])
 
 
-def _interior(mask: np.ndarray) -> np.ndarray:
-    """The ``(S, H, W)`` mask eroded in-plane by up to :data:`MAX_EROSION_PX` (keeping >= 4 px)."""
+def tumor_interior(mask: np.ndarray) -> np.ndarray:
+    """The ``(S, H, W)`` mask eroded in-plane by up to :data:`MAX_EROSION_PX` (keeping >= 4 px):
+    where a tumor's texture is measured, away from its edge's partial volume."""
     from scipy.ndimage import binary_erosion, generate_binary_structure
 
     interior = np.asarray(mask, dtype=bool)
