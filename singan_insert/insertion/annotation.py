@@ -19,8 +19,9 @@ looks at) and its texture, the rest (with its in-plane correlation width, measur
 appearance measures the rim's, :func:`~singan_insert.insertion.appearance.inject_texture`) (:math:`\\operatorname{sd}_r` is the robust sd, :math:`1.4826\\,` MAD, so
 that a cyst or a vessel does not count as spread); the contrast :math:`\\mu - \\overline{x}_R` is
 recorded too, and the means over the tumor's outermost pixels (:func:`tumor_edge`) and over the
-rest, its interior: B's edge is mixed with what surrounds the tumor, so it has a level of its own. A new tumor whose mapped intensities :math:`v_1` (``lambda = 1``) have internal
-spread :math:`s_1` (measured the same way on the composite, in the target's model units) becomes
+rest, its interior: B's edge is mixed with what surrounds the tumor, so it has a level of its
+own. A new tumor whose mapped intensities :math:`v_1` (``lambda = 1``) have internal spread
+:math:`s_1` (measured the same way on the composite, in the target's model units) becomes
 
 .. math:: v = \\mu + \\frac{s}{s_1}\\,(v_1 - \\bar v_1)
 

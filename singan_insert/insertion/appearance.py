@@ -60,8 +60,9 @@ tumor's high-pass energy matches that of B's tissue around it:
 where :math:`h(y) = y - G_1 * y` is the in-plane high-pass (Gaussian :math:`\\sigma = 1` px),
 :math:`\\sigma_B` the robust sd (:math:`1.4826\\,` median absolute deviation, so that the edges of
 structures crossing the rim do not count as texture) of :math:`h` of the background within
-``shell_mm`` of the tumor, :math:`\\sigma_x` that of the harmonized tumor's interior (eroded by up to 2 px, away from its edge), and :math:`n` Gaussian
-noise of the given seed with B's correlation there: white noise smoothed by a Gaussian whose
+``shell_mm`` of the tumor, :math:`\\sigma_x` that of the harmonized tumor's interior (eroded by up
+to 2 px, away from its edge), and :math:`n` Gaussian noise of the given seed with B's correlation
+there: white noise smoothed by a Gaussian whose
 in-plane and through-plane widths :math:`s` reproduce the lag-1 autocorrelations :math:`\\rho` of
 :math:`h` in the rim (robust: :math:`\\rho = (\\sigma_+^2 - \\sigma_-^2) / (\\sigma_+^2 + \\sigma_-^2)` with
 :math:`\\sigma_\\pm` the robust sds of the sum and difference of neighbours) (:math:`\\rho = e^{-1/(4 s^2)}`; white, :math:`s = 0`, for :math:`\\rho \\le 0.05`,

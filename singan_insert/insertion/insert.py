@@ -41,8 +41,9 @@ For one tumor, :func:`insert_tumor`
    ``appearance="fixed"`` (the paper's method), the tumor is harmonized too;
 5. with an annotated model, brings the tumor back to the annotated level, its outermost pixels
    the annotated tumor's step above its interior (:func:`~singan_insert.insertion.annotation.tumor_edge`:
-   B's edge is mixed with the bright cleft), and each rim band back to B's (the pyramid moves both); with ``texture`` (default with ``appearance="auto"``), adds
-   seeded noise inside the tumor up to B's high-pass energy (the pyramid's own noise is too weak
+   B's edge is mixed with the bright cleft), and each rim band back to B's (the pyramid moves
+   both); with ``texture`` (default with ``appearance="auto"``), adds seeded noise inside the
+   tumor up to B's high-pass energy (the pyramid's own noise is too weak
    to texture a tumor; see :func:`singan_insert.insertion.appearance.inject_texture`);
 6. keeps the result to the values the target can hold (the generators ring beside black bone
    or air: nothing darker than the target's darkest voxel, nothing around the tumor brighter

@@ -43,7 +43,8 @@ with the pipeline's seed. To judge them, ``benchmarks/bench_pipeline.py`` adds:
     ``feather_mm=1``): the pyramid's output replaces less of the surroundings.
 ``replayed``, ``replayed_naive``
     the harmonized twin's insertion made again by the library's current code, same parameters
-    and seeds (the rim scale, which the workflow leaves to the code, resolved again), and its composite (the naive paste, as the workflow writes ``naive``): identical
+    and seeds (the rim scale, which the workflow leaves to the code, resolved again), and its
+    composite (the naive paste, as the workflow writes ``naive``): identical
     to ``harmonized`` and ``naive`` unless the insertion's code changed since the folder was
     filled, so that a change can be judged downstream on a kept folder.
 
