@@ -663,7 +663,8 @@ def _restore_annotated_look(harmonized, crop_mask, fraction, profile, appearance
     (B's edge is mixed with B's cleft): :math:`\\bar v_I = \\ell - \\frac{|E|}{|E| + |I|}\\Delta` and
     :math:`\\bar v_E = \\bar v_I + \\Delta`, each by an additive shift, so that the mean stays
     :math:`\\ell`. Without an interior (a tumor one or two pixels wide, here or on the annotated
-    slice) only the mean is set. Records the shifts.
+    slice), or without an edge (a tumor filling its slices), only the mean is set. Records the
+    shifts.
     """
     inside = crop_mask > 0
     level = appearance_record["level"]
@@ -672,7 +673,7 @@ def _restore_annotated_look(harmonized, crop_mask, fraction, profile, appearance
     appearance_record["level_restored_by"] = shift
     edge = tumor_edge(inside)
     interior = inside & ~edge
-    if interior.any() and np.isfinite(profile.interior_mean) and np.isfinite(profile.edge_mean):
+    if interior.any() and edge.any() and np.isfinite(profile.interior_mean) and np.isfinite(profile.edge_mean):
         step = (profile.edge_mean - profile.interior_mean) * (normalization.high - normalization.low) / 2
         interior_goal = level - step * np.count_nonzero(edge) / np.count_nonzero(inside)
         harmonized[interior] += np.asarray(interior_goal - float(np.mean(harmonized[interior])), harmonized.dtype)
