@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -74,6 +75,8 @@ def main() -> None:
             run = json.loads(out.stdout.strip().splitlines()[-1])
             run["target_s"] = TARGETS.get(size) if preset == "fast" else None
             run["meets_time_target"] = run["target_s"] is None or run["wall_s"] <= run["target_s"]
+            # Beside the wall time: on a shared machine it also counts other processes' work.
+            run["load_average"] = round(os.getloadavg()[0], 1)
             runs.append(run)
             print(f"{size}^2 {preset}: {run['wall_s']:.0f} s for {run['iterations_run']} it/scale "
                   f"(full schedule ~{run['extrapolated_full_s'] / 60:.1f} min), peak RSS {run['peak_rss_mb']:.0f} MB",
@@ -81,7 +84,8 @@ def main() -> None:
     rows = [{"size": f"{r['size']}^2", "preset": r["preset"], "it/scale run": r["iterations_run"],
              "scales trained": f"{r['scales_trained']}/{r['num_scales']}", "wall (s)": r["wall_s"],
              "full schedule (min)": r["extrapolated_full_s"] / 60, "peak RSS (MB)": r["peak_rss_mb"],
-             "target (s)": r["target_s"] or "-", "device": r["device"]} for r in runs]
+             "target (s)": r["target_s"] or "-", "device": r["device"], "load average": r["load_average"]}
+            for r in runs]
     markdown = table(rows, list(rows[0]))
     detail = ["", "Seconds per iteration per scale:", ""]
     for r in runs:
