@@ -283,11 +283,18 @@ def test_the_insertion_keeps_to_the_values_the_target_can_hold(tiny_harmonizer, 
     assert result.image.min() >= low and result.image[~result.mask].max() <= high
     assert result.record["tumor"]["clipped_to_target_range"] > 0  # out of range before the clip
 
-    image = np.array([[0.0, 10.0, 20.0]])
-    mask = np.array([[0, 1, 0]])
+    mask = np.array([[0, 1, 0]])  # the target's range is [0, 20]
     harmonized = np.array([[-3.0, 25.0, 24.0]])  # below the minimum, a bright tumor, a bright ring
-    clipped, count = _within_target_range(harmonized, mask, image)
+    clipped, count = _within_target_range(harmonized, mask, 0.0, 20.0)
     np.testing.assert_array_equal(clipped, [[0.0, 25.0, 20.0]])  # the tumor may be the brightest
     assert count == 2
-    unchanged, none = _within_target_range(np.array([[1.0, 30.0, 19.0]]), mask, image)
+    unchanged, none = _within_target_range(np.array([[1.0, 30.0, 19.0]]), mask, 0.0, 20.0)
     assert none == 0 and unchanged.tolist() == [[1.0, 30.0, 19.0]]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_target_that_is_not_finite_is_refused_with_what_to_do(tiny_harmonizer, source, target, bad):
+    broken = target.copy()
+    broken[0, 0, 0] = bad  # far from the tumor: the whole volume is checked, not the crop
+    with pytest.raises(SinganInsertError, match="target image contains NaN or infinite.*nan_to_num"):
+        insert_tumor(broken, AFFINE, source, tiny_harmonizer, InsertionParameters(seed=0))

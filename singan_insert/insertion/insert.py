@@ -106,7 +106,7 @@ from singan_insert.insertion.orientation import (Reorientation, axis_direction, 
 from singan_insert.insertion.intensity import (TISSUE_THRESHOLD, IntensityMode, air_level, check_intensity_mode,
                                                map_tumor_intensities, robust_range)
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_finite, check_positive
+from singan_insert.checks import check_positive
 from singan_insert.io import orientation_codes
 from singan_insert.harmonizer.pyramid import resize
 from singan_insert.insertion.placement import (
@@ -428,7 +428,6 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
         raise SinganInsertError(f"The target image must be a 3D volume, got shape {image.shape}.")
     if not (np.issubdtype(image.dtype, np.number)) or np.iscomplexobj(image):
         raise SinganInsertError(f"The target image has dtype {image.dtype}; pass real numbers.")
-    check_finite(image, "target image")
     affine = check_affine(target_affine, "target affine")
     if target_label is not None:
         target_label = np.asarray(target_label)
@@ -478,7 +477,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
                     "cover is already labelled. Move it or use overlap='replace'.")
 
     # 2. intensities, mapped on quantile tables (see the module docstring)
-    target_quantiles = intensity_quantiles(image)
+    target_quantiles = intensity_quantiles(image, name="target image")  # also checks it is finite
     in_background = _background_fraction(image[box][mask_box], target_quantiles)
     if in_background > 0.5:
         warnings.warn(
@@ -609,13 +608,13 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
             highpass_sigma=texture_sigma)
 
     # 5. keep to the values the target can hold, restack and label
-    harmonized, clipped = _within_target_range(harmonized, crop_mask, image)
+    harmonized, clipped = _within_target_range(harmonized, crop_mask, target_quantiles[0], target_quantiles[-1])
     out = image.astype(work_dtype, copy=True)
     np.moveaxis(out[crop], axis, 0)[slice_indices] = harmonized  # basic slicing: views of `out`
     label_dtype = target_label.dtype if target_label is not None else default_label_dtype(params.label_value)
     new_label = np.zeros(image.shape, dtype=label_dtype) if target_label is None \
         else target_label.copy()
-    new_label[full_mask] = params.label_value
+    new_label[box][mask_box] = params.label_value  # within the box: a clinical volume is 31 M voxels
 
     record = {
         "format": RECORD_FORMAT,
@@ -682,18 +681,17 @@ def _restore_annotated_look(harmonized, crop_mask, fraction, profile, appearance
     return harmonized
 
 
-def _within_target_range(harmonized: np.ndarray, mask: np.ndarray, image: np.ndarray) -> tuple[np.ndarray, int]:
+def _within_target_range(harmonized: np.ndarray, mask: np.ndarray, low: float, high: float) -> tuple[np.ndarray, int]:
     """Clip the harmonized slices to what the target can hold; returns them and the count clipped.
 
     The generators ring at sharp edges (a dark bone or air next to bright CSF) and the rim's
     band shifts move a dark pixel further down, which gave voxels darker than anything in the
     target (negative values in a magnitude image: up to -17 % of its maximum beside the petrous
     bone of a simulated subject) and, more rarely, surroundings brighter than its brightest.
-    Outside the tumor every voxel is kept within the target's own ``[min, max]``; inside, above
-    its minimum only: a tumor may be brighter than anything in the target (the paper's
-    :math:`\\lambda = 1.5`).
+    Outside the tumor every voxel is kept within the target's own ``[low, high]`` (its minimum and
+    maximum); inside, above its minimum only: a tumor may be brighter than anything in the
+    target (the paper's :math:`\\lambda = 1.5`).
     """
-    low, high = float(np.min(image)), float(np.max(image))
     upper = np.where(mask > 0, np.inf, high)
     clipped = int(np.count_nonzero((harmonized < low) | (harmonized > upper)))
     if clipped:
