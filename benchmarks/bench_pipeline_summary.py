@@ -116,7 +116,6 @@ def pooled(runs: list[dict], seed: int = 0) -> dict:
     return out
 
 
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS),

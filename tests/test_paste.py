@@ -172,6 +172,15 @@ def test_mismatched_image_and_label_grids_are_rejected():
         SourceTumor.from_arrays(image, label[:, :, :-1], affine)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_source_that_is_not_finite_is_refused(bad):
+    image, label, affine = source_volume()
+    image = image.astype(np.float32)
+    image[0, 0, 0] = bad  # outside the tumor's crop: the quantiles read the whole image
+    with pytest.raises(SinganInsertError, match="source image contains NaN or infinite"):
+        SourceTumor.from_arrays(image, label, affine)
+
+
 def test_bad_target_affine_is_rejected(source):
     tumor, *_ = source
     with pytest.raises(SinganInsertError, match="not invertible"):

@@ -303,7 +303,7 @@ class SourceTumor:
         image = _as_3d(image, "source image")
         label = _as_3d(label, "source label")
         affine = check_affine(affine, "source image affine")
-        check_finite(image, "source image")
+        quantiles = intensity_quantiles(image, name="source image")  # also checks it is finite
         if label_affine is not None:
             label_affine = check_affine(label_affine, "source label affine")
         check_same_grid(
@@ -324,7 +324,7 @@ class SourceTumor:
             image=np.ascontiguousarray(image[crop], dtype=np.float32),
             mask=np.ascontiguousarray(mask[crop]),
             affine=crop_affine,
-            quantiles=intensity_quantiles(image),
+            quantiles=quantiles,
             origin=origin,
         )
 
