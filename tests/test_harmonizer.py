@@ -134,3 +134,50 @@ def test_repr_and_properties(tiny_harmonizer):
     assert tiny_harmonizer.default_start_scale == 3
     assert tiny_harmonizer.axis == 2 and tiny_harmonizer.modality == "hrT2"
     assert "Harmonizer(scales=6" in repr(tiny_harmonizer)
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 0.45), (0.3, 0.3)])
+@pytest.mark.parametrize("where", [(40, 44), (3, 4), (76, 58), (40, 10)])
+def test_generators_run_only_where_the_blend_weight_reaches(tiny_harmonizer, monkeypatch, spacing, where):
+    """The generators see only the part of each scale that reaches the blend weight's box, and the
+    output is bit-identical to a whole-image run (tumors in the middle, a corner, an edge; the
+    slices resampled up and down to the model's pixel size)."""
+    from singan_insert.harmonizer import model as model_module
+
+    background = np.stack([textured_slice((80, 88), seed=s) for s in range(2)])
+    yy, xx = np.mgrid[:80, :88]
+    mask = np.repeat((((yy - where[0]) ** 2 + (xx - where[1]) ** 2) < 36)[None].astype(np.float32), 2, 0)
+    composite = np.where(mask > 0, 200.0, background).astype(np.float32)
+    pixels = []
+    hook = [g.register_forward_pre_hook(lambda _, args: pixels.append(args[0].shape[-2] * args[0].shape[-1]))
+            for g in tiny_harmonizer.pyramid.generators]
+    try:
+        for start in tiny_harmonizer.valid_start_scales:
+            pixels.clear()
+            cropped = tiny_harmonizer.harmonize(background, composite, mask, start, seed=4, spacing=spacing)
+            cropped_pixels = sum(pixels)
+            monkeypatch.setattr(model_module, "support_box", lambda weight: None)
+            pixels.clear()
+            whole = tiny_harmonizer.harmonize(background, composite, mask, start, seed=4, spacing=spacing)
+            monkeypatch.undo()
+            np.testing.assert_array_equal(cropped, whole)
+            assert cropped_pixels < sum(pixels)  # a radius-6 tumor needs a fraction of the slice
+    finally:
+        for h in hook:
+            h.remove()
+
+
+def test_resize_source_span_covers_what_the_resize_reads():
+    """Changing a source pixel outside the span leaves the resized pixels of the span's output alone."""
+    from singan_insert.harmonizer.pyramid import resize, resize_source_span
+
+    generator = torch.Generator().manual_seed(0)
+    for source_size, size in [(20, 31), (31, 20), (17, 17), (40, 9), (9, 40)]:
+        image = torch.randn(1, 1, source_size, 5, generator=generator)
+        for start, stop in [(0, 3), (4, 7), (size - 3, size)]:
+            first, last = resize_source_span(start, stop, source_size, size)
+            changed = image.clone()
+            changed[..., :first, :] += 100
+            changed[..., last:, :] += 100
+            np.testing.assert_array_equal(resize(image, (size, 5))[..., start:stop, :],
+                                          resize(changed, (size, 5))[..., start:stop, :])

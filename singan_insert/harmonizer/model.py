@@ -36,8 +36,8 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
 from singan_insert.harmonizer.model_file import load_tensors, save_tensors, state_dict_to_tensors, tensors_to_state_dict
-from singan_insert.harmonizer.networks import GeneratorPyramid, build_generator
-from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
+from singan_insert.harmonizer.networks import Box, GeneratorPyramid, build_generator
+from singan_insert.harmonizer.pyramid import PyramidGeometry, resize, resize_source_span
 
 MODEL_KIND = "singan-insert-harmonizer"
 MODEL_FILE_NAME = "harmonizer.safetensors"
@@ -244,7 +244,7 @@ class Harmonizer:
         weight = blend_weight(m.numpy(), slice_spacing or (1.0, 1.0), dilation_mm, feather_mm)
         weight = torch.from_numpy(weight)
         generated = self._generate(normalization.to_model(comp), scale, slice_spacing, generator, shared_noise,
-                                   self._autocast_dtype(precision), mask=m)
+                                   self._autocast_dtype(precision), mask=m, needed=support_box(weight))
         generated = normalization.from_model(generated)
         blended = bg * (1 - weight) + generated * weight
         # Pixels with zero weight are copied from the caller's array, in its own dtype, so
@@ -275,9 +275,11 @@ class Harmonizer:
     @torch.inference_mode()
     def _generate(self, composite: torch.Tensor, scale: int, spacing, generator, shared_noise,
                   autocast_dtype: torch.dtype | None = None, mask: torch.Tensor | None = None,
-                  noise=None) -> torch.Tensor:
+                  noise=None, needed: Box | None = None) -> torch.Tensor:
         """Run the pyramid from ``scale``; ``noise(shape)`` overrides the noise source (it lets
-        :mod:`singan_insert.insertion.multicase` give each case of a batch its own fields)."""
+        :mod:`singan_insert.insertion.multicase` give each case of a batch its own fields).
+        ``needed``: the box of the slices whose output is used (:func:`support_box` of the blend
+        weight); elsewhere the output is only the upsampled input (see :meth:`GeneratorPyramid.run`)."""
         batch, height, width = composite.shape
         x = composite[:, None].to(self.device)
         working_shape = (height, width)
@@ -306,7 +308,10 @@ class Harmonizer:
         with torch.autocast(self.device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             region = None if mask is None else mask[:, None].to(self.device)
-            y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise, region)
+            if needed is not None:  # the working pixels the resize back to the slices reads
+                needed = (*resize_source_span(needed[0], needed[1], sizes[-1][0], height),
+                          *resize_source_span(needed[2], needed[3], sizes[-1][1], width))
+            y = self.pyramid.run(x, sizes, scale, self.num_scales - 1, noise, region, needed)
         y = resize(y, (height, width))
         return y[:, 0].float().cpu().contiguous()
 
@@ -408,6 +413,17 @@ def blend_weight(
         ramp[distance > dilation_mm + feather_mm] = 0
         weights[index] = np.maximum(ramp, np.where(inside, slice_mask, 0))
     return weights
+
+
+def support_box(weight: torch.Tensor | np.ndarray) -> Box | None:
+    """``(top, bottom, left, right)``, half-open, of the pixels where any slice of a ``(B, H, W)``
+    blend weight is non-zero (``None`` when it is zero everywhere)."""
+    inside = torch.as_tensor(weight) > 0
+    rows = torch.nonzero(inside.any(dim=-1).any(dim=0)).flatten()
+    cols = torch.nonzero(inside.any(dim=-2).any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def _prepare_batch(background, composite, mask):

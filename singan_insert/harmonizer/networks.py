@@ -23,12 +23,13 @@ reconstruction error at that scale (see :mod:`singan_insert.harmonizer.training`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.harmonizer.pyramid import resize
+from singan_insert.harmonizer.pyramid import resize, resize_source_span
 
 
 def _conv_stack(in_channels: int, width: int, out_channels: int, num_layers: int) -> nn.Sequential:
@@ -67,6 +68,12 @@ class ScaleGenerator(nn.Module):
     def arch(self) -> str:
         return "singan-mask" if self.mask_channel else "singan"
 
+    @property
+    def reach(self) -> int:
+        """How far (px) an output pixel sees into its input: one pixel per 3x3 convolution."""
+        return sum((conv.kernel_size[0] - 1) // 2 * conv.dilation[0]
+                   for conv in self.body if isinstance(conv, nn.Conv2d))
+
     def forward(self, coarse: torch.Tensor, noise: torch.Tensor | float = 0.0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         x = coarse + noise
@@ -95,6 +102,8 @@ class PatchCritic(nn.Module):
 
 
 NoiseFn = Callable[[tuple[int, ...]], torch.Tensor]
+#: ``(top, bottom, left, right)`` of an image, half-open.
+Box = tuple[int, int, int, int]
 
 
 class GeneratorPyramid(nn.Module):
@@ -128,6 +137,7 @@ class GeneratorPyramid(nn.Module):
         stop_scale: int,
         noise: NoiseFn | None,
         mask: torch.Tensor | None = None,
+        needed: Box | None = None,
     ) -> torch.Tensor:
         """Run :math:`G_{stop} \\circ \\dots \\circ G_{start}` on ``image`` (already at ``sizes[start]``).
 
@@ -139,14 +149,59 @@ class GeneratorPyramid(nn.Module):
                 (reconstruction).
             mask: ``(B, 1, h, w)`` mask of the foreign region at any size, resized to each scale
                 for generators that take it (architecture ``"singan-mask"``); ``None``: zeros.
+            needed: ``(top, bottom, left, right)``, half-open, of the output at ``stop_scale``
+                whose values the caller uses; default: all of it. Each generator then runs on
+                the part of its scale that reaches that box (its receptive field and the
+                bicubic upsampling's four taps traced back), and outside that part the output
+                holds the upsampled coarser image without the generator's residual. Within
+                ``needed`` the output is the whole-image run's (up to float rounding): the
+                noise is still drawn for the whole image, so that the random stream does not
+                depend on the box. A tumor's blend weight covers a fraction of its crop, so
+                this saves most of the finest scales' convolutions.
         Returns:
             The output at scale ``stop_scale``.
         """
+        boxes = self._boxes(sizes, start_scale, stop_scale, needed)
         x = image
         for scale in range(start_scale, stop_scale + 1):
-            x = resize(x, sizes[scale])
-            z = 0.0 if noise is None else self.amplitude(scale) * noise(tuple(x.shape))
+            upsampled = resize(x, sizes[scale])
+            z = 0.0 if noise is None else self.amplitude(scale) * noise(tuple(upsampled.shape))
             generator = self.generator(scale)
             m = None if mask is None or not generator.mask_channel else resize(mask, sizes[scale]).clamp(0, 1)
-            x = generator(x, z, m)
+            box = boxes[scale]
+            if box is None:
+                x = generator(upsampled, z, m)
+                continue
+            (top, bottom, left, right), (in_top, in_bottom, in_left, in_right) = box
+            cut = (..., slice(top, bottom), slice(left, right))
+            part = generator(upsampled[cut], z if isinstance(z, float) else z[cut], None if m is None else m[cut])
+            # Only the needed box is exact: within reach of a cut edge inside the image, the
+            # convolutions' zero padding stood in for pixels the whole-image run sees.
+            x = upsampled.clone()
+            x[..., in_top:in_bottom, in_left:in_right] = \
+                part[..., in_top - top:in_bottom - top, in_left - left:in_right - left]
         return x
+
+    def _boxes(self, sizes, start_scale: int, stop_scale: int, needed: Box | None) -> dict[int, Any]:
+        """Per scale: ``None`` (the generator runs on the whole image) or ``(box of its input,
+        box of its output that is needed)``, each ``(top, bottom, left, right)``."""
+        boxes: dict[int, Any] = {scale: None for scale in range(start_scale, stop_scale + 1)}
+        if needed is None:
+            return boxes
+        top, bottom, left, right = (int(v) for v in needed)
+        for scale in range(stop_scale, start_scale - 1, -1):
+            height, width = sizes[scale]
+            top, left, bottom, right = max(top, 0), max(left, 0), min(bottom, height), min(right, width)
+            if bottom <= top or right <= left:  # nothing is needed: a 1x1 run keeps the shapes valid
+                top, bottom, left, right = 0, 1, 0, 1
+            reach = self.generator(scale).reach
+            outer = (max(top - reach, 0), min(bottom + reach, height), max(left - reach, 0), min(right + reach, width))
+            if (outer[1] - outer[0]) * (outer[3] - outer[2]) < 0.8 * height * width:
+                boxes[scale] = (outer, (top, bottom, left, right))
+            else:  # nearly the whole image: not worth the copies
+                outer = (0, height, 0, width)
+            if scale > start_scale:  # the coarser scale's pixels that the upsampling to this one reads
+                top, bottom = resize_source_span(outer[0], outer[1], sizes[scale - 1][0], height)
+                left, right = resize_source_span(outer[2], outer[3], sizes[scale - 1][1], width)
+        return boxes
+

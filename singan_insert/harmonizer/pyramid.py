@@ -141,3 +141,18 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return image
     shrinking = size[0] < image.shape[-2] or size[1] < image.shape[-1]
     return F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=shrinking)
+
+
+def resize_source_span(start: int, stop: int, source_size: int, size: int) -> tuple[int, int]:
+    """The source pixels ``[a, b)`` that :func:`resize` from ``source_size`` to ``size`` pixels (along
+    one axis) reads for its output pixels ``[start, stop)``.
+
+    PyTorch's bicubic interpolation (``align_corners=False``) samples output pixel :math:`i` at
+    :math:`(i + 0.5)\\,s - 0.5` with :math:`s` = ``source_size / size`` and four taps; a shrink's
+    anti-aliasing widens them by :math:`s`. One pixel more on each side covers the rounding.
+    """
+    ratio = source_size / size
+    taps = 2 * max(ratio, 1.0)
+    first = math.floor((start + 0.5) * ratio - 0.5 - taps) - 1
+    last = math.ceil((stop - 0.5) * ratio - 0.5 + taps) + 1
+    return max(first, 0), min(last + 1, source_size)

@@ -121,20 +121,21 @@ class _ForwardBatcher:
     def __init__(self, harmonizer: Harmonizer, num_cases: int):
         self.harmonizer = harmonizer
         self.running = num_cases  # case threads that have not finished
-        self.pending: list[tuple[tuple, torch.Tensor, torch.Generator, Future, torch.Tensor | None]] = []
+        self.pending: list[tuple[tuple, torch.Tensor, torch.Generator, Future, torch.Tensor | None,
+                                 tuple[int, int, int, int] | None]] = []
         self.condition = threading.Condition()
         self.proxy = copy.copy(harmonizer)  # shares the networks; only _generate differs
         self.proxy._generate = self._submit
 
     def _submit(self, composite, scale, spacing, generator, shared_noise, autocast_dtype=None, mask=None,
-                noise=None):
+                noise=None, needed=None):
         if noise is not None or not shared_noise:
             raise SinganInsertError("Batched insertion needs shared noise per case (insert_tumor's).")
         key = (tuple(composite.shape[1:]), int(scale), None if spacing is None else tuple(spacing),
                autocast_dtype)
         future: Future = Future()
         with self.condition:
-            self.pending.append((key, composite, generator, future, mask))
+            self.pending.append((key, composite, generator, future, mask, needed))
             self.condition.notify_all()
         return future.result()
 
@@ -173,8 +174,12 @@ class _ForwardBatcher:
             masks = [request[4] for request in group]
             # The mask is an input only of mask-channel architectures; it is given for every case or none.
             mask = None if any(m is None for m in masks) else torch.cat(masks)
+            boxes = [request[5] for request in group]
+            # The union of the cases' boxes: the generators run once on the whole batch.
+            needed = None if any(b is None for b in boxes) else (
+                min(b[0] for b in boxes), max(b[1] for b in boxes), min(b[2] for b in boxes), max(b[3] for b in boxes))
             generated = self.harmonizer._generate(composite, scale, spacing, None, True,
-                                                  autocast_dtype, mask=mask, noise=noise)
+                                                  autocast_dtype, mask=mask, noise=noise, needed=needed)
         except BaseException as error:  # every waiting case must wake up, with the error
             for request in group:
                 request[3].set_exception(error)
