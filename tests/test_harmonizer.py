@@ -96,6 +96,25 @@ def test_blend_weight_in_mm():
     assert np.all(np.diff(weight[20, 20:]) <= 0)
 
 
+@pytest.mark.parametrize("spacing", [(0.5, 0.5), (0.3, 1.2)])
+def test_blend_weight_is_the_whole_slice_distance_ramp(spacing):
+    """The weight (computed in the mask's widened box) equals the ramp of the whole slice's
+    distance to the mask, soft values kept, for masks at the border and in the middle."""
+    from scipy.ndimage import distance_transform_edt
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((3, 40, 50), dtype=np.float32)
+    mask[0, 0:4, 45:50] = 1
+    mask[1, 18:25, 20:23] = rng.uniform(0.2, 1.0, (7, 3))
+    mask[2, 5, 5] = mask[2, 30, 40] = 1
+    weight = blend_weight(mask, spacing, dilation_mm=1.0, feather_mm=2.0)
+    for index in range(3):
+        distance = distance_transform_edt(mask[index] == 0, sampling=spacing)
+        t = np.clip(1 - (distance - 1.0) / 2.0, 0, 1)
+        expected = np.where(distance > 3.0, 0.0, t * t * (3 - 2 * t))
+        np.testing.assert_allclose(weight[index], np.maximum(expected, mask[index]), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

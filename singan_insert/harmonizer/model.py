@@ -400,10 +400,17 @@ def blend_weight(
     from scipy.ndimage import distance_transform_edt
 
     weights = np.zeros(mask.shape, dtype=np.float32)
-    for index, slice_mask in enumerate(mask):
-        inside = slice_mask > 0
-        if not inside.any():
+    reach = [int(np.ceil((dilation_mm + feather_mm) / step)) + 1 for step in spacing]
+    for index, whole_mask in enumerate(mask):
+        if not (whole_mask > 0).any():
             continue
+        # Only the mask's box widened by the ramp's reach: every mask pixel is in it, so the
+        # distances there are the whole slice's, and beyond it the weight is 0.
+        rows, cols = (np.flatnonzero((whole_mask > 0).any(axis=1 - a)) for a in (0, 1))
+        box = (slice(max(rows[0] - reach[0], 0), rows[-1] + reach[0] + 1),
+               slice(max(cols[0] - reach[1], 0), cols[-1] + reach[1] + 1))
+        slice_mask = whole_mask[box]
+        inside = slice_mask > 0
         distance = distance_transform_edt(~inside, sampling=spacing)
         if feather_mm > 0:
             t = np.clip(1 - (distance - dilation_mm) / feather_mm, 0, 1)
@@ -411,7 +418,7 @@ def blend_weight(
         else:
             ramp = (distance <= dilation_mm).astype(np.float64)
         ramp[distance > dilation_mm + feather_mm] = 0
-        weights[index] = np.maximum(ramp, np.where(inside, slice_mask, 0))
+        weights[index][box] = np.maximum(ramp, np.where(inside, slice_mask, 0))
     return weights
 
 
