@@ -4,22 +4,23 @@ The default insertion without an annotation chooses each tumor's level in B by r
 (:func:`singan_insert.insertion.appearance.choose_level`); with the one-slice annotation the
 level is the annotated tumor's, in model units. Both are compared here with the simulator's
 truth, in the units the choice is made in: the target's own model units (its 0.5-99.5th
-percentiles mapped to [-1, 1]), where the truth is the mean of ``render_b`` over the inserted mask.
+percentiles mapped to [-1, 1]). The level compared is the tumor's realised mean: the mean of the
+output over the inserted mask, against the mean of ``render_b`` there (both with the edge's
+partial volume, which mixes a small tumor's mean with its surroundings more than a large one's).
 
 Rows (the level of each tumor, model units):
 
-``realism``            the unannotated default's choice, per tumor;
-``annotation``         the annotated default's level (the same for every tumor, moved off the
-                       surroundings by the visibility floor where needed);
-``realism, pooled``    one level for all tumors: the median of the realism's own choices over the
+``realism``            the unannotated default, per tumor;
+``annotation``         the annotated default;
+``realism, pooled``    one level for all tumors: the median of the realism's own levels over the
                        subjects (what pooling the choice over many tumors would give; no truth used);
 ``best constant``      one level for all tumors, chosen WITH HINDSIGHT to fit the truth (a bound).
 
 Metrics: mean and largest |level - truth|; ``wrong side``: tumors whose level lies on the other
 side of their surroundings' mean (the shell the choice compares with) than the truth's; the
-correlation of the per-tumor level with the truth. The realism score's curve of each tumor is in
-the JSON (``levels``, ``scores``, ``eligible``), to see near-ties between a darker and a brighter
-minimum.
+correlation of the per-tumor level with the truth. The JSON also holds each tumor's chosen level
+before the edge's mixing (``chosen``) and its realism score's curve (``levels``, ``scores``,
+``eligible``), to see near-ties between a darker and a brighter minimum.
 
 Run: ``python benchmarks/dev_level_choice.py [--first-seed 200] [--subjects 20]``; prints a
 markdown table and writes benchmarks/results/dev_level_choice.{json,md} (``--name`` to rename).
@@ -63,11 +64,13 @@ def main() -> None:
         with_annotation = insert_tumor(washed, subject.affine_b, source, annotated, InsertionParameters(seed=0))
         truth = subject.render_b(realism.mask)
         choice = realism.record["appearance"]["choice"]
-        subjects.append({"seed": seed, "truth": to_model(truth[realism.mask].mean()), "realism": choice["level"],
-                         "annotation": to_model(with_annotation.record["appearance"]["level"]),
+        inside = realism.mask
+        subjects.append({"seed": seed, "truth": to_model(truth[inside].mean()),
+                         "realism": to_model(realism.image[inside].mean()),
+                         "annotation": to_model(with_annotation.image[inside].mean()), "chosen": choice["level"],
                          "shell": choice["shell"], "tumor_voxels": int(realism.mask.sum()),
                          "levels": choice["levels"], "scores": choice["scores"], "eligible": choice["eligible"]})
-        print(f"subject {seed}: truth {subjects[-1]['truth']:+.3f}, realism {choice['level']:+.3f}, "
+        print(f"subject {seed}: truth {subjects[-1]['truth']:+.3f}, realism {subjects[-1]['realism']:+.3f}, "
               f"annotation {subjects[-1]['annotation']:+.3f}, shell {choice['shell']:+.3f}", flush=True)
 
     truth = np.array([s["truth"] for s in subjects])
@@ -91,7 +94,7 @@ def main() -> None:
                      "level range": f"{levels.min():+.3f} .. {levels.max():+.3f}"})
     seeds = f"{subjects[0]['seed']}-{subjects[-1]['seed']}"
     markdown = (
-        f"Tumor level in B (the target's model units) on simulated subjects {seeds} ({len(subjects)}); "
+        f"Tumor level in B (the mean over the mask, in the target's model units) on simulated subjects {seeds} ({len(subjects)}); "
         f"the truth's levels span {truth.min():+.3f} .. {truth.max():+.3f} (sd {truth.std():.3f}).\n\n"
         + table(rows, list(rows[0])))
     print(markdown)
