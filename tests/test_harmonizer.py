@@ -159,8 +159,8 @@ def test_repr_and_properties(tiny_harmonizer):
 @pytest.mark.parametrize("where", [(40, 44), (3, 4), (76, 58), (40, 10)])
 def test_generators_run_only_where_the_blend_weight_reaches(tiny_harmonizer, monkeypatch, spacing, where):
     """The generators see only the part of each scale that reaches the blend weight's box, and the
-    output is bit-identical to a whole-image run (tumors in the middle, a corner, an edge; the
-    slices resampled up and down to the model's pixel size)."""
+    output is the whole-image run's (tumors in the middle, a corner, an edge; the slices resampled
+    up and down to the model's pixel size)."""
     from singan_insert.harmonizer import model as model_module
 
     background = np.stack([textured_slice((80, 88), seed=s) for s in range(2)])
@@ -179,7 +179,9 @@ def test_generators_run_only_where_the_blend_weight_reaches(tiny_harmonizer, mon
             pixels.clear()
             whole = tiny_harmonizer.harmonize(background, composite, mask, start, seed=4, spacing=spacing)
             monkeypatch.undo()
-            np.testing.assert_array_equal(cropped, whole)
+            # Equal to the last bit on the CPUs tried; a convolution library may pick another
+            # kernel for the smaller input, so allow its rounding (one pixel of reach too few errs by 1e-3).
+            np.testing.assert_allclose(cropped, whole, rtol=0, atol=1e-4)
             assert cropped_pixels < sum(pixels)  # a radius-6 tumor needs a fraction of the slice
     finally:
         for h in hook:

@@ -204,4 +204,3 @@ class GeneratorPyramid(nn.Module):
                 top, bottom = resize_source_span(outer[0], outer[1], sizes[scale - 1][0], height)
                 left, right = resize_source_span(outer[2], outer[3], sizes[scale - 1][1], width)
         return boxes
-

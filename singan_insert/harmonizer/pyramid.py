@@ -149,8 +149,11 @@ def resize_source_span(start: int, stop: int, source_size: int, size: int) -> tu
 
     PyTorch's bicubic interpolation (``align_corners=False``) samples output pixel :math:`i` at
     :math:`(i + 0.5)\\,s - 0.5` with :math:`s` = ``source_size / size`` and four taps; a shrink's
-    anti-aliasing widens them by :math:`s`. One pixel more on each side covers the rounding.
+    anti-aliasing widens them by :math:`s`. One pixel more on each side covers the rounding. The
+    same size is no resize: the span is the output's.
     """
+    if source_size == size:  # resize returns the image itself
+        return start, stop
     ratio = source_size / size
     taps = 2 * max(ratio, 1.0)
     first = math.floor((start + 0.5) * ratio - 0.5 - taps) - 1
