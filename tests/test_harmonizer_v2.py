@@ -83,6 +83,50 @@ def test_visibility_floor_excludes_the_surroundings_level():
         choose_level(bank, background, mask, region, shell=0.0, visibility_floor=0.7)
 
 
+class _CurveBank:
+    """A stand-in for PatchBank whose score is a given function of the candidate level."""
+
+    def __init__(self, curve):
+        self.curve = curve
+
+    def score(self, images, region):
+        levels = images[:, 0, 20, 20]  # the candidates' tumor level (a pixel inside the mask)
+        return torch.tensor([self.curve(float(v)) for v in levels])
+
+
+@pytest.mark.parametrize("curve, ambiguous", [
+    (lambda v: 3.0 + (v + 0.3) ** 2, False),                               # one minimum, darker
+    (lambda v: 3.84 + min((v + 0.25) ** 2, (v - 0.55) ** 2 - 0.01), True),  # a near-tie, brighter wins
+    (lambda v: 3.84 + min((v + 0.25) ** 2, (v - 0.55) ** 2 + 0.3), False),  # a clear darker minimum
+])
+def test_level_choice_flags_a_near_tie_between_darker_and_brighter(curve, ambiguous):
+    background = torch.zeros(1, 40, 40)
+    mask = torch.zeros(1, 40, 40)
+    mask[0, 15:25, 15:25] = 1
+    choice = choose_level(_CurveBank(curve), background, mask, torch.ones(1, 40, 40), shell=0.1)
+    assert choice.ambiguous is ambiguous and choice.to_dict()["ambiguous"] is ambiguous
+    assert choice.other_side_margin is not None and (choice.other_side_margin < 0.02) is ambiguous
+
+
+def test_an_ambiguous_level_choice_warns_and_is_recorded(simulated_model, monkeypatch):
+    from singan_insert.insertion import insert as insert_module
+    from singan_insert.insertion.appearance import AmbiguousLevelWarning, LevelChoice
+
+    def near_tie(bank, background, mask, region, shell, *args):
+        return LevelChoice(shell + 0.5, shell, [shell - 0.5, shell + 0.5], [3.85, 3.84], [True, True], 0.003)
+
+    subject = simulate_subject(1)
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    washed = subject.render_b_washed_out()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AmbiguousLevelWarning)  # the real choice here is clear
+        insert_tumor(washed, subject.affine_b, source, simulated_model, InsertionParameters(seed=0))
+    monkeypatch.setattr(insert_module, "choose_level", near_tie)
+    with pytest.warns(AmbiguousLevelWarning, match="brighter.*Annotate the tumor"):
+        result = insert_tumor(washed, subject.affine_b, source, simulated_model, InsertionParameters(seed=0))
+    assert result.record["appearance"]["choice"]["ambiguous"] is True
+
+
 def test_texture_seeds_differ_with_the_same_mean(simulated_model):
     subject = simulate_subject(1)
     washed = subject.render_b_washed_out()

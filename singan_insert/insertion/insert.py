@@ -82,6 +82,7 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.model import Harmonizer
 from singan_insert.insertion.appearance import (
     DEFAULT_VISIBILITY_FLOOR,
+    AmbiguousLevelWarning,
     PatchBank,
     TextureBank,
     inplane_distance,
@@ -770,6 +771,16 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
         choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
         level_model, gain = choice.level, None
         record.update(by="realism", choice=choice.to_dict())
+        if choice.ambiguous:
+            side = "brighter" if choice.level > shell_model else "darker"
+            warnings.warn(
+                f"The model could hardly tell whether this tumor should be darker or brighter than its "
+                f"surroundings in the target modality (the best levels on either side score within "
+                f"{100 * choice.other_side_margin:.1f} % of each other); it made it {side}, which may be "
+                "the wrong side. Annotate the tumor on the model's training slice (a rough mask: "
+                "Harmonizer.annotate, or singan-insert annotate) so that the level comes from a real "
+                "tumor of that modality, or pass InsertionParameters(appearance='fixed', contrast=...).",
+                AmbiguousLevelWarning, stacklevel=4)
     level = float(normalization.from_model(torch.tensor(level_model)))
     surroundings = float(normalization.from_model(torch.tensor(shell_model)))
     factor = (level - t_low) / (mean - t_low) if mean - t_low > 1e-3 * (normalization.high - normalization.low) \
