@@ -402,11 +402,12 @@ def blend_weight(
     weights = np.zeros(mask.shape, dtype=np.float32)
     reach = [int(np.ceil((dilation_mm + feather_mm) / step)) + 1 for step in spacing]
     for index, whole_mask in enumerate(mask):
-        if not (whole_mask > 0).any():
+        rows = np.flatnonzero((whole_mask > 0).any(axis=1))
+        if rows.size == 0:
             continue
         # Only the mask's box widened by the ramp's reach: every mask pixel is in it, so the
         # distances there are the whole slice's, and beyond it the weight is 0.
-        rows, cols = (np.flatnonzero((whole_mask > 0).any(axis=1 - a)) for a in (0, 1))
+        cols = np.flatnonzero((whole_mask[rows[0]:rows[-1] + 1] > 0).any(axis=0))
         box = (slice(max(rows[0] - reach[0], 0), rows[-1] + reach[0] + 1),
                slice(max(cols[0] - reach[1], 0), cols[-1] + reach[1] + 1))
         slice_mask = whole_mask[box]

@@ -28,7 +28,7 @@ levels closer to the truth than 0.5 + 0.25 with 7 px, 0.35, or 1 + 0.5 + 0.25.)
 where :math:`\\bar s` is the mean of the background within ``shell_mm`` of the tumor (model
 units) and :math:`\\phi` the ``visibility_floor`` as a fraction of the model's range: "vanished"
 is never chosen. The best eligible grid level is refined by a parabola through its neighbours.
-Where the best eligible levels darker and brighter than :math:`\bar s` score within
+Where the best eligible levels darker and brighter than :math:`\\bar s` score within
 :data:`AMBIGUOUS_MARGIN` of each other, the choice is flagged as ambiguous (the insertion warns:
 the side may be wrong, and an annotation of the training slice's tumor decides it).
 
@@ -189,8 +189,9 @@ class AmbiguousLevelWarning(UserWarning):
 
 #: A level choice whose best candidates darker and brighter than the surroundings score within
 #: this fraction of each other is ambiguous (:attr:`LevelChoice.ambiguous`). On 74 simulated
-#: subjects (seeds 100-107, 200-219, 300-315, 400-429) the two sides were 3.5 % or more apart on
-#: every subject but one, whose 0.8 % near-tie took the wrong side.
+#: subjects the two sides were 3.5 % or more apart on every subject but one, whose 0.8 % near-tie
+#: took the wrong side (seeds 100-107, 200-219, 300-315: the score curves in the
+#: ``benchmarks/results/dev_level_choice*.json`` files; 400-429: a one-off run, not kept).
 AMBIGUOUS_MARGIN = 0.02
 
 
