@@ -92,6 +92,24 @@ def check_probability(value: object, name: str) -> float:
     return check_real(value, name, 0, 1)
 
 
+def check_spacing(spacing: object, ndim: int, name: str = "spacing") -> tuple[float, ...]:
+    """``spacing`` as ``ndim`` finite floats > 0 (mm per pixel or voxel, in array-axis order).
+
+    A sequence of another length is refused, not cut: a 3D spacing given for a 2D slice says
+    nothing about which two of its values belong to the slice's axes.
+    """
+    try:
+        values = tuple(spacing)  # type: ignore[arg-type]
+    except TypeError:
+        values = None
+    if values is None or len(values) != ndim:
+        raise SinganInsertError(
+            f"{name} must hold {ndim} positive numbers (mm per {'pixel' if ndim == 2 else 'voxel'}, one per "
+            f"array axis), got {spacing!r}." + (" For a slice of a volume, pass the in-plane pair, e.g. "
+                                                "nifti_spacing(image)[:2] for an axial slice." if ndim == 2 else ""))
+    return tuple(check_positive(v, f"{name}[{i}]") for i, v in enumerate(values))
+
+
 def check_seed(seed: object, name: str = "seed") -> int:
     """An integer seed in ``[0, MAX_SEED]`` (``2**32 - 1``), as ``int``."""
     return check_int(seed, name, 0, MAX_SEED)

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mask", help="tumor mask of the training slice (.png/.npy/2D .nii.gz; non-zero = tumor), "
                                      "on the slice as trained (after any crop)")
     what.add_argument("--remove", action="store_true", help="remove the model's annotation")
+    annotate.add_argument("--label-value", type=int, default=None,
+                          help="with a label map of several structures as --mask: the tumor's value (crossMoDA: 1); "
+                               "default: every non-zero pixel, refused when the map holds several labels")
     annotate.add_argument("--out", help="write the annotated model here (default: replace the model file, atomically)")
 
     harmonize = commands.add_parser("harmonize", help="harmonize one 2D composite + mask",
@@ -188,12 +191,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _annotate(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from singan_insert.harmonizer.model import MODEL_FILE_NAME, Harmonizer
 
     source = Path(args.model)
     source = source / MODEL_FILE_NAME if source.is_dir() else source
     model = Harmonizer.load(source, device="cpu")
-    model.annotate(None if args.remove else read_2d(Path(args.mask), what="tumor mask") > 0)
+    if args.remove:
+        model.annotate(None)
+    else:
+        mask = read_2d(Path(args.mask), what="tumor mask")
+        if args.label_value is not None:
+            if not (mask == args.label_value).any():
+                raise SinganInsertError(f"The mask {args.mask} holds no pixel of label {args.label_value}; "
+                                        f"it holds {', '.join(f'{v:g}' for v in np.unique(mask)[:10])}.")
+            mask = mask == args.label_value
+        model.annotate(mask)
     out = Path(args.out) if args.out else source
     out = model.save(out / MODEL_FILE_NAME if out.is_dir() else out)
     state = "without an annotation" if args.remove else \

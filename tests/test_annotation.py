@@ -195,6 +195,19 @@ def test_cli_train_annotates_from_the_label_and_annotate_adds_or_removes(trainin
     assert Harmonizer.load(tmp_path / "copy").tumor_annotation is not None
     assert main(["annotate", "--model", str(tmp_path / "without"), "--remove"]) == 0
     assert Harmonizer.load(tmp_path / "without").tumor_annotation is None
+    # The slice's crossMoDA label map (1 = tumor, 2 = cochlea) is refused as a mask, and taken
+    # with --label-value: the same annotation as the tumor's own mask.
+    label_slice = np.take(training_subject.label_b, index, axis=2).astype(np.uint8)
+    assert set(np.unique(label_slice)) == {0, 1, 2}
+    np.save(tmp_path / "labels.npy", label_slice)
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "labels.npy")]) == 2
+    assert "several labels" in capsys.readouterr().err
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "labels.npy"),
+                 "--label-value", "1"]) == 0
+    assert torch.equal(Harmonizer.load(tmp_path / "without").tumor_annotation, with_annotation.tumor_annotation)
+    assert main(["annotate", "--model", str(tmp_path / "without"), "--mask", str(tmp_path / "labels.npy"),
+                 "--label-value", "3"]) == 2
+    assert "no pixel of label 3" in capsys.readouterr().err
     # A label without the tumor on the chosen slice is a clear error, before any training.
     assert main(["train", *common, "--slice", "0", "--out", str(tmp_path / "bad")]) == 2
     assert "no tumor" in capsys.readouterr().err

@@ -404,3 +404,80 @@ def test_a_single_slice_target_gets_no_through_plane_mixing():
     mask[3:9, 3:9, 0] = True
     fraction = _tumor_fraction(mask, (slice(0, 12), slice(0, 12), slice(0, 1)), axis=2)
     np.testing.assert_allclose(fraction, partial_volume(np.moveaxis(mask, 2, 0), through_plane_px=0.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("voxels", [1, 2, 3])
+def test_inject_texture_never_amplifies_the_noise_of_a_tumor_of_a_few_voxels(voxels):
+    # Over one voxel the noise's sample sd is 0: dividing by it multiplied the noise by 1e12.
+    rng = np.random.default_rng(0)
+    background = 100 + 5 * rng.standard_normal((3, 32, 32))
+    mask = np.zeros(background.shape, bool)
+    mask[1, 16, 16:16 + voxels] = True
+    smooth = np.where(mask, 60.0, background)
+    surroundings = ring(mask, (1.0, 1.0), 6.0)
+    for seed in range(8):
+        out, info = inject_texture(smooth, background, mask, surroundings, seed=seed)
+        assert info["added_std"] > 0  # texture was added...
+        # ...at most a few field sds away from the level (a Gaussian beyond 8 sd: never).
+        assert np.abs(out[mask] - 60.0).max() <= 8 * 2 * info["added_std"]
+
+
+def test_one_voxel_tumor_is_inserted_at_a_plausible_value(tiny_harmonizer):
+    subject = simulate_subject(1, shape=(64, 64, 32))
+    washed = subject.render_b_washed_out().astype(np.float32)
+    label = np.zeros(subject.label_a.shape, np.uint8)
+    centre = tuple(int(round(c.mean())) for c in np.nonzero(subject.label_a == 1))
+    label[centre] = 1
+    source = SourceTumor.from_arrays(subject.image_a, label, subject.affine_a)
+    for seed in range(4):
+        result = insert_tumor(washed, subject.affine_b, source, tiny_harmonizer, InsertionParameters(seed=seed))
+        inside = result.image[result.mask]
+        assert inside.size >= 1 and washed.min() <= inside.min() and inside.max() <= washed.max()
+        assert result.record["tumor"]["output_mean"] == pytest.approx(float(inside.mean()), rel=1e-5)
+
+
+@pytest.mark.parametrize("spacing", [(-0.4, 0.4), (0.0, 0.4), (float("nan"), 0.4), (0.4, 0.4, 1.0), (0.4,)])
+def test_training_refuses_a_bad_spacing_before_it_trains(spacing, monkeypatch):
+    image, _, _ = training_slice_from_subject(simulate_subject(0, shape=(64, 64, 32)))
+    monkeypatch.setattr(training_module, "_ScaleTrainer",
+                        lambda *a, **k: pytest.fail("trained before checking the spacing"))
+    with pytest.raises(SinganInsertError, match="spacing"):
+        train_harmonizer(image, TrainingConfig.preset("tiny", iterations=1), spacing=spacing, progress=False)
+
+
+@pytest.mark.parametrize("kwargs", [dict(spacing=(0.0, 0.4)), dict(spacing=(-0.4, 0.4)), dict(dilation_mm=float("nan")),
+                                    dict(feather_mm=float("inf")), dict(feather_mm=-1.0)])
+def test_harmonize_refuses_bad_geometry_arguments_clearly(tiny_harmonizer, kwargs):
+    size = tiny_harmonizer.geometry.finest
+    background = np.full((1, *size), 0.5, np.float32) + np.random.default_rng(0).random((1, *size), np.float32)
+    mask = np.zeros_like(background)
+    mask[0, size[0] // 2 - 3:size[0] // 2 + 3, size[1] // 2 - 3:size[1] // 2 + 3] = 1
+    with pytest.raises(SinganInsertError, match="spacing|dilation_mm|feather_mm"):
+        tiny_harmonizer.harmonize(background, background, mask, **kwargs)
+
+
+def test_an_annotation_holding_several_labels_is_refused(tiny_harmonizer):
+    size = tiny_harmonizer.geometry.finest
+    labels = np.zeros(size, np.uint8)
+    labels[10:16, 10:16] = 1
+    labels[20:22, 20:22] = 2  # crossMoDA's cochlea
+    with pytest.raises(SinganInsertError, match="several labels"):
+        tiny_harmonizer.copy().annotate(labels)
+    # The tumor's own mask, a drawn 0/255 image with grey edges, and a soft mask are masks.
+    drawn = np.where(labels == 1, 255, 0).astype(np.uint8)
+    drawn[9, 10:16] = 128
+    for mask in (labels == 1, drawn, (labels == 1) * 0.9):
+        assert tiny_harmonizer.copy().annotate(mask).tumor_annotation is not None
+
+
+@pytest.mark.parametrize("label, value, message", [
+    (np.zeros((64, 64, 32), bool), 2, "boolean"),
+    (np.full((64, 64, 32), 0.5, np.float32), 1, "fractional"),
+    (np.where(np.arange(64 * 64 * 32).reshape(64, 64, 32) == 5, np.nan, 0).astype(np.float32), 1, "NaN"),
+])
+def test_insert_refuses_a_target_label_that_cannot_hold_the_tumor(tiny_harmonizer, label, value, message):
+    subject = simulate_subject(1, shape=(64, 64, 32))
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    with pytest.raises(SinganInsertError, match=message):
+        insert_tumor(subject.render_b_washed_out(), subject.affine_b, source, tiny_harmonizer,
+                     InsertionParameters(seed=0, label_value=value), target_label=label)

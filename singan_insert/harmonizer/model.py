@@ -34,13 +34,18 @@ import torch
 from singan_insert.devices import select_device
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_non_negative, check_spacing
 from singan_insert.harmonizer.model_file import load_tensors, save_tensors, state_dict_to_tensors, tensors_to_state_dict
 from singan_insert.harmonizer.networks import Box, GeneratorPyramid, build_generator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize, resize_source_span
 
 MODEL_KIND = "singan-insert-harmonizer"
 MODEL_FILE_NAME = "harmonizer.safetensors"
+
+
+#: An annotation whose non-zero values are several whole numbers up to this is a label map of
+#: several structures, refused by :meth:`Harmonizer.annotate`; above it, a drawn 8-bit mask.
+MAX_LABEL_IN_ANNOTATION = 32
 
 
 class Harmonizer:
@@ -137,7 +142,8 @@ class Harmonizer:
 
         Raises:
             SinganInsertError: no training slice stored (a model file of an earlier version),
-                a mask that is not 2D, not finite, of another aspect ratio, or empty.
+                a mask that is not 2D, not finite, of another aspect ratio, or empty, or a label
+                map that holds several labels.
         """
         if mask is None:
             self.tumor_annotation = None
@@ -155,6 +161,18 @@ class Harmonizer:
         if not np.issubdtype(array.dtype, np.number):
             raise SinganInsertError(f"The tumor annotation has dtype {array.dtype}; pass a 0/1 or boolean mask.")
         check_finite(array, "tumor annotation")
+        # A label map of several structures (crossMoDA: 1 = schwannoma, 2 = cochlea) is not a
+        # tumor mask: counting every non-zero value would add the other structures to the tumor.
+        # A soft mask has fractions, a drawn image 255 (or grey anti-aliased edges up to it); a
+        # label map small whole numbers.
+        nonzero = array[array != 0]
+        if nonzero.size and np.array_equal(nonzero, np.round(nonzero)) and nonzero.max() <= MAX_LABEL_IN_ANNOTATION:
+            present = np.unique(nonzero)
+            if present.size > 1:
+                shown = ", ".join(f"{v:g}" for v in present[:10].astype(float))
+                raise SinganInsertError(
+                    f"The tumor annotation holds several labels ({shown}); pass the tumor's own mask, "
+                    "e.g. label_slice == 1 (crossMoDA: 1 = schwannoma, 2 = cochlea).")
         finest = tuple(self.geometry.finest)
         if tuple(array.shape) != finest:
             if abs(array.shape[0] / array.shape[1] - finest[0] / finest[1]) > 0.03 * finest[0] / finest[1]:
@@ -219,7 +237,10 @@ class Harmonizer:
             feather_mm: width of the smooth fall-off of the weight beyond that (>= 0).
             seed, generator: noise source (``generator`` wins); default: a fresh random seed.
             shared_noise: the same noise field for every slice of the batch (no stripes
-                across the slices of a volume; also makes a batch equal to one-by-one calls).
+                across the slices of a volume; with the same ``normalization`` passed to each
+                call, also makes a batch equal to one-by-one calls: the default normalization
+                is fitted on whatever batch is given, so it differs between a batch and its
+                slices).
             precision: ``"float32"``, ``"bfloat16"`` (convolutions in bfloat16, the rest in
                 float32), or ``"auto"``: bfloat16 where the processor has native bfloat16
                 units (CPUs with AVX512-BF16/AMX, CUDA GPUs that support it), else float32.
@@ -233,9 +254,9 @@ class Harmonizer:
         bg, comp, m, squeeze = _prepare_batch(background, composite, mask)
         scale = self.geometry.resolve_start_scale(
             self.default_start_scale if start_scale is None else start_scale, self.valid_start_scales.start)
-        if dilation_mm < 0 or feather_mm < 0:
-            raise SinganInsertError("dilation_mm and feather_mm must be >= 0.")
-        slice_spacing = tuple(float(v) for v in spacing) if spacing is not None else self.spacing
+        dilation_mm = check_non_negative(dilation_mm, "dilation_mm")
+        feather_mm = check_non_negative(feather_mm, "feather_mm")
+        slice_spacing = check_spacing(spacing, 2) if spacing is not None else self.spacing
         normalization = normalization or PercentileNormalization.fit(bg)
         if generator is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed

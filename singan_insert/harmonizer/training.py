@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_finite, check_int, check_real, check_seed
+from singan_insert.checks import check_finite, check_int, check_real, check_seed, check_spacing
 from singan_insert.harmonizer.model_file import (
     MAX_SIZE,
     load_tensors,
@@ -290,6 +290,7 @@ def train_harmonizer(
     first_scale = 0 if config.trained_scales is None else max(num_scales - config.trained_scales, 0)
     model_spacing = None
     if spacing is not None:
+        spacing = check_spacing(spacing, 2)
         shrink = geometry.finest[0] / slice_2d.shape[0], geometry.finest[1] / slice_2d.shape[1]
         model_spacing = (float(spacing[0]) / shrink[0], float(spacing[1]) / shrink[1])
 

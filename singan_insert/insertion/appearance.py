@@ -35,7 +35,7 @@ the side may be wrong, and an annotation of the training slice's tumor decides i
 **Mapping.** The tumor's mapped intensities :math:`v_1` (``"normalized"`` or ``"matched"`` at
 :math:`\\lambda = 1`) keep their internal structure (ranks and relative contrasts); their mean
 is moved to the chosen level :math:`\\ell` (in intensity units) and their deviations scaled by
-:math:`g = \\min(\\lambda^*, 1)`,
+:math:`g = \\min(\\max(\\lambda^*, 0), 1)`,
 
 .. math::
 
@@ -45,7 +45,9 @@ where :math:`t_{lo}` is the target's dark reference: for :math:`\\lambda^* \\le 
 the paper's contrast factor, :math:`v = t_{lo} + \\lambda^* (v_1 - t_{lo})`, chosen by the model
 per tumor (a user's :math:`\\lambda` has no effect here); a tumor that must be brightened is
 shifted rather than stretched, so a source tumor near the dark end does not get its noise
-multiplied.
+multiplied. A level at or below the dark reference gives :math:`\\lambda^* \\le 0` (recorded as
+is) and a flat tumor. The record's ``level`` is the level chosen before harmonization;
+``record["tumor"]["output_mean"]`` is the tumor's mean in the output.
 
 **Edge.** Candidates and the final composite are rendered with a partial-volume edge,
 :math:`(1 - f)\\,\\text{background} + f\\,\\text{tumor}` with :math:`f = G_{0.5} * M` within and
@@ -61,6 +63,8 @@ tumor's high-pass energy matches that of B's tissue around it:
     a = \\sqrt{\\max(\\sigma_B^2 - \\sigma_x^2, 0)},
 
 where :math:`h(y) = y - G_1 * y` is the in-plane high-pass (Gaussian :math:`\\sigma = 1` px),
+:math:`\\operatorname{sd}(h(n))` is taken over the tumor's voxels (at least half the whole noise
+field's, so that a tumor of a few voxels does not get its noise multiplied),
 :math:`\\sigma_B` the robust sd (:math:`1.4826\\,` median absolute deviation, so that the edges of
 structures crossing the rim do not count as texture) of :math:`h` of the background within
 ``shell_mm`` of the tumor, :math:`\\sigma_x` that of the harmonized tumor's interior (eroded by up
@@ -433,7 +437,10 @@ def inject_texture(
     if added > 0:
         white = np.random.default_rng(seed).standard_normal(harmonized.shape)
         noise = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"), highpass_sigma)
-        noise /= max(float(noise[inside].std()), 1e-12)
+        # Scaled to unit sd over the tumor, but never by more than twice the noise field's own sd:
+        # over a few voxels (a tumor of one voxel: sd 0) the sample sd says nothing of the
+        # field's, and dividing by it would multiply the noise without bound.
+        noise /= max(float(noise[inside].std()), 0.5 * float(noise.std()), 1e-12)
         out[inside] = (out[inside] + added * noise[inside]).astype(out.dtype)
     info["added_std"] = added
     return out, info

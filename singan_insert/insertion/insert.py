@@ -19,8 +19,10 @@ For one tumor, :func:`insert_tumor`
    robust range for 99 % of the tumor voxels; only the few most extreme values of the tails
    (where whole-volume histogram matching follows single outlier voxels) differ by up to ~3 %;
 3. builds the composite (the target with the mapped tumor inside its mask; with the automatic
-   appearance, with a partial-volume edge that reaches the voxels beside the mask and the
-   neighbouring slices, :func:`~singan_insert.insertion.appearance.partial_volume`); with an annotated
+   appearance, with a partial-volume edge that reaches the voxels beside the mask and, through
+   the slices, the neighbouring tumor slices, :func:`~singan_insert.insertion.appearance.partial_volume`;
+   only the tumor's own slices are harmonized and written, so the slices just beyond the
+   tumor's two ends are left as they are); with an annotated
    model (``rim``, default on) its surroundings get B's rim, the annotated tumor's band levels
    0-3 mm outside it, widths scaled by the tumor's size over the annotated one's
    (:func:`singan_insert.insertion.annotation.render_rim`, :func:`~singan_insert.insertion.annotation.rim_scale`), before the pyramid
@@ -81,6 +83,7 @@ import torch
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.model import Harmonizer
 from singan_insert.insertion.appearance import (
+    AMBIGUOUS_MARGIN,
     DEFAULT_VISIBILITY_FLOOR,
     AmbiguousLevelWarning,
     PatchBank,
@@ -107,7 +110,7 @@ from singan_insert.insertion.orientation import (Reorientation, axis_direction, 
 from singan_insert.insertion.intensity import (TISSUE_THRESHOLD, IntensityMode, air_level, check_intensity_mode,
                                                map_tumor_intensities, robust_range)
 from singan_insert.harmonizer.normalization import PercentileNormalization
-from singan_insert.checks import check_positive
+from singan_insert.checks import check_finite, check_positive
 from singan_insert.io import orientation_codes
 from singan_insert.harmonizer.pyramid import resize
 from singan_insert.insertion.placement import (
@@ -420,6 +423,28 @@ def _plane_mismatch(axis: int, model_axis: int, codes: str | None) -> str:
             "model's plane, or train a model on this plane.")
 
 
+def _check_target_label(label: np.ndarray, label_value: int) -> None:
+    """Refuse a label map that cannot hold ``label_value``, or that holds what is not a label."""
+    if label.dtype == np.bool_:
+        if label_value != 1:
+            raise SinganInsertError(
+                f"The target label is boolean, which cannot hold label_value={label_value}; pass an "
+                "integer label map (e.g. label.astype(numpy.uint8)).")
+        return
+    if not np.issubdtype(label.dtype, np.number) or np.iscomplexobj(label):
+        raise SinganInsertError(f"The target label has dtype {label.dtype}; pass an integer label map.")
+    if np.issubdtype(label.dtype, np.integer):
+        if label_value > np.iinfo(label.dtype).max:
+            raise SinganInsertError(
+                f"label_value={label_value} does not fit the label map's dtype {label.dtype}.")
+        return
+    check_finite(label, "target label")
+    if not np.array_equal(label, np.round(label)):
+        raise SinganInsertError(
+            "The target label holds fractional values: a label map holds whole numbers (0 = "
+            "background). Threshold or round it first (e.g. numpy.rint(label)).")
+
+
 def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *, target_label, modality,
                   normalization, return_composite) -> InsertionResult:
     """:func:`insert_tumor` (same arguments) on the target as its voxels are stored."""
@@ -436,11 +461,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
             raise SinganInsertError(
                 f"The target label has shape {target_label.shape} but the image {image.shape}; "
                 "they must be on the same voxel grid.")
-        if np.issubdtype(target_label.dtype, np.integer) and \
-                params.label_value > np.iinfo(target_label.dtype).max:
-            raise SinganInsertError(
-                f"label_value={params.label_value} does not fit the label map's dtype "
-                f"{target_label.dtype}.")
+        _check_target_label(target_label, params.label_value)
     check_model_provenance(harmonizer, params.axis, modality)
     spacing = spacing_from_affine(affine)
     axis = through_plane_axis(spacing) if params.axis is None else int(params.axis)
@@ -639,6 +660,9 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
             "slices": [int(crop[axis].start + i) for i in slice_indices],
             "crop": [[int(s.start), int(s.stop)] for s in crop],
             "mapped_intensity_mean": float(np.mean(mapped)),
+            # What the tumor came out at: the appearance's "level" is the level chosen before the
+            # pyramid, which (without an annotation) pulls the tumor toward its surroundings.
+            "output_mean": float(harmonized[crop_mask > 0].mean()),
             "background_fraction": in_background,
             "clipped_to_target_range": clipped,
         },
@@ -776,7 +800,8 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
             warnings.warn(
                 f"The model could hardly tell whether this tumor should be darker or brighter than its "
                 f"surroundings in the target modality (the best levels on either side score within "
-                f"{100 * choice.other_side_margin:.1f} % of each other); it made it {side}, which may be "
+                f"{100 * choice.other_side_margin:.1f} % of each other, under the {100 * AMBIGUOUS_MARGIN:g} % it "
+                f"takes to tell); it made it {side}, which may be "
                 "the wrong side. Annotate the tumor on the model's training slice (a rough mask: "
                 "Harmonizer.annotate, or singan-insert annotate) so that the level comes from a real "
                 "tumor of that modality, or pass InsertionParameters(appearance='fixed', contrast=...).",
