@@ -89,16 +89,36 @@ def test_annotation_is_resized_stored_and_verified(annotated_model, training_sub
     # Removing and re-adding (e.g. on a model trained without one) needs no retraining.
     loaded.annotate(None)
     assert loaded.tumor_annotation is None and TumorProfile.of(loaded, 2.0) is None
-    half = np.zeros((finest[0] // 2, finest[1] // 2), bool)
-    half[10:20, 10:20] = True
-    loaded.annotate(half)
-    assert tuple(loaded.tumor_annotation.shape) == finest and (loaded.tumor_annotation > 0.5).sum() > 300
+    full = np.zeros(finest, bool)
+    full[20:40, 20:40] = True
+    loaded.annotate(full)
+    assert tuple(loaded.tumor_annotation.shape) == finest and (loaded.tumor_annotation > 0.5).sum() == 400
+    # A mask of another size than the trained slice's or the finest scale's is refused, even
+    # with the same aspect ratio: it cannot be told from a full slice's mask on a cropped model.
+    with pytest.raises(SinganInsertError, match="trained on"):
+        loaded.annotate(full[::2, ::2])
+
+
+def test_an_annotation_of_the_uncropped_slice_is_refused_on_a_cropped_model(training_subject):
+    image, spacing, index = training_slice_from_subject(training_subject)
+    mask = np.take(training_subject.label_b, index, axis=2) == 1
+    rows, cols = np.nonzero(mask)
+    crop = (int(rows.min()) - 20, int(rows.min()) + 44, int(cols.min()) - 20, int(cols.min()) + 44)
+    model = train_harmonizer(image[crop[0]:crop[1], crop[2]:crop[3]], TrainingConfig.preset("tiny", iterations=1),
+                             spacing=spacing, progress=False, sample_figures=False,
+                             provenance={"crop": list(crop)})
+    with pytest.raises(SinganInsertError, match=rf"mask\[{crop[0]}:{crop[1]}, {crop[2]}:{crop[3]}\]"):
+        model.annotate(mask)  # the same aspect ratio as the crop: it used to be squeezed into it
+    model.annotate(mask[crop[0]:crop[1], crop[2]:crop[3]])
+    finest = model.geometry.finest
+    expected = mask.sum() * finest[0] * finest[1] / 64 ** 2  # the whole tumor, at the finest scale's size
+    assert int((model.tumor_annotation > 0.5).sum()) == pytest.approx(expected, rel=0.1)
 
 
 @pytest.mark.parametrize("mask, message", [
     (np.zeros((128, 128), bool), "empty"),
     (np.ones((4, 128, 128), bool), "2D"),
-    (np.ones((128, 40), bool), "aspect ratio"),
+    (np.ones((128, 40), bool), "trained on"),
     (np.full((128, 128), np.nan), "NaN|finite"),
 ])
 def test_bad_annotations_are_refused(annotated_model, mask, message):

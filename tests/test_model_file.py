@@ -132,6 +132,11 @@ def test_package_keys_cannot_be_overridden_by_metadata(tmp_path):
 def test_version_1_file_loads_with_one_warning(tiny_model_dir, tiny_harmonizer, tmp_path):
     """A 0.1 file (format_version 1, no digest) is read after the structural checks, with a warning."""
     tensors, meta = load_tensors(tiny_model_dir / "harmonizer.safetensors", "singan-insert-harmonizer")
+    # A version-2 file downgraded by hand still holds the training slice, which no 0.1 file has.
+    edited = write_raw(tmp_path / "edited.safetensors", tensors, {**meta, "format_version": 1}, digest=False)
+    with pytest.raises(ModelFileError, match="training_slice"):
+        Harmonizer.load(edited)
+    tensors = {k: v for k, v in tensors.items() if k not in ("training_slice", "tumor_annotation")}
     old = write_raw(tmp_path / "old.safetensors", tensors, {**meta, "format_version": 1}, digest=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

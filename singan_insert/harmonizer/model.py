@@ -133,9 +133,10 @@ class Harmonizer:
 
         Args:
             mask: a 2D mask of the training slice, non-zero (or fractions > 0.5 after resizing)
-                on the tumor: either on the slice as it was passed to training (any size with the
-                same aspect ratio; it is resized to the model's finest scale) or already at the
-                finest scale. ``None`` removes the annotation.
+                on the tumor: either on the slice as it was passed to training (after any crop;
+                it is resized to the model's finest scale) or already at the finest scale.
+                Model files written before 2026-12-07 do not record the slice's size: there any
+                size with the slice's aspect ratio is taken. ``None`` removes the annotation.
 
         Returns:
             ``self`` (save it to keep the annotation in the model file).
@@ -174,6 +175,17 @@ class Harmonizer:
                     f"The tumor annotation holds several labels ({shown}); pass the tumor's own mask, "
                     "e.g. label_slice == 1 (crossMoDA: 1 = schwannoma, 2 = cochlea).")
         finest = tuple(self.geometry.finest)
+        trained = self.metadata.get("training", {}).get("slice_shape")
+        if trained is not None and tuple(array.shape) not in (tuple(trained), finest):
+            # A mask of another size cannot be placed by its aspect ratio alone: a full slice's mask
+            # given to a model trained on a crop of it would be squeezed into the crop.
+            crop = self.provenance.get("crop")
+            raise SinganInsertError(
+                f"The tumor annotation is {array.shape[0]}x{array.shape[1]} px but the model was trained on a "
+                f"{trained[0]}x{trained[1]} px slice (finest scale {finest[0]}x{finest[1]}): draw the mask on that "
+                "slice" + (f"; the model was trained on rows {crop[0]}:{crop[1]} and columns {crop[2]}:{crop[3]} of "
+                           f"its slice (--crop), so cut the mask the same way, e.g. mask[{crop[0]}:{crop[1]}, "
+                           f"{crop[2]}:{crop[3]}]." if crop else "."))
         if tuple(array.shape) != finest:
             if abs(array.shape[0] / array.shape[1] - finest[0] / finest[1]) > 0.03 * finest[0] / finest[1]:
                 raise SinganInsertError(

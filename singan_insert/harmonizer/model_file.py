@@ -58,6 +58,8 @@ from singan_insert.errors import ModelFileError, SinganInsertError
 from singan_insert.io import atomic_write_bytes
 
 FORMAT_VERSION = 2
+#: Tensors first written by format version 2 (2026-12-01): never in a version-1 file.
+_TENSORS_AFTER_VERSION_1 = frozenset({"training_slice", "tumor_annotation"})
 #: Format versions this package reads (1: no digest, loaded with a warning).
 READABLE_VERSIONS = (1, 2)
 _METADATA_KEY = "singan_insert"
@@ -366,6 +368,13 @@ def _check_identity(header: ModelFileHeader, kind: str) -> None:
     if header.digest is None and version != 1:
         # Version 1 is the only one without a digest: a later file lost it to damage.
         raise ModelFileError(f"{str(path)!r} is corrupt (format version {version} without its digest): {header.advice}.")
+    later = sorted(_TENSORS_AFTER_VERSION_1 & set(header.tensors)) if version == 1 else []
+    if later:
+        # A version-1 file cannot hold what only version 2 writes: such a file had its version
+        # (and digest) edited, which would otherwise pass it off as an unverifiable old file.
+        raise ModelFileError(
+            f"{str(path)!r} is corrupt or was edited: it says format version 1, which has no digest, but holds "
+            f"{', '.join(later)}, which only version 2 files (with a digest) hold. {header.advice}.")
     if meta.get("format") != kind:
         raise ModelFileError(f"{str(path)!r} holds a {meta.get('format')!r}, but a {kind!r} was expected.")
 

@@ -351,6 +351,8 @@ def train_harmonizer(
             "training": {
                 "config": config.to_dict(),
                 "seed": seed,
+                # The slice as passed (after any crop): what an annotation must be drawn on.
+                "slice_shape": [int(n) for n in slice_2d.shape],
                 "fingerprint": fingerprint,
                 "log": log,
                 "device": str(device),
