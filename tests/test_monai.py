@@ -14,7 +14,14 @@ from scipy import ndimage
 
 monai = pytest.importorskip("monai")
 
-from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor, PersistentDataset  # noqa: E402
+from monai.data import (  # noqa: E402
+    CacheDataset,
+    DataLoader,
+    Dataset,
+    MetaTensor,
+    PersistentDataset,
+    list_data_collate,
+)
 from monai.transforms import Compose, Orientationd, Spacingd  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
 
@@ -201,6 +208,75 @@ def test_dataloader_with_two_spawned_workers(model, source):
     assert all(isinstance(b["label"], MetaTensor) and b["label"].sum() > 0 for b in batches)
     records = [r for b in batches for r in b["record"]]
     assert len(set(records)) == 4  # each worker draws its own insertions
+
+
+def test_output_types_do_not_depend_on_the_draw_so_samples_collate(model, source):
+    """MONAI's convention, inserted or skipped: numpy stays numpy, a tensor a tensor, and a
+    MetaTensor image makes the label a MetaTensor; an integer image comes out float32."""
+    image, brain = np.asarray(sample()["image"]), np.asarray(sample()["brain"])
+    label = np.zeros_like(brain)
+    label[0, 2:5, 2:5, 2:4] = 2
+    transform = random_transform(model, source, prob=0.5)
+    inputs = {
+        "numpy": lambda: {"image": image.astype(np.int16), "brain": brain, "label": label},
+        "numpy, no label": lambda: {"image": image, "brain": brain},
+        "tensor": lambda: {"image": torch.from_numpy(image), "brain": torch.from_numpy(brain)},
+        "MetaTensor image, numpy label": lambda: {**sample(), "label": label},
+    }
+    expected = {"numpy": (np.ndarray, np.ndarray), "numpy, no label": (np.ndarray, np.ndarray),
+                "tensor": (torch.Tensor, torch.Tensor),
+                "MetaTensor image, numpy label": (MetaTensor, MetaTensor)}
+    for name, make in inputs.items():
+        outputs = [transform.set_random_state(seed)(make()) for seed in range(4)]
+        assert {out["record"] == "" for out in outputs} == {True, False}, name  # both branches
+        for out in outputs:
+            assert tuple(type(out[k]) for k in ("image", "label")) == expected[name], name
+            assert str(out["image"].dtype).endswith("float32"), name
+            assert out["label"].shape == out["image"].shape, name
+        batch = list_data_collate(outputs)
+        assert tuple(batch["image"].shape) == (4, 1, *SHAPE) and batch["image"].dtype == torch.float32
+        assert tuple(batch["label"].shape) == (4, 1, *SHAPE)
+        if "label" in make():
+            skipped = next(out for out in outputs if out["record"] == "")
+            np.testing.assert_array_equal(np.asarray(skipped["label"]), label)  # kept as it was
+
+
+def test_placement_draws_among_the_voxels_where_the_tumor_fits(model, source):
+    data = sample()
+    region = np.ones((1, *SHAPE), np.uint8)
+    region[0, 5:-5, 5:-5, :] = 0  # a border shell: the tumor fits at none of its voxels...
+    region[0, 19:22, 19:22, 7:10] = 1  # ...but at these 27
+    data["brain"] = MetaTensor(torch.from_numpy(region), affine=torch.from_numpy(AFFINE))
+    transform = random_transform(model, source, degrees=0, scale=0, flip_axes=())
+    for seed in range(3):
+        record = json.loads(transform.set_random_state(seed)(dict(data))["record"])
+        location = record["parameters"]["placement"]["location"]
+        assert all(19 <= v <= 21 for v in location[:2]) and 7 <= location[2] <= 9
+    region[0, 19:22, 19:22, 7:10] = 0
+    data["brain"] = MetaTensor(torch.from_numpy(region), affine=torch.from_numpy(AFFINE))
+    with pytest.raises(SinganInsertError, match=r"fits nowhere in the placement region 'brain' of "
+                                                r"the \(40, 40, 16\) volume.*2 draw.*max_attempts"):
+        random_transform(model, source, max_attempts=2)(data)
+
+
+def test_arguments_are_checked_at_construction_as_in_torchio(model, source):
+    bad = [({"placement_values": (1.5,)}, "placement_values must be an integer"),
+           ({"placement_values": ()}, "placement_values"),
+           ({"placement_key": 3}, "placement_key must be an image key"),
+           ({"placement_key": "label"}, "placement_values=\\(\\.\\.\\.\\)"),  # the map receiving the tumor
+           ({"label_key": None}, "label_key must be a non-empty string"),
+           ({"label_key": ""}, "label_key"),
+           ({"record_key": 5}, "record_key"),
+           ({"device": "gpu"}, "Unknown device 'gpu'"),
+           ({"modality": 2}, "modality")]
+    for kwargs, message in bad:
+        with pytest.raises(SinganInsertError, match=message):
+            RandTumorInsertiond("image", model, [source], **kwargs)
+    with pytest.raises(SinganInsertError, match="Unknown device"):
+        TumorInsertiond("image", model, source, device="gpu")
+    in_place = RandTumorInsertiond("image", model, [source], placement_key="label",
+                                   placement_values=np.int64(1), device=torch.device("cpu"))
+    assert in_place.placement_values == (1,) and in_place.device == "cpu"
 
 
 # ---------------------------------------------------------------- errors

@@ -173,12 +173,116 @@ def test_placement_from_a_label_region_and_a_probability_map(model, source_files
     assert out.history[-1].location == (26.0, 20.0, 8.0)
     centroid = np.argwhere(out["label"].data[0].numpy()).mean(axis=0)
     assert np.allclose(centroid, (26, 20, 8), atol=0.5)
-    with pytest.raises(SinganInsertError, match="Could not place"):
+    with pytest.raises(SinganInsertError, match=r"fits nowhere in the placement region 'brain'.*"
+                                                r"border_margin=1.*3 draw\(s\).*max_attempts"):
         RandomTumorInsertion(model, [source_files], placement_key="brain", placement_values=(7,),
                              max_attempts=3, **common)(subject)
     with pytest.raises(SinganInsertError, match="empty"):
         RandomTumorInsertion(model, [source_files], placement_key="brain", placement_values=(9,),
                              **common)(subject)
+
+
+def _shell_and_block_region() -> np.ndarray:
+    """A region the tumor mostly cannot fit in: a 5-voxel border shell, plus a small inner block."""
+    region = np.ones(SHAPE, np.uint8)
+    region[5:-5, 5:-5, :] = 0  # the shell: too close to the border for the (15 x 11 x 7) tumor
+    region[22:25, 22:25, 7:10] = 1  # 27 voxels where it fits, among about 12,800
+    return region
+
+
+def test_placement_draws_only_among_voxels_where_the_tumor_fits(model, source_files):
+    """The former rejection sampler drew max_attempts voxels of the whole region and failed
+    when none fitted: here nearly always, although 27 voxels fit."""
+    region = _shell_and_block_region()
+    subject = target_subject(region=tio.LabelMap(tensor=region[None], affine=AFFINE))
+    transform = RandomTumorInsertion(model, [source_files], placement_key="region", degrees=0,
+                                     scales=0, flip_axes=(), include=["image"])
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        out = transform(subject)
+        location = np.array(out.history[-1].location)
+        assert np.all((location >= (22, 22, 7)) & (location <= (24, 24, 9)))
+        assert same(out, out.get_composed_history()(subject))  # the drawn location replays
+        torch.manual_seed(seed)
+        assert same(out, transform(subject))  # and torch's seed reproduces it
+    source = SourceTumor.from_files(*source_files)
+    locations = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        _, location = transform._draw_placement(subject, subject["image"], source, [])
+        locations.add(location)
+    assert all(region[tuple(int(v) for v in location)] for location in locations)
+    assert all(22 <= location[0] <= 24 for location in locations) and len(locations) > 10
+
+
+def test_a_probability_map_weighs_only_the_voxels_where_the_tumor_fits(model, source_files):
+    prior = np.zeros(SHAPE, np.float32)
+    prior[:3] = 100.0  # heavy, but the tumor never fits there
+    prior[20, 24, 8], prior[28, 24, 8] = 1.0, 3.0
+    subject = target_subject(prior=tio.ScalarImage(tensor=prior[None], affine=AFFINE))
+    transform = RandomTumorInsertion(model, [source_files], placement_key="prior", degrees=0,
+                                     scales=0, flip_axes=(), include=["image"])
+    source = SourceTumor.from_files(*source_files)
+    torch.manual_seed(0)
+    drawn = [transform._draw_placement(subject, subject["image"], source, [])[1] for _ in range(200)]
+    assert set(drawn) == {(20.0, 24.0, 8.0), (28.0, 24.0, 8.0)}
+    assert 0.65 < drawn.count((28.0, 24.0, 8.0)) / len(drawn) < 0.85  # weight 3 of 4
+
+
+def test_max_attempts_redraws_a_pose_that_fits_nowhere(model, source_files):
+    region = np.zeros(SHAPE, np.uint8)
+    region[24, 24, 8] = 1  # with border_margin=3 only a small enough tumor fits
+    subject = target_subject(region=tio.LabelMap(tensor=region[None], affine=AFFINE))
+    source = SourceTumor.from_files(*source_files)
+    common = dict(placement_key="region", degrees=0, scales=(0.6, 1.8), flip_axes=(),
+                  border_margin=3, include=["image"])
+    once = RandomTumorInsertion(model, [source_files], max_attempts=1, **common)
+    failures = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        try:
+            once._draw_placement(subject, subject["image"], source, [])
+        except SinganInsertError as error:
+            assert "fits nowhere" in str(error) and "max_attempts" in str(error)
+            failures += 1
+    assert 0 < failures < 20
+    patient = RandomTumorInsertion(model, [source_files], max_attempts=60, **common)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        drawn, location = patient._draw_placement(subject, subject["image"], source, [])
+        assert location == (24.0, 24.0, 8.0) and drawn.scale[0] < 1.3
+
+
+def test_integer_images_come_out_float32_inserted_or_skipped(model, source_files):
+    image, _ = synthetic_volume(2)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(image[None]).to(torch.int16),
+                                                affine=AFFINE))
+    for p in (1, 0):
+        out = TumorInsertion(model, source_files, (22, 25, 8), p=p)(subject)
+        assert out["image"].data.dtype == torch.float32
+        assert same(out, out.get_composed_history()(subject))
+    skipped = TumorInsertion(model, source_files, (22, 25, 8), p=0)(subject)
+    assert torch.equal(skipped["image"].data, subject["image"].data.float())
+
+
+def test_messages_name_what_is_missing(model, source_files):
+    subject = target_subject()
+    with pytest.raises(SinganInsertError,
+                       match=r"include names \['t2'\], which the subject does not have"):
+        TumorInsertion(model, source_files, (22, 25, 8), include=["t2"])(subject)
+    as_label = tio.Subject(image=tio.LabelMap(tensor=subject["image"].data, affine=AFFINE))
+    with pytest.raises(SinganInsertError, match=r"\['image'\] is a LabelMap"):
+        TumorInsertion(model, source_files, (22, 25, 8), include=["image"])(as_label)
+    with pytest.raises(SinganInsertError,
+                       match="The subject has no image 'ceT1' to take the source tumor from"):
+        RandomTumorInsertion(model, "ceT1", include=["image"])(subject)
+    corner = np.zeros(SHAPE, np.uint8)
+    corner[0:2, 0:2, 0:2] = 1
+    cornered = target_subject(region=tio.LabelMap(tensor=corner[None], affine=AFFINE))
+    with pytest.raises(SinganInsertError,  # shapes as plain ints, not np.int64(48)
+                       match=r"^The tumor \(\(\d+, \d+, \d+\) voxel crop.* of the \(48, 48, 16\) volume"):
+        RandomTumorInsertion(model, [source_files], placement_key="region", include=["image"],
+                             max_attempts=1)(cornered)
 
 
 # ---------------------------------------------------------------- TorchIO machinery
@@ -405,9 +509,8 @@ def test_centroid_placement_stays_inside_a_crescent_region(model, source_files):
     transform = RandomTumorInsertion(model, [source_files], placement_key="region",
                                      placement_mode="centroid", degrees=0, scales=0.0,
                                      flip_axes=(), border_margin=0)
-    location = transform._sample_location(
-        subject, subject["image"], SourceTumor.from_files(*source_files),
-        transform.ranges.sample())
+    source = SourceTumor.from_files(*source_files)
+    _, location = transform._draw_placement(subject, subject["image"], source, [])
     assert crescent[tuple(np.round(location).astype(int))]
 
 

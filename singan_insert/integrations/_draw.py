@@ -1,28 +1,92 @@
-"""Random insertion parameters for the MONAI and nnU-Net integrations, drawn by the shared sampler.
+"""What the integrations share: the checks of their common arguments, and the random draws.
 
 The values themselves come from :class:`~singan_insert.insertion.sampling.InsertionRanges` (one
 meaning of :math:`\\lambda` and of every range, as in the TorchIO transforms and the batch); this
-module adds what a patch-level transform needs on top: a location inside a placement region
-where the placed tumor fits.
+module adds what a transform needs on top: a location inside a placement region where the
+placed tumor fits (:func:`draw_fitting`, used by the TorchIO, MONAI and nnU-Net integrations
+alike), and the argument checks the TorchIO and MONAI transforms both make when built.
 
-Every draw comes from the ``numpy.random.RandomState`` passed in: MONAI's ``self.R`` (seeded by
-``set_random_state`` / ``set_determinism``) or, inside nnU-Net's augmentation workers, numpy's
-global state (which batchgenerators seeds per worker, as for nnU-Net's own transforms).
+Every draw comes from the random source the caller passes: torch's global generator for the
+TorchIO transforms, MONAI's ``self.R`` (seeded by ``set_random_state`` / ``set_determinism``)
+or, inside nnU-Net's augmentation workers, numpy's global state (which batchgenerators seeds
+per worker, as for nnU-Net's own transforms).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import InsertionParameters
 from singan_insert.insertion.placement import Placement, SourceTumor, placed_bounds
-from singan_insert.insertion.sampling import InsertionRanges, check_contrast_applies
+from singan_insert.insertion.sampling import (
+    InsertionRanges,
+    SampledParameters,
+    check_contrast_applies,
+    check_integer,
+)
+
+#: Picks one of the candidate voxels given their weights (a 1D array), returning its index.
+Pick = Callable[[np.ndarray], int]
 
 
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by the TorchIO and MONAI transforms
+# --------------------------------------------------------------------------------------------
+def check_key(value: Any, name: str, optional: bool = False) -> str | None:
+    """A non-empty string, e.g. a key or a modality (``None`` too when ``optional``)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        allowed = "a non-empty string or None" if optional else "a non-empty string"
+        raise SinganInsertError(f"{name} must be {allowed}, got {value!r}.")
+    return value
+
+
+def check_device(device: Any) -> str:
+    """The device's name, checked now: a typo fails when the transform is built, not in a worker."""
+    if not isinstance(device, (str, torch.device)):
+        raise SinganInsertError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}.")
+    device = str(device)
+    if device != "auto":
+        try:  # the name only: whether CUDA is there is checked where the model loads
+            torch.device(device)
+        except RuntimeError:
+            raise SinganInsertError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
+    return device
+
+
+def check_placement(placement_key: Any, placement_values: Any,
+                    label_key: str) -> tuple[str | None, tuple[int, ...] | None]:
+    """``placement_key`` and ``placement_values`` (integers), checked together with ``label_key``."""
+    if placement_key is not None and not isinstance(placement_key, str):
+        raise SinganInsertError(f"placement_key must be an image key (str) or None, got {placement_key!r}.")
+    if placement_values is not None:
+        if isinstance(placement_values, (int, np.integer)):
+            placement_values = (placement_values,)
+        placement_values = tuple(check_integer(v, "placement_values") for v in placement_values)
+        if not placement_values:
+            raise SinganInsertError("placement_values must name at least one label value (or be None).")
+    if placement_key is not None and placement_key == label_key and placement_values is None:
+        # The map keeps all its values in the output: placing over "any non-zero" voxel would
+        # write the tumor over other structures (a cochlea) and relabel them.
+        raise SinganInsertError(
+            f"placement_key={placement_key!r} is also the label map that receives the tumor "
+            "(label_key), which keeps all its values in the output. Say which of its labels "
+            "the tumor may go to with placement_values=(...), e.g. (1,) over the existing "
+            "tumor; or store a placement region (a brain or CSF mask) under its own key, "
+            "e.g. placement_key='region'.")
+    return placement_key, placement_values
+
+
+# --------------------------------------------------------------------------------------------
+# Draws
+# --------------------------------------------------------------------------------------------
 def patch_ranges(base: InsertionParameters, contrast: Any = None, start_scale: Any = None,
                  degrees: Any = 10.0, scale: Any = 0.1, flip_axes: Sequence[int] = (0, 1, 2),
                  flip_probability: float = 0.5) -> InsertionRanges:
@@ -51,50 +115,109 @@ def draw_parameters(
     ranges: InsertionRanges,
     region: np.ndarray | None = None,
     max_attempts: int = 20,
+    *,
+    region_name: str | None = None,
 ) -> InsertionParameters:
     """Draw one insertion: pose and values from ``ranges``, a location inside ``region``.
 
     ``region`` is a boolean mask on the target grid where the tumor's centroid may go (each of
-    its voxels equally likely); ``None`` keeps the tumor's physical position. Fields of ``base``
-    that are not drawn are kept.
+    its voxels where the tumor fits equally likely, see :func:`draw_fitting`); ``None`` keeps
+    the tumor's physical position; ``region_name`` names it in errors. Fields of ``base`` that
+    are not drawn are kept.
     """
-    drawn = ranges.sample(rng)
-    location = None
-    if region is not None:
-        location = _draw_location(rng, region, source, target_affine, target_shape,
-                                  drawn.flip, drawn.rotation, drawn.scale, base.border_margin, max_attempts)
+    if region is None:
+        drawn, location = ranges.sample(rng), None
+    else:
+        drawn, location = draw_fitting(
+            lambda: ranges.sample(rng), lambda weights: rng.randint(weights.size), region, source,
+            target_affine, target_shape, base.border_margin, max_attempts, region_name=region_name)
     placement = Placement(location=location, units="voxel", flips=drawn.flip,
                           rotation_degrees=drawn.rotation, scale=drawn.scale)
     return replace(base, placement=placement, contrast=drawn.contrast, start_scale=drawn.start_scale,
                    seed=drawn.seed)
 
 
-def _draw_location(rng, region, source, affine, shape, flips, rotation, scale, margin, attempts):
-    """A voxel of ``region`` where the placed tumor fits ``margin`` voxels inside the volume.
+def draw_fitting(
+    sample: Callable[[], SampledParameters],
+    pick: Pick,
+    region: np.ndarray,
+    source: SourceTumor,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    margin: int,
+    max_attempts: int,
+    *,
+    centre: Sequence[float] | None = None,
+    region_name: str | None = None,
+) -> tuple[SampledParameters, tuple[float, float, float]]:
+    """Draw the values (``sample()``) and a location where the placed tumor fits.
+
+    The location is a voxel of ``region`` (weights >= 0 on the target grid) chosen by ``pick``
+    among only those where the tumor, with the drawn flips, rotation and scale, stays
+    ``margin`` voxels inside the volume (no margin across the plane of a 2D target); with
+    ``centre``, that fixed location if the tumor fits there. When it fits nowhere with the drawn
+    pose, everything is drawn again, ``max_attempts`` draws in all: this conditions the pose on
+    fitting, which only matters for tumors that are large for the region.
+    """
+    shape = np.asarray([int(n) for n in shape])
+    inside = shape > 1  # along a 2D target's normal the tumor is cut by the plane
+    for _ in range(max_attempts):
+        drawn = sample()
+        bounds = _bounds_of(source, affine, drawn)
+        if centre is not None:
+            location = tuple(float(v) for v in centre)
+            if _fits(*bounds(location), shape, margin, inside):
+                return drawn, location
+            continue
+        location = _fitting_voxel(region, pick, bounds, shape, margin, inside)
+        if location is not None:
+            return drawn, location
+    low, high = bounds((0.0, 0.0, 0.0))
+    where = "the placement region" + ("" if region_name is None else f" {region_name!r}")
+    where = f"in {where}" if centre is None else \
+        f"at the centre {tuple(round(float(v), 1) for v in centre)} of {where}"
+    raise SinganInsertError(
+        f"The tumor ({tuple(int(n) for n in source.mask.shape)} voxel crop, placed extent "
+        f"{tuple(int(v) for v in high - low + 1)} voxels at scale {drawn.scale[0]:.2f}) fits "
+        f"nowhere {where} of the {tuple(int(n) for n in shape)} volume with border_margin={margin}: "
+        f"no voxel of the region is far enough from the border, in {max_attempts} draw(s) of its "
+        "pose. Use a larger placement region (or volume), smaller scales or smaller source "
+        "tumors, or a smaller border_margin; max_attempts sets how many poses are drawn.")
+
+
+def _bounds_of(source: SourceTumor, affine: np.ndarray, drawn: SampledParameters):
+    def bounds(location):
+        placement = Placement(location=location, units="voxel", flips=drawn.flip,
+                              rotation_degrees=drawn.rotation, scale=drawn.scale)
+        return placed_bounds(source, affine, placement)
+    return bounds
+
+
+def _fits(low, high, shape, margin, inside) -> bool:
+    return bool(np.all((low >= margin) | ~inside) and np.all((high <= shape - 1 - margin) | ~inside))
+
+
+def _fitting_voxel(region, pick, bounds, shape, margin, inside) -> tuple[float, float, float] | None:
+    """A voxel of ``region`` chosen by ``pick`` among those where the tumor fits; ``None`` if none.
 
     The placed bounds move with the location by whole voxels, so one probe at the origin tells
-    which voxels of the region fit; the draw is uniform among those (and checked once more).
+    which voxels fit: a box. Each pick is checked once more (rounding at the box's faces), and
+    a voxel that fails is dropped from the candidates before picking again.
     """
-    def bounds(location):
-        placement = Placement(location=location, units="voxel", flips=flips,
-                              rotation_degrees=rotation, scale=scale)
-        return placed_bounds(source, affine, placement)
-
-    shape = np.asarray(shape)
     low0, high0 = bounds((0.0, 0.0, 0.0))
-    fits = np.zeros(region.shape, dtype=bool)
-    start = np.maximum(margin - low0, 0)
-    stop = np.minimum(shape - margin - high0, shape)  # exclusive: L + high0 <= shape - 1 - margin
-    if np.all(stop > start):
-        fits[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))] = True
-    candidates = np.flatnonzero(np.asarray(region, dtype=bool) & fits)
-    for _ in range(attempts if candidates.size else 0):
-        location = tuple(float(v) for v in np.unravel_index(candidates[rng.randint(candidates.size)], region.shape))
-        low, high = bounds(location)
-        if np.all(low >= margin) and np.all(high <= shape - 1 - margin):
+    start = np.where(inside, np.maximum(margin - low0, 0), 0)
+    stop = np.where(inside, np.minimum(shape - margin - high0, shape), shape)  # exclusive
+    if np.any(stop <= start):
+        return None
+    region = np.asarray(region)
+    inner = np.zeros(region.shape, dtype=bool)
+    inner[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))] = True
+    candidates = np.flatnonzero((region > 0) & inner)
+    weights = region.ravel()[candidates].astype(np.float64)
+    while candidates.size:
+        index = int(pick(weights))
+        location = tuple(float(v) for v in np.unravel_index(candidates[index], region.shape))
+        if _fits(*bounds(location), shape, margin, inside):
             return location
-    raise SinganInsertError(
-        f"The tumor ({source.mask.shape} crop, scale {scale[0]:.2f}, placed extent "
-        f"{tuple(int(v) for v in high0 - low0 + 1)} voxels) fits nowhere in the placement region "
-        f"of the {tuple(int(s) for s in shape)} volume with border_margin={margin}. Use a larger "
-        "placement region or volume, smaller scales or a smaller border_margin.")
+        candidates, weights = np.delete(candidates, index), np.delete(weights, index)
+    return None

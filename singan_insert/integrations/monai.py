@@ -15,8 +15,11 @@ They follow MONAI's conventions (``RandGaussianNoised`` is the model):
 * MetaTensor in, MetaTensor out: the image keeps its affine and metadata; the label map
   ``label_key`` is a MetaTensor on the image's grid (its own metadata when it existed, else a
   copy of the image's), so ``Spacingd`` / ``Orientationd`` afterwards keep both on one grid.
-  The label is always present in the output, also when ``prob`` skips the insertion (an
-  all-zero map is created if the dictionary had none), so samples always collate.
+  Without a MetaTensor image, each value keeps its container (a numpy array stays an array, a
+  tensor a tensor; a new label takes the image's). The label is always present in the output,
+  also when ``prob`` skips the insertion (an all-zero map is created if the dictionary had
+  none), and inserted and skipped samples have the same types (an integer image comes out
+  float32 in both), so samples always collate.
 * Physical units come from the MetaTensor's affine (MONAI's affines are voxel-to-world RAS
   millimetres, like TorchIO's), so the harmonizer sees slices at their real pixel size and
   ``context_mm`` means millimetres. A plain array has no affine and is taken as 1 mm isotropic,
@@ -58,7 +61,13 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 from singan_insert.insertion.orientation import in_model_frame
 from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
-from singan_insert.integrations._draw import draw_parameters, patch_ranges
+from singan_insert.integrations._draw import (
+    check_device,
+    check_key,
+    check_placement,
+    draw_parameters,
+    patch_ranges,
+)
 from singan_insert.insertion.sampling import check_integer, check_probability
 from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 
@@ -120,15 +129,25 @@ def _on_same_grid(value: Any, key: Hashable, image: Any, image_key: Hashable) ->
     return array
 
 
-def _on_grid_of(values: np.ndarray, like: Any, meta_from: Any) -> torch.Tensor:
-    """``values`` (X, Y, Z) as a (1, X, Y, Z) tensor carrying ``meta_from``'s metadata."""
-    tensor = torch.from_numpy(np.ascontiguousarray(values[None]))
-    if isinstance(meta_from, MetaTensor):
-        return MetaTensor(tensor, meta=dict(meta_from.meta),
-                          applied_operations=list(meta_from.applied_operations))
+def _as_output(values: np.ndarray, value_in: Any, image: Any) -> Any:
+    """``values`` (X, Y, Z) as a (1, X, Y, Z) value of the container MONAI's convention gives.
+
+    That of ``value_in`` (the image's when the key was missing): a numpy array stays one, a
+    tensor stays a tensor on its device. Whenever the image is a MetaTensor the value is one
+    (with ``value_in``'s metadata when it had some, else a copy of the image's), so that
+    ``Spacingd`` / ``Orientationd`` afterwards keep the label on the image's grid.
+    """
+    array = np.ascontiguousarray(values[None])
+    like = image if value_in is None else value_in
     if isinstance(like, MetaTensor):
-        return MetaTensor(tensor, meta={**like.meta, "affine": like.affine.clone()})
-    return tensor
+        return MetaTensor(torch.from_numpy(array).to(like.device), meta=dict(like.meta),
+                          applied_operations=list(like.applied_operations))
+    if isinstance(image, MetaTensor):
+        return MetaTensor(torch.from_numpy(array).to(image.device),
+                          meta={**image.meta, "affine": image.affine.clone()})
+    if isinstance(like, torch.Tensor):
+        return torch.from_numpy(array).to(like.device)
+    return array
 
 
 def _parameters(parameters: InsertionParameters | None) -> InsertionParameters:
@@ -149,10 +168,10 @@ class _InsertionBase(MapTransform):
             raise SinganInsertError(f"model must be the path of a model file or folder, got {model!r}.")
         resolve_model_file(model)  # exists now, not only in a DataLoader worker
         self.model = os.fspath(model)
-        self.label_key = label_key
-        self.device = device
-        self.modality = modality
-        self.record_key = record_key
+        self.label_key = check_key(label_key, "label_key")
+        self.device = check_device(device)
+        self.modality = check_key(modality, "modality", optional=True)
+        self.record_key = check_key(record_key, "record_key", optional=True)
 
     def _apply(self, data: Mapping[Hashable, Any], parameters_for) -> dict[Hashable, Any]:
         """Insert with ``parameters_for(d, volume, affine, label)`` (``None``: skip, label only)."""
@@ -173,14 +192,18 @@ class _InsertionBase(MapTransform):
         parameters, source = parameters_for(d, volume, affine, label)
         record = ""
         if parameters is None:
-            if label_in is None:
-                empty = np.zeros(volume.shape, dtype=default_label_dtype(self.parameters.label_value))
-                d[self.label_key] = _on_grid_of(empty, image, None)
+            # Skipped: the same types as an insertion gives, so that the two collate.
+            if not np.issubdtype(volume.dtype, np.floating):
+                d[self.image_key] = _as_output(volume.astype(np.float32), image, image)
+            if label is None:
+                label = np.zeros(volume.shape, dtype=default_label_dtype(self.parameters.label_value))
+            if label_in is None or (isinstance(image, MetaTensor) and not isinstance(label_in, MetaTensor)):
+                d[self.label_key] = _as_output(label, label_in, image)
         else:
             result = insert_tumor(volume, affine, source, harmonizer, parameters, target_label=label,
                                   modality=self.modality)
-            d[self.image_key] = _on_grid_of(result.image, image, image)
-            d[self.label_key] = _on_grid_of(result.label, image, label_in)
+            d[self.image_key] = _as_output(result.image, image, image)
+            d[self.label_key] = _as_output(result.label, label_in, image)
             record = json.dumps(result.record, default=str)
         if self.record_key is not None:
             d[self.record_key] = record  # a string, so skipped and inserted samples collate
@@ -189,6 +212,9 @@ class _InsertionBase(MapTransform):
 
 class TumorInsertiond(_InsertionBase):
     r"""Insert one given tumor, harmonized, into the image ``keys`` of a dictionary.
+
+    A floating-point image keeps its dtype; an integer one comes out float32 (harmonized
+    intensities are not integers).
 
     Args:
         keys: the key of the target image, a channel-first ``(1, X, Y, Z)`` MetaTensor (or
@@ -201,10 +227,11 @@ class TumorInsertiond(_InsertionBase):
             scale, seed, label value, overlap policy):
             :class:`~singan_insert.insertion.insert.InsertionParameters`; default: its defaults
             (the tumor at its physical position).
-        label_key: the label map that receives the tumor; created (all zero, on the image's
-            grid) when missing.
+        label_key: the key (a string) of the label map that receives the tumor; created (all
+            zero, on the image's grid) when missing.
         source_label_value: the tumor's value in a source label file holding several.
-        device: where the harmonizer runs (``"cpu"`` in DataLoader workers).
+        device: where the harmonizer runs: ``"cpu"`` (right in DataLoader workers),
+            ``"cuda[:n]"`` or ``"auto"``; the name is checked when the transform is built.
         modality: declared modality of the target, checked against the model's.
         record_key: if given, the insertion's JSON record (a string; ``""`` when nothing was
             inserted) is stored under this key: it replays the insertion with the same data.
@@ -241,10 +268,14 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
     Each call draws, from the transform's random state: a source uniformly from ``sources``;
     flips (each axis of ``flip_axes`` with ``flip_probability``), rotations
     :math:`\theta_i \sim U(-d, d)` about the world axes, an isotropic scale
-    :math:`s \sim U(1 - v, 1 + v)`; the tumor's centroid uniformly among the voxels of the
-    placement region (re-drawn until the tumor fits ``border_margin`` voxels inside the volume);
-    :math:`\lambda \sim U(a, b)`; a start scale uniformly in ``[a, b]``; and the harmonizer's
-    noise seed. Then it applies the same insertion as :class:`TumorInsertiond`.
+    :math:`s \sim U(1 - v, 1 + v)`; :math:`\lambda \sim U(a, b)`; a start scale uniformly in
+    ``[a, b]``; the harmonizer's noise seed; and the tumor's centroid uniformly among the voxels
+    of the placement region where the placed tumor stays ``parameters.border_margin`` voxels
+    inside the volume (the sampler of the TorchIO transform too). When, with the drawn pose,
+    the tumor fits at no voxel of the region, the values are drawn again (``max_attempts``
+    draws in all) before an error says so. Then it applies the same insertion as :class:`TumorInsertiond`.
+
+    An integer image comes out float32, whether the tumor is inserted or ``prob`` skips it.
 
     Args:
         keys: the key of the target image (see :class:`TumorInsertiond`).
@@ -256,7 +287,9 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
             value in ``placement_values`` (default: any non-zero) may receive the tumor's
             centroid (e.g. the brain mask, or the CSF); ``None``: the tumor keeps its physical
             position (a co-registered source).
-        placement_values: label values of the placement region.
+        placement_values: label values (integers) of the placement region. Required when
+            ``placement_key`` is ``label_key`` (the map that receives the tumor keeps all its
+            values: say which of its labels the tumor may go to, e.g. ``(1,)``).
         contrast: :math:`\lambda` for ``appearance="fixed"`` (in ``parameters``): a number,
             ``(a, b)`` for :math:`U(a, b)` or a set such as ``{0.5, 0.8, 1.5}``; ``None``:
             ``parameters``' value. The default appearance, ``"auto"``, chooses the level itself and
@@ -270,7 +303,10 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
             context, border margin, ...): an
             :class:`~singan_insert.insertion.insert.InsertionParameters`; its placement,
             contrast, start scale and seed are replaced by the draws.
-        max_attempts: location draws before giving up (>= 1).
+        max_attempts: draws of the pose (flips, rotation, scale; the other values are drawn
+            again with it) before giving up when, with the drawn pose, the tumor fits at no
+            voxel of the placement region (>= 1). A region with room for the tumor never needs
+            a second draw.
         label_key, source_label_value, device, modality, record_key, max_anisotropy,
         allow_missing_keys: see :class:`TumorInsertiond`.
     """
@@ -314,8 +350,8 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         self.ranges = patch_ranges(self.parameters, contrast, start_scale, degrees, scale, flip_axes,
                                    flip_probability)
         self.max_attempts = check_integer(max_attempts, "max_attempts", 1)
-        self.placement_key = placement_key
-        self.placement_values = None if placement_values is None else tuple(int(v) for v in placement_values)
+        self.placement_key, self.placement_values = check_placement(placement_key, placement_values,
+                                                                    self.label_key)
 
     def randomize(self, data: Any = None) -> None:
         super().randomize(None)  # decides self._do_transform with probability prob
@@ -328,7 +364,8 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
         source = self.sources[self.R.randint(len(self.sources))]
         region = None if self.placement_key is None else self._region(d)
         parameters = draw_parameters(self.R, source, affine, volume.shape, self.parameters,
-                                     self.ranges, region, self.max_attempts)
+                                     self.ranges, region, self.max_attempts,
+                                     region_name=self.placement_key)
         return parameters, source
 
     def _region(self, d: dict) -> np.ndarray:

@@ -47,7 +47,9 @@ def source_from_files(paths: tuple[str, str], label_value: int | None, max_aniso
 
 
 def source_from_subject(subject: tio.Subject, image_key: str | None, label_key: str,
-                         label_value: int | None, max_anisotropy: float, origin: str) -> SourceTumor:
+                         label_value: int | None, max_anisotropy: float, origin: str,
+                         same_subject: bool = False) -> SourceTumor:
+    """The tumor of a source ``tio.Subject``, or (``same_subject``) of the subject being transformed."""
     if image_key is None:
         scalars = list(subject.get_images_dict(intensity_only=True))
         if len(scalars) != 1:
@@ -55,10 +57,15 @@ def source_from_subject(subject: tio.Subject, image_key: str | None, label_key: 
                 f"The source subject has the scalar images {scalars}; pass source_image_key to "
                 "say which one holds the tumor.")
         image_key = scalars[0]
-    for key in (image_key, label_key):
+    for key, what, argument in ((image_key, "the source tumor", "sources"),
+                                (label_key, "the source tumor's label", "source_label_key")):
         if key not in subject or not isinstance(subject[key], tio.Image):
-            raise SinganInsertError(
-                f"The source subject has no image {key!r} (it has {list(subject.get_images_dict(False))}).")
+            images = list(subject.get_images_dict(False))
+            if same_subject:
+                raise SinganInsertError(
+                    f"The subject has no image {key!r} to take {what} from (it has {images}); "
+                    f"check {argument}.")
+            raise SinganInsertError(f"The source subject has no image {key!r} (it has {images}).")
     image, label = subject[image_key], subject[label_key]
     if image.data.shape[0] != 1 or label.data.shape[0] != 1:
         raise SinganInsertError("Source image and label must have a single channel.")
@@ -107,13 +114,33 @@ def select_target(transform: Transform, subject: tio.Subject, label_key: str,
     if len(images) != 1:
         raise SinganInsertError(
             f"Exactly one target image is needed, but include/exclude select {sorted(images)} "
-            f"among the subject's scalar images. Pass include=[name] (plus the label keys for a "
-            "dictionary input).")
+            f"among the subject's scalar images {sorted(subject.get_images_dict(intensity_only=True))}"
+            f"{_why_not_selected(transform, subject, label_key, nothing=not images)}. Pass "
+            "include=[name] (plus the label keys for a dictionary input).")
     name, image = next(iter(images.items()))
     if image.data.shape[0] != 1:
         raise SinganInsertError(f"The target image {name!r} has {image.data.shape[0]} channels; "
                                 "one is needed (insert per channel with include).")
     return name, image
+
+
+def _why_not_selected(transform: Transform, subject: tio.Subject, label_key: str,
+                      nothing: bool) -> str:
+    """Why ``include`` selects no target: missing keys, label maps (``''`` when nothing to say)."""
+    reasons = []
+    names = list(transform.include or [])
+    missing = [name for name in names if name not in subject]
+    if missing:
+        reasons.append(f"include names {missing}, which the subject does not have (it has "
+                       f"{list(subject.get_images_dict(False))})")
+    if not transform.include:  # every image was a candidate
+        names = list(subject.get_images_dict(False))
+    labels = [name for name in names
+              if name != label_key and isinstance(subject.get(name), tio.LabelMap)]
+    if labels and nothing:
+        reasons.append(f"{labels} {'is a LabelMap' if len(labels) == 1 else 'are LabelMaps'}, and "
+                       "the target must be a tio.ScalarImage")
+    return "; " + "; ".join(reasons) if reasons else ""
 
 
 def existing_label(subject: tio.Subject, label_key: str, target: tio.Image) -> tio.LabelMap | None:

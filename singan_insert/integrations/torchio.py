@@ -58,7 +58,6 @@ from singan_insert.insertion.placement import (
     DEFAULT_MAX_ANISOTROPY,
     Placement,
     SourceTumor,
-    placed_bounds,
     planar_axes,
 )
 from singan_insert.insertion.sampling import (
@@ -72,6 +71,12 @@ from singan_insert.insertion.sampling import (
     check_seed,
     check_start_scale,
     uniform01,
+)
+from singan_insert.integrations._draw import (
+    check_device,
+    check_key,
+    check_placement,
+    draw_fitting,
 )
 from singan_insert.integrations.subjects import (
     SourceSpec,
@@ -124,8 +129,7 @@ def _parse_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
     if values["appearance"] not in ("auto", "fixed"):
         raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {values['appearance']!r}.")
     for name in ("label_key", "source_label_key"):
-        if not isinstance(values[name], str) or not values[name]:
-            raise SinganInsertError(f"{name} must be a non-empty string, got {values[name]!r}.")
+        check_key(values[name], name)
     values["label_value"] = check_integer(values["label_value"], "label_value", 1)
     if values["source_label_value"] is not None:
         values["source_label_value"] = check_integer(values["source_label_value"], "source_label_value")
@@ -136,17 +140,8 @@ def _parse_shared(kwargs: dict[str, Any]) -> dict[str, Any]:
     for name in ("dilation_mm", "feather_mm"):
         if values[name] is not None:
             values[name] = check_non_negative(values[name], name)
-    if values["modality"] is not None and not isinstance(values["modality"], str):
-        raise SinganInsertError(f"modality must be a string or None, got {values['modality']!r}.")
-    if not isinstance(values["device"], (str, torch.device)):
-        raise SinganInsertError(f"device must be a string such as 'cpu' or 'cuda:0', got {values['device']!r}.")
-    values["device"] = str(values["device"])
-    if values["device"] != "auto":
-        try:  # the name only: whether CUDA is there is checked where the model loads
-            torch.device(values["device"])
-        except RuntimeError:
-            raise SinganInsertError(
-                f"Unknown device {values['device']!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
+    check_key(values["modality"], "modality", optional=True)
+    values["device"] = check_device(values["device"])
     values["max_anisotropy"] = check_number(values["max_anisotropy"], "max_anisotropy")
     if values["max_anisotropy"] < 1:
         raise SinganInsertError(
@@ -192,6 +187,11 @@ class TumorInsertion(Transform):
     **2D subjects** (one spatial axis of size 1, e.g. ``(W, H, 1)``) receive the section of the
     tumor by their plane: no border margin applies along that axis, and the plane is the
     harmonized slice (unless ``axis`` says otherwise).
+
+    **The image's dtype.** A floating-point target keeps its dtype; an integer one (e.g. int16
+    from a scanner's file) comes out float32, since harmonized intensities are not integers.
+    A skip (``source=None``, or ``p``) converts it too, so that inserted and skipped samples
+    have the same dtype.
 
     Args:
         model: path of the harmonizer model file (or training folder). Loaded lazily, once per
@@ -313,6 +313,10 @@ class TumorInsertion(Transform):
         target_name, target = select_target(self, subject, self.label_key)
         label = existing_label(subject, self.label_key, target)
         if self.source is None:
+            if not torch.is_floating_point(target.data):
+                # An insertion makes an integer image float32: so does a skip, so that the
+                # output's dtype does not depend on the draw.
+                target.set_data(target.data.float())
             if label is None:
                 add_empty_label(subject, self.label_key, self.label_value, target)
             return subject
@@ -342,7 +346,7 @@ class TumorInsertion(Transform):
             return source_from_files(self.source, self.source_label_value, self.max_anisotropy)
         return source_from_subject(subject, self.source, self.source_label_key,
                                     self.source_label_value, self.max_anisotropy,
-                                    origin=f"subject[{self.source!r}]")
+                                    origin=f"subject[{self.source!r}]", same_subject=True)
 
 
 #: TumorInsertion's own recorded arguments (its ``args_names`` are these plus SHARED_ARGUMENTS).
@@ -354,12 +358,15 @@ class RandomTumorInsertion(RandomTransform):
     r"""Insert a random tumor from a bank at a random place, harmonized by a SinGAN harmonizer.
 
     For each subject it draws (from torch's global generator): whether to insert (``p``), a
-    source from ``sources``, flips, a rotation and a scale, a location in the placement region
-    such that the placed tumor stays ``border_margin`` voxels inside the volume (up to
-    ``max_attempts`` draws), a start scale, a contrast factor :math:`\lambda` and a noise seed
-    (all with :class:`~singan_insert.insertion.sampling.InsertionRanges`, the sampler the
-    command line uses too); then it applies :class:`TumorInsertion` with those values, which
-    the history records.
+    source from ``sources``, flips, a rotation and a scale, a start scale, a contrast factor
+    :math:`\lambda` and a noise seed (all with
+    :class:`~singan_insert.insertion.sampling.InsertionRanges`, the sampler the command line
+    uses too), and a location in the placement region, among only the voxels where the placed
+    tumor stays ``border_margin`` voxels inside the volume (the MONAI and nnU-Net integrations
+    share this sampler). When the tumor, with the drawn pose, fits at no voxel of the region,
+    the values are drawn again (``max_attempts`` draws in all) before an error says so. Then it
+    applies :class:`TumorInsertion` with those values, which the history records. An integer
+    image comes out float32, inserted or skipped (see :class:`TumorInsertion`).
 
     **Placement and the label.** The placement region only decides where the tumor's centroid
     goes; it is never copied into the label map ``label_key``, which receives exactly the tumor
@@ -389,7 +396,8 @@ class RandomTumorInsertion(RandomTransform):
         placement_values: label values (integers) of the region, with a label map
             ``placement_key``; ``None``: any non-zero voxel of a single-valued map.
         placement_mode: ``"sample"`` a voxel with probability proportional to the region's
-            weights, or ``"centroid"``: the region's centre of mass (see above).
+            weights, among those where the tumor fits, or ``"centroid"``: the region's centre
+            of mass (see above).
         start_scale: ``None`` (the model's default), an int, ``(a, b)`` (uniform integer in
             :math:`[a, b]`, both >= 0 or both < 0) or a set of ints.
         contrast: :math:`\lambda` (> 0): a number, ``(a, b)`` for :math:`\lambda \sim U(a, b)`,
@@ -402,7 +410,11 @@ class RandomTumorInsertion(RandomTransform):
         scales: scaling ranges, as in ``tio.RandomAffine``: :math:`s` gives
             :math:`U(1 - s, 1 + s)`; ``(a, b)`` or six values; factors must stay > 0.
         isotropic: one scale factor for all axes.
-        max_attempts: location draws before giving up (an integer >= 1).
+        max_attempts: draws of the pose (flips, rotation, scale; the other values are drawn
+            again with it) before giving up when, with the drawn pose, the tumor fits at no
+            voxel of the placement region (an integer >= 1; default 20). A region with room for
+            the tumor never needs a second draw: the location is drawn among the voxels where
+            it fits.
         p: probability of inserting a tumor, in :math:`[0, 1]`; when skipped the label map is
             still created.
         source_image_key: see :class:`TumorInsertion`.
@@ -457,23 +469,8 @@ class RandomTumorInsertion(RandomTransform):
                     "(image_path, label_path) pairs, torchio.Subjects or SourceTumors.")
         if placement_mode not in ("sample", "centroid"):
             raise SinganInsertError(f"placement_mode must be 'sample' or 'centroid', got {placement_mode!r}.")
-        if placement_key is not None and not isinstance(placement_key, str):
-            raise SinganInsertError(f"placement_key must be an image key (str) or None, got {placement_key!r}.")
-        if placement_values is not None:
-            if isinstance(placement_values, (int, np.integer)):
-                placement_values = (placement_values,)
-            placement_values = tuple(check_integer(v, "placement_values") for v in placement_values)
-            if not placement_values:
-                raise SinganInsertError("placement_values must name at least one label value (or be None).")
-        if placement_key is not None and placement_key == self.label_key and placement_values is None:
-            raise SinganInsertError(
-                f"placement_key={placement_key!r} is also the label map that receives the tumor "
-                "(label_key), which keeps all its values in the output. Say which of its labels "
-                "the tumor may go to with placement_values=(...), e.g. (1,) over the existing "
-                "tumor; or store a placement region (a brain or CSF mask) under its own key, "
-                "e.g. placement_key='region'.")
-        self.placement_key = placement_key
-        self.placement_values = placement_values
+        self.placement_key, self.placement_values = check_placement(placement_key, placement_values,
+                                                                    self.label_key)
         self.placement_mode = placement_mode
         self.ranges = InsertionRanges(
             contrast=contrast, start_scale=start_scale, flip_axes=flip_axes,
@@ -494,12 +491,12 @@ class RandomTumorInsertion(RandomTransform):
         source_spec = self.sources[index]
         plane = planar_axes(target.spatial_shape)
         normal = [world_axis(target.affine, a) for a in plane]
-        drawn = self.ranges.sample(fixed_axes=normal)
-        location = None
-        if self.placement_key is not None:
+        if self.placement_key is None:
+            drawn, location = self.ranges.sample(fixed_axes=normal), None
+        else:
             probe = TumorInsertion(self.model, source_spec, **self.twin_arguments)
             source = probe.resolve_source(subject)
-            location = self._sample_location(subject, target, source, drawn)
+            drawn, location = self._draw_placement(subject, target, source, normal)
         transform = TumorInsertion(
             source=source_spec, location=location, location_units="voxel",
             start_scale=drawn.start_scale, contrast=drawn.contrast, seed=drawn.seed,
@@ -508,36 +505,26 @@ class RandomTumorInsertion(RandomTransform):
         )
         return transform(subject)
 
-    def _sample_location(self, subject, target, source, drawn) -> tuple[float, float, float]:
+    def _draw_placement(self, subject, target, source, normal):
+        """The drawn values and a location of the placement region where the tumor fits."""
         weights = placement_weights(subject, self.placement_key, self.placement_values, target)
-        shape = np.array(target.spatial_shape)
-        margin = self.twin_arguments["border_margin"]
-        inside = shape > 1  # along a 2D subject's normal the tumor is cut by the plane
-        if self.placement_mode == "centroid":
-            candidates = [region_centre(weights)]
-        else:
-            cumulative = torch.from_numpy(np.cumsum(weights.ravel(), dtype=np.float64))
-            candidates = []
-            for _ in range(self.max_attempts):
-                draw = torch.rand(1, dtype=torch.float64) * cumulative[-1]
-                flat = int(torch.searchsorted(cumulative, draw, right=True).clamp(max=len(cumulative) - 1))
-                candidates.append(tuple(float(v) for v in np.unravel_index(flat, weights.shape)))
-        for location in candidates:
-            placement = Placement(location=location, units="voxel", flips=drawn.flip,
-                                  rotation_degrees=drawn.rotation, scale=drawn.scale)
-            low, high = placed_bounds(source, target.affine, placement)
-            if np.all((low >= margin) | ~inside) and np.all((high <= shape - 1 - margin) | ~inside):
-                return location
-        raise SinganInsertError(
-            f"Could not place the tumor ({source.mask.shape} crop, scale {drawn.scale[0]:.2f}) inside "
-            f"the {tuple(shape)} volume with border_margin={margin} in {len(candidates)} "
-            f"attempt(s) from the placement region {self.placement_key!r}. Use a larger region, "
-            "smaller scales or a smaller border_margin.")
+        centre = region_centre(weights) if self.placement_mode == "centroid" else None
+        return draw_fitting(
+            lambda: self.ranges.sample(fixed_axes=normal), _pick_by_weight, weights, source,
+            target.affine, target.spatial_shape, self.twin_arguments["border_margin"],
+            self.max_attempts, centre=centre, region_name=self.placement_key)
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers shared by the two transforms
 # --------------------------------------------------------------------------------------------
+def _pick_by_weight(weights: np.ndarray) -> int:
+    """An index drawn with probability proportional to ``weights`` (> 0), from torch's generator."""
+    cumulative = torch.from_numpy(np.cumsum(weights, dtype=np.float64))
+    draw = torch.rand(1, dtype=torch.float64) * cumulative[-1]
+    return int(torch.searchsorted(cumulative, draw, right=True).clamp(max=len(cumulative) - 1))
+
+
 def _check_model_path(model: Any) -> str:
     if not isinstance(model, (str, os.PathLike)):
         raise SinganInsertError(f"model must be the path of a model file or folder, got {model!r}.")
