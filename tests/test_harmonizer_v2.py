@@ -481,3 +481,11 @@ def test_insert_refuses_a_target_label_that_cannot_hold_the_tumor(tiny_harmonize
     with pytest.raises(SinganInsertError, match=message):
         insert_tumor(subject.render_b_washed_out(), subject.affine_b, source, tiny_harmonizer,
                      InsertionParameters(seed=0, label_value=value), target_label=label)
+
+
+def test_an_image_too_large_for_float32_arithmetic_is_refused_clearly(tiny_harmonizer):
+    subject = simulate_subject(1, shape=(64, 64, 32))
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    huge = subject.render_b_washed_out().astype(np.float32) * np.float32(1e34)  # finite, but near float32's limit
+    with pytest.raises(SinganInsertError, match="Rescale"):
+        insert_tumor(huge, subject.affine_b, source, tiny_harmonizer, InsertionParameters(seed=0))

@@ -210,6 +210,12 @@ def binary_tumor_mask(
     return mask
 
 
+#: Largest |intensity| accepted: float32 holds 3.4e38, and an image near it overflows inside
+#: the harmonizer (an image reaching 1e37 did; one reaching 1e33 did not), which would surface
+#: as a puzzling "NaN" error.
+MAX_ABS_INTENSITY = 1e33
+
+
 def intensity_quantiles(image: np.ndarray, num: int = NUM_QUANTILES, name: str = "image") -> np.ndarray:
     """Evenly spaced quantiles (probabilities ``0, 1/(num-1), ..., 1``) of a whole image.
 
@@ -227,6 +233,11 @@ def intensity_quantiles(image: np.ndarray, num: int = NUM_QUANTILES, name: str =
     low, high = float(np.min(values)), float(np.max(values))
     if not (math.isfinite(low) and math.isfinite(high)):
         check_finite(values, name)  # raises, with the message every other check gives
+    if max(abs(low), abs(high)) > MAX_ABS_INTENSITY:
+        raise SinganInsertError(
+            f"The {name} holds values up to {max(abs(low), abs(high)):.3g}: beyond {MAX_ABS_INTENSITY:g}, the "
+            "harmonizer's float32 arithmetic can overflow. Rescale the image (any linear scaling: the "
+            "insertion does not depend on the intensity unit).")
     flat = values.reshape(-1)
     step = max(1, math.ceil(flat.size / MAX_QUANTILE_SAMPLES))
     sample = (flat[::step] if step > 1 else flat).astype(np.float32)
