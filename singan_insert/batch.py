@@ -8,15 +8,17 @@ CSV allowed). For each case, ``num`` augmentations are written::
 
     <out>/<name>_aug<k>_image.nii.gz   the tumor-augmented target
     <out>/<name>_aug<k>_label.nii.gz   its label map (the tumor as label_value, nothing else)
-    <out>/<name>_aug<k>.json           the exact parameters (replayable) - written last
+    <out>/<name>_aug<k>.json           the exact parameters (replayable), the files' sizes and
+                                       SHA-256 - written last
     <out>/<name>_aug<k>.png            optional before/after panel
 
 **Targets.** In a crossMoDA folder, the subject's own hrT2 already shows the tumor that its
 ceT1 holds (the tumor keeps its physical position), so by default the target is a translation
 of the ceT1: the first of ``<name>_cyclegan_hrT2``, ``<name>_fakehrT2`` (the pipeline's) and
 ``<name>_hrT2_washed_out`` (the demo's) that exists. ``--target-suffix`` names another one.
-Label files that belong to another case's outputs (``<case>_..._Label``) are not cases; every
-other incomplete case is reported.
+Label files that belong to another case's outputs (``<case>_<kind>_..._Label``, e.g. the demo's
+``<case>_hrT2_augmented_Label``) are not cases; every other incomplete case (``<case>_rescan``
+too) is reported, counted in the summary, and makes the exit status 1.
 
 **Safety.** A case name must be a plain file-name prefix (no folder part, no ``..``): a name
 that would write outside the output folder is refused, and so is every row of a name given
@@ -25,15 +27,20 @@ concurrent ``insert`` into it stops with a clear error. One failing case (unread
 tumor that cannot be placed, any exception) is recorded and the others go on; the command ends
 with a summary and exit status 1. A full disk stops the batch (every later output would fail
 too); finished outputs are kept and a failed one leaves no file behind. Workers (``--workers``)
-die with their parent.
+die with their parent, and Ctrl-C cancels the queue and stops them at once. With ``--target``,
+outputs of the same name made from other input files are not replaced (``--name``).
 
-**Resume.** The JSON is written last and atomically, and holds a *fingerprint* of everything
-that decides the output: the model file's SHA-256, the settings, the augmentation index and the
-input files (path, size, modification time). A re-run skips an output only when its record's
-fingerprint matches and its image and label exist; an output whose parameters or inputs
-changed, or whose image was deleted, is redone. The random parameters of each output are drawn
-from a seed derived from (``--seed``, name, k) only, so the result does not depend on the
-number of workers or on the order in which cases finish.
+**Resume.** The JSON holds a *fingerprint* of everything that decides the output: the model
+file's SHA-256, the settings, the augmentation index and the input files (path, size,
+modification time); and the size and SHA-256 of each file it vouches for. A re-run skips an
+output only when its record's fingerprint matches and its files are those; an output whose
+parameters or inputs changed, or whose files were deleted or damaged, is redone. A redo
+writes its files in full (temporary files) before the previous ones are touched, then removes
+the previous record, renames the files into place and the record last: a redo that fails keeps
+the previous output with its record. Options no case could run with (a start scale out of the
+model's range) are refused before any output is touched. The random parameters of each
+output are drawn from a seed derived from (``--seed``, name, k) only, so the result does not
+depend on the number of workers or on the order in which cases finish.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from singan_insert.checks import MAX_SEED
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import INTENSITY_MODES, check_intensity_mode
 from singan_insert.insertion.sampling import (
@@ -179,23 +187,26 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="harmonizer model file or training folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data-root", help="folder in crossMoDA layout (<name>_ceT1, <name>_Label, target)")
-    source.add_argument("--csv", help="CSV with columns name,target,source_image,source_label")
+    source.add_argument("--csv", help="CSV with columns name,target,source_image,source_label (UTF-8, "
+                                      "with or without Excel's byte-order mark)")
     source.add_argument("--target", help="one target volume (with --source-image and --source-label)")
-    parser.add_argument("--source-image", help="source (modality A) volume, with --target")
-    parser.add_argument("--source-label", help="source tumor label, with --target")
+    parser.add_argument("--source-image", help="source (modality A) volume (required with --target)")
+    parser.add_argument("--source-label", help="source tumor label (required with --target)")
+    parser.add_argument("--name", help="with --target: the name of its outputs, <name>_aug<k> (default: "
+                                       "the target's file name without .nii/.nii.gz)")
     parser.add_argument("--target-suffix",
                         help="suffix of the target volumes in --data-root (default: the first of "
                              f"{', '.join(TRANSLATED_SUFFIXES)} that exists: a translation of the "
                              "ceT1; 'hrT2' inserts into the subject's own hrT2, which already "
                              "shows the tumor)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (re-running on it resumes)")
     parser.add_argument("--num", type=int, default=1, help="augmentations per case (default: 1)")
     parser.add_argument("--appearance", choices=["auto", "fixed"], default="auto",
                         help="auto (default): the model chooses each tumor's level in the target "
                              "modality; fixed: the paper's method with --contrast")
     parser.add_argument("--contrast", nargs="+", default=["1.0"],
                         help="with --appearance fixed: contrast factors lambda to draw from (GBA: "
-                             "0.5 0.8 1.5), or one range LOW:HIGH drawn uniformly")
+                             "0.5 0.8 1.5), or one range LOW:HIGH drawn uniformly (default: 1.0)")
     parser.add_argument("--start-scale", nargs="+",
                         help="start scales to draw from, or one range LOW:HIGH (write "
                              "--start-scale=-3:-1 for negative ranges; default: the model's)")
@@ -207,12 +218,15 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="factor on the rim's widths (default: the tumor's size over the annotated "
                              "tumor's; 1 keeps the annotated widths in mm)")
     parser.add_argument("--intensity-mode", choices=sorted(INTENSITY_MODES), default="normalized",
-                        help="how the tumor's intensities are brought into the target's units")
-    parser.add_argument("--label-value", type=int, default=1, help="label written for the tumor")
+                        help="how the tumor's intensities are brought into the target's units "
+                             "(default: normalized)")
+    parser.add_argument("--label-value", type=int, default=1,
+                        help="label written for the tumor (default: 1)")
     parser.add_argument("--source-label-value", type=int, default=1,
                         help="tumor value in the source label (default: 1, crossMoDA's schwannoma)")
     parser.add_argument("--axis", type=int, choices=[0, 1, 2], help="slicing axis (default: through-plane)")
-    parser.add_argument("--context-mm", type=float, default=20.0, help="in-plane context around the tumor")
+    parser.add_argument("--context-mm", type=float, default=20.0,
+                        help="in-plane context around the tumor, in mm (default: 20)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
     parser.add_argument("--device", default="cpu",
                         help="where the model runs: cpu (default), cuda[:n] or auto. On a GPU one "
@@ -221,8 +235,10 @@ def add_insert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-cases", type=int, default=None,
                         help="outputs per forward pass in the single-process batched path (default: "
                              "8 on a GPU; on the CPU the per-case path unless given)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--panels", action="store_true", help="write before/after PNG panels (needs matplotlib)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"base seed of every output's random draws, 0..{MAX_SEED} (default: 0)")
+    parser.add_argument("--panels", action="store_true",
+                        help="write before/after PNG panels (needs matplotlib; default: off)")
     parser.add_argument("--image-compression", type=int, default=0, choices=range(10), metavar="0-9",
                         help="gzip level of the written images (default 0: float images barely "
                              "compress and level 1 takes most of the time; labels use 1)")
@@ -287,9 +303,12 @@ def find_cases(data_root: str | os.PathLike, target_suffix: str | None = None
                 raise
     problems = []
     names = sorted({label.name.split("_Label.nii")[0] for label in root.glob("*_Label.nii*")})
+    # What may follow "<case>_" in the name of a file of that case (the demo's
+    # <case>_hrT2_augmented_Label); anything else (<case>_rescan) is a case of its own.
+    kinds = ("ceT1", "hrT2", "Label", *TRANSLATED_SUFFIXES, *([target_suffix] if target_suffix else []))
     for name in names:
-        if name in found or any(name.startswith(f"{other}_") for other in found):
-            continue  # a case, or a file of one (e.g. the demo's <case>_hrT2_augmented_Label)
+        if name in found or any(name.startswith(f"{other}_{kind}_") for other in found for kind in kinds):
+            continue
         if not list(root.glob(f"{name}_ceT1.nii*")):
             problems.append(Problem(name, f"no {name}_ceT1.nii.gz beside {name}_Label"))
         elif target_suffix is None and list(root.glob(f"{name}_hrT2.nii*")):
@@ -318,13 +337,19 @@ def load_cases_csv(path: str | os.PathLike) -> tuple[list[Case], list[Problem]]:
     if not path.is_file():
         raise SinganInsertError(f"CSV file {path} does not exist.")
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+        # become part of the first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            # A space after a comma (or a path pasted with one) is not part of a file name.
+            rows = [{(key or "").strip(): (value or "").strip() if isinstance(value, str) else value
+                     for key, value in row.items()} for row in csv.DictReader(handle)]
     except (UnicodeDecodeError, csv.Error) as error:
         raise SinganInsertError(f"{path} is not a readable CSV file: {error}.") from None
     required = ("name", "target", "source_image", "source_label")
     if not rows or not set(required) <= set(rows[0]):
-        raise SinganInsertError(f"{path} must have a header with columns {list(required)} and rows.")
+        found = list(rows[0]) if rows else []
+        raise SinganInsertError(f"{path} must have a header with columns {list(required)} and rows; "
+                                f"its header has {found}.")
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.get("name")] = counts.get(row.get("name"), 0) + 1
@@ -398,23 +423,41 @@ def output_fingerprint(case: Case, index: int, settings: InsertSettings, model_s
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _is_finished(paths: dict[str, Path], fingerprint: str, panels: bool) -> bool:
+def _input_paths(case: Case) -> dict[str, str]:
+    """The case's input files as absolute paths (what an output was made from, whatever the cwd)."""
+    return {key: str(Path(getattr(case, key)).resolve()) for key in ("target", "source_image", "source_label")}
+
+
+def _unfinished_reason(paths: dict[str, Path], fingerprint: str, panels: bool) -> str | None:
+    """``None`` when the output is finished; else why not: ``"new"`` (no record), ``"changed"``
+    (its parameters, inputs or model changed) or what is wrong with its files."""
+    if not paths["record"].exists():
+        return "new"
     try:
         record = json.loads(paths["record"].read_text())
     except (OSError, ValueError):
-        return False
+        return "its record is unreadable"
     if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
-        return False
-    needed = ["image", "label"] + (["panel"] if panels else [])
-    return all(paths[key].is_file() and paths[key].stat().st_size > 0 for key in needed)
+        return "changed"
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return "its record holds no file sizes and digests (written by an earlier version)"
+    for key in ["image", "label"] + (["panel"] if panels else []):
+        expected = files.get(key)
+        if not paths[key].is_file():
+            return f"its {key} file is missing"
+        if not isinstance(expected, dict) or paths[key].stat().st_size != expected.get("size") \
+                or file_digest(paths[key]) != expected.get("sha256"):
+            return f"its {key} file differs from its record (size or SHA-256): damaged or changed since"
+    return None
 
 
 def _read_volume(path: Path, what: str):
-    """A 3D real-valued NIfTI volume (float32) and its affine, or a clear error (io.read_nifti)."""
+    """A 3D real-valued NIfTI volume (float32), its affine and header, or a clear error (io.read_nifti)."""
     from singan_insert.io import read_nifti
 
     image = read_nifti(path, what=what)
-    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine, image.header
 
 
 def augment_case(case: Case, index: int, model: str, settings: InsertSettings, out_dir: Path,
@@ -448,6 +491,7 @@ class PreparedCase:
     target: np.ndarray
     affine: np.ndarray
     source: Any  # SourceTumor
+    header: Any = None  # the target's NIfTI header: the outputs keep it (io.nifti_bytes)
 
 
 def prepare_case(case: Case, index: int, model: str, settings: InsertSettings,
@@ -467,35 +511,55 @@ def prepare_case(case: Case, index: int, model: str, settings: InsertSettings,
         appearance=settings.appearance, intensity_mode=settings.intensity_mode, contrast=drawn.contrast,
         start_scale=drawn.start_scale, axis=settings.axis, context_mm=settings.context_mm,
         seed=drawn.seed, label_value=settings.label_value, rim=settings.rim, rim_scale=settings.rim_scale)
-    target, affine = _read_volume(Path(case.target), "target")
+    target, affine, header = _read_volume(Path(case.target), "target")
     source = SourceTumor.from_files(case.source_image, case.source_label,
                                     label_value=settings.source_label_value)
-    return PreparedCase(case, index, model_file, model_sha256, fingerprint, parameters, target, affine, source)
+    return PreparedCase(case, index, model_file, model_sha256, fingerprint, parameters, target, affine, source,
+                        header)
 
 
 def write_case(job: PreparedCase, result, settings: InsertSettings, out_dir: Path) -> dict[str, Any]:
-    """Write an insertion's image, label, optional panel and (last) its record; return the record."""
-    from singan_insert.io import atomic_write_bytes, write_nifti
+    """Write an insertion's image, label, optional panel and its record; return the record.
+
+    Every file is written in full (temporary files) before any previous output of the same name
+    is touched; then the previous record goes, the files are renamed into place and the new
+    record comes last. So a redo that fails keeps the previous output whole, with its record,
+    and a record only ever vouches for files of its own run: it holds their sizes and SHA-256.
+    """
+    from singan_insert.io import StagedFiles, nifti_bytes
 
     paths = output_paths(out_dir, job.case, job.index)
     record = {**result.record, "case": {k: str(v) for k, v in job.case.__dict__.items()},
+              "input_paths": _input_paths(job.case),
               "augmentation": job.index, "source_label_value": settings.source_label_value,
               "model_file": str(job.model_file), "model_sha256": job.model_sha256,
               "settings": settings.to_dict(), "fingerprint": job.fingerprint}
-    try:
-        write_nifti(paths["image"], result.image.astype(np.float32), job.affine, settings.image_compression)
-        write_nifti(paths["label"], result.label, job.affine)
-        if settings.panels:
-            from singan_insert.evaluation.figures import before_after_panel
+    contents = {
+        "image": nifti_bytes(paths["image"], result.image.astype(np.float32), job.affine,
+                             settings.image_compression, job.header),
+        "label": nifti_bytes(paths["label"], result.label, job.affine, header=job.header),
+    }
+    if settings.panels:
+        import tempfile
 
-            before_after_panel(job.target, result.image, result.mask, paths["panel"],
+        from singan_insert.evaluation.figures import before_after_panel
+
+        # matplotlib picks the format from the file name, so the panel is drawn outside the
+        # output folder and staged from its bytes like the others.
+        with tempfile.TemporaryDirectory() as scratch:
+            drawn = Path(scratch) / "panel.png"
+            before_after_panel(job.target, result.image, result.mask, drawn,
                                title=f"{job.case.name} aug {job.index} ({_appearance_caption(result.record)})")
-        atomic_write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
-    except BaseException:
-        # An output without its record is unfinished anyway: leave no half of it behind.
-        for key in ("image", "label", "panel"):
-            paths[key].unlink(missing_ok=True)
-        raise
+            contents["panel"] = drawn.read_bytes()
+    record["files"] = {key: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                       for key, data in contents.items()}
+    with StagedFiles() as staged:
+        for key, data in contents.items():
+            staged.write_bytes(paths[key], data)
+        staged.write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
+        # The previous record first: it must not vouch for the files being replaced (nor a
+        # previous panel stay beside an output it does not show).
+        staged.commit(remove_first=[paths["record"]] + ([] if settings.panels else [paths["panel"]]))
     return record
 
 
@@ -598,10 +662,13 @@ def _remove_stale_temporaries(out_dir: Path) -> int:
 
 def _collect_cases(args: argparse.Namespace) -> tuple[list[Case], list[Problem], list[Problem]]:
     """(cases, refused rows, incomplete folder cases) for the command line's arguments."""
+    if args.name is not None and not args.target:
+        raise SinganInsertError("--name names the outputs of the one case of --target; with --csv the "
+                                "names are the CSV's, with --data-root the file names'.")
     if args.target:
         if not (args.source_image and args.source_label):
             raise SinganInsertError("--target needs --source-image and --source-label.")
-        name = Path(args.target).name.split(".nii")[0]
+        name = args.name or Path(args.target).name.split(".nii")[0]
         case = Case(check_case_name(name), Path(args.target), Path(args.source_image),
                     Path(args.source_label))
         for path in (case.target, case.source_image, case.source_label):
@@ -626,12 +693,70 @@ def _appearance_caption(record: dict[str, Any]) -> str:
     return f"{mode}, lambda={lam:.3g}" if isinstance(lam, (int, float)) else str(mode)
 
 
+def resolve_model(path: str | os.PathLike) -> Path:
+    """The model file of ``path`` (:func:`~singan_insert.insertion.model_cache.resolve_model_file`),
+    saying so when ``path`` is a training folder whose training has not finished."""
+    from singan_insert.harmonizer.training import CHECKPOINT_NAME, MODEL_NAME
+    from singan_insert.insertion.model_cache import resolve_model_file
+
+    folder = Path(path)
+    if folder.is_dir() and not (folder / MODEL_NAME).exists() and (folder / CHECKPOINT_NAME).is_file():
+        raise SinganInsertError(
+            f"The training in {folder} has not finished: it holds a checkpoint but no {MODEL_NAME} "
+            "yet. Re-run the same `singan-insert train` command to finish it (it resumes from the "
+            "checkpoint).")
+    return resolve_model_file(path)
+
+
+def check_settings_against_model(settings: InsertSettings, model) -> None:
+    """Refuse, before any output is touched, the settings that no case could run with: start
+    scales outside the model's range, an axis other than the model's."""
+    from singan_insert.insertion.insert import check_model_provenance
+
+    if settings.start_scale is not None:
+        for value in settings.start_scale.values:
+            try:
+                model.geometry.resolve_start_scale(int(value), model.valid_start_scales.start)
+            except SinganInsertError as error:
+                raise SinganInsertError(f"--start-scale: {error}") from None
+    check_model_provenance(model, settings.axis)
+
+
+def check_same_inputs(out_dir: Path, case: Case) -> None:
+    """Refuse to replace the outputs named like ``case`` that were made from other input files.
+
+    A changed file at the same path is redone as usual; another path under the same name is
+    another subject (``subj1/target.nii.gz``, ``subj2/target.nii.gz``) whose outputs would
+    silently replace the first one's.
+    """
+    import glob
+    import re
+
+    pattern = re.compile(rf"{re.escape(case.name)}_aug\d+\.json")
+    wanted = _input_paths(case)
+    for path in sorted(Path(out_dir).glob(f"{glob.escape(case.name)}_aug*.json")):
+        if not pattern.fullmatch(path.name):
+            continue
+        try:
+            record = json.loads(path.read_text())
+            made_from = record.get("input_paths") or {
+                key: str(Path(value).resolve()) for key, value in record["case"].items() if key in wanted}
+        except (OSError, ValueError, KeyError, AttributeError, TypeError):
+            continue  # an unreadable record vouches for nothing: the output is redone anyway
+        different = {key: value for key, value in made_from.items() if wanted.get(key) != value}
+        if different:
+            shown = "; ".join(f"{key} {value}" for key, value in different.items())
+            raise SinganInsertError(
+                f"{path} was made from other input files ({shown}), not from this case's. These "
+                f"outputs would be replaced: give this case's outputs another name with --name, or "
+                f"write to another --out (delete {Path(out_dir) / case.name}_aug* to replace them).")
+
+
 def run_insert(args: argparse.Namespace) -> int:
     """``singan-insert insert``: augment every case, skipping finished outputs."""
     from tqdm.auto import tqdm
 
     from singan_insert.harmonizer.model import Harmonizer
-    from singan_insert.insertion.model_cache import resolve_model_file
 
     from singan_insert.devices import select_device
 
@@ -653,8 +778,9 @@ def run_insert(args: argparse.Namespace) -> int:
         seed=args.seed, rim={"auto": None, "on": True, "off": False}[args.rim], rim_scale=args.rim_scale,
         panels=args.panels, image_compression=args.image_compression)
     cases, refused, incomplete = _collect_cases(args)
-    model_file = resolve_model_file(args.model)
-    Harmonizer.load(model_file)  # fail early, in the main process, on a bad model file
+    model_file = resolve_model(args.model)
+    # Fail early, in the main process, on a bad model file or settings it cannot run with.
+    check_settings_against_model(settings, Harmonizer.load(model_file))
     if settings.panels:
         from singan_insert.evaluation.figures import require_matplotlib
 
@@ -662,59 +788,86 @@ def run_insert(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     check_writable_folder(out_dir)
     with output_lock(out_dir):
+        if args.target:
+            check_same_inputs(out_dir, cases[0])
         _remove_stale_temporaries(out_dir)
         model_sha256 = file_digest(model_file)
-        jobs, skipped, redone = [], 0, 0
+        jobs, skipped, changed, damaged = [], 0, 0, []
         for case in cases:
             for k in range(settings.num):
                 paths = output_paths(out_dir, case, k)
                 fingerprint = output_fingerprint(case, k, settings, model_sha256)
-                if _is_finished(paths, fingerprint, settings.panels):
+                reason = _unfinished_reason(paths, fingerprint, settings.panels)
+                if reason is None:
                     skipped += 1
                     continue
-                if paths["record"].exists():
-                    redone += 1
-                    paths["record"].unlink()  # no record may vouch for outputs being replaced
+                if reason == "changed":
+                    changed += 1
+                elif reason != "new":
+                    damaged.append(f"{case.name} aug {k}: {reason}")
                 jobs.append((case, k, fingerprint))
-        if skipped or redone:
-            print(f"Resuming: {skipped} finished output(s) skipped, {redone} redone (parameters, "
-                  "inputs or files changed).")
-        for problem in incomplete:
-            print(f"  incomplete case {problem.name}: {problem.message}.")
+        if skipped or changed or damaged:
+            print(f"Resuming: {skipped} finished output(s) skipped, {changed + len(damaged)} redone "
+                  f"({changed} with changed parameters, inputs or model; {len(damaged)} whose files "
+                  "are missing or differ from their record).")
+            _print_list("redone:", damaged)
+        _print_list("incomplete case", [f"{p.name}: {p.message}" for p in incomplete])
         if batched:
             failures = _run_jobs_batched(jobs, str(model_file), settings, out_dir, str(device),
                                          batch_cases, tqdm)
         else:
             failures = _run_jobs(jobs, str(model_file), settings, out_dir, workers, tqdm)
     print(f"Wrote {len(jobs) - len(failures)} augmentation(s) to {out_dir}; "
-          f"{len(failures)} failed, {len(refused)} case(s) refused, {skipped} already finished.")
+          f"{len(failures)} failed, {len(refused)} case(s) refused, {len(incomplete)} case(s) "
+          f"incomplete, {skipped} already finished.")
+    kept = lambda case, k: output_paths(out_dir, case, k)["record"].exists()  # noqa: E731
     for (case, k, _), message in failures:
-        print(f"  failed: {case.name} aug {k}: {message}")
+        print(f"  failed: {case.name} aug {k}: "
+              + (f"{message.rstrip('.')}; its previous output (and record) was kept" if kept(case, k) else message))
     for problem in refused:
         print(f"  refused: {problem.name}: {problem.message}")
-    return 1 if failures or refused else 0
+    # Again after the progress bar, which scrolls the first list out of view on a big dataset.
+    _print_list("incomplete case", [f"{p.name}: {p.message}" for p in incomplete])
+    return 1 if failures or refused or incomplete else 0
 
 
-def _disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno == errno.ENOSPC
+def _print_list(what: str, lines: Sequence[str], limit: int = 20) -> None:
+    for line in lines[:limit]:
+        print(f"  {what} {line}.")
+    if len(lines) > limit:
+        print(f"  ... and {len(lines) - limit} more.")
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    # io's writers report a full disk as a SinganInsertError raised from the OSError.
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _describe(error: BaseException) -> str:
+    if _disk_full(error):
+        return ("the disk is full (no space left on device): this output was not written (no "
+                "partial file is kept) and the batch stopped; free space and re-run to resume")
     if isinstance(error, SinganInsertError):
         return str(error)
     if isinstance(error, BrokenProcessPool):
         return "its worker process died (killed, or out of memory); re-run to resume"
-    if _disk_full(error):
-        return ("the disk is full (no space left on device): this output was not written (no "
-                "partial file is kept) and the batch stopped; free space and re-run to resume")
     return f"{type(error).__name__}: {error}"
 
 
 def _worker_init(parent_pid: int) -> None:
     """Tie a worker's life to its parent's (the kernel kills it when the parent dies)."""
+    import signal
+
+    # Ctrl-C reaches the whole process group. The parent alone handles it (cancels the queue,
+    # stops the workers): a worker would catch it per job, report it as that job's result and
+    # go on with the next one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         PR_SET_PDEATHSIG = 1
         try:
@@ -723,6 +876,17 @@ def _worker_init(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued jobs and end the worker processes (SIGTERM) without waiting for them."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in workers:
+        if process.is_alive():
+            process.terminate()
+    for process in workers:
+        process.join(5)
 
 
 def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, workers, tqdm):
@@ -745,8 +909,9 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
 
         # spawn: safe with torch's thread pools (fork after torch has started threads can hang).
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                 initargs=(os.getpid(),)) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                   initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(augment_case, case, k, model, settings, out_dir, 1, fingerprint):
                        (case, k, fingerprint) for case, k, fingerprint in jobs}
             for future in as_completed(futures):
@@ -755,5 +920,12 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
                 except Exception as error:
                     failures.append((futures[future], _describe(error)))
                 bar.update(1)
+        except BaseException:
+            # Ctrl-C (or any error here): drop the queue and stop the workers now rather than
+            # wait for every queued output. An output cut short leaves only a temporary file,
+            # which the next run removes; its previous version, if any, is kept.
+            _stop_pool(pool)
+            raise
+        pool.shutdown(wait=True)
     bar.close()
     return failures

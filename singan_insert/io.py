@@ -11,7 +11,9 @@ Writes
     of writers that died (their process id no longer exists, or the file is older than a day)
     are removed by the next write of this process to that folder; only names of this exact
     pattern are touched. A full disk raises a :class:`~singan_insert.errors.SinganInsertError`
-    saying that the previous file was kept.
+    saying that the previous file was kept. :class:`StagedFiles` does the same for files that
+    belong together (an output's image, label and record): none is replaced before all are
+    written.
 
 Reads
     :func:`read_nifti` is the one NIfTI reader of the package and :func:`read_2d` the one 2D
@@ -62,6 +64,63 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
             previous file at ``path``, if any, is unchanged and no temporary file is left.
     """
     path = Path(path)
+    tmp = _write_temporary(path, data)
+    _replace(tmp, path)
+    _fsync_folder(path.parent)
+    return path
+
+
+class StagedFiles:
+    """Several files that belong together, each written in full before any of them is put in place.
+
+    :meth:`write_bytes` writes a fsynced temporary file beside each destination (the
+    :func:`atomic_write_bytes` pattern) and touches no destination; :meth:`commit` then removes
+    the paths it is given and renames the temporary files over their destinations in the order
+    they were staged. So a failure while the files are written (full disk, an exception, Ctrl-C)
+    leaves every previous file as it was, and the renames, the only step left, take microseconds.
+    Used as a context manager, whatever was not committed is discarded on exit.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def write_bytes(self, path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+        path = Path(path)
+        self._staged.append((_write_temporary(path, data), path))
+
+    def commit(self, remove_first: tuple[Path, ...] | list[Path] = ()) -> None:
+        """Delete ``remove_first`` (e.g. a record that vouched for the files being replaced),
+        then put every staged file in place, in order."""
+        for path in remove_first:
+            Path(path).unlink(missing_ok=True)
+        staged, self._staged = self._staged, []
+        for index, (tmp, path) in enumerate(staged):
+            try:
+                _replace(tmp, path)
+            except BaseException:
+                for later, _ in staged[index + 1:]:
+                    later.unlink(missing_ok=True)
+                raise
+        for folder in {path.parent for _, path in staged}:
+            _fsync_folder(folder)
+
+    def discard(self) -> None:
+        for tmp, _ in self._staged:
+            tmp.unlink(missing_ok=True)
+        self._staged = []
+
+    def __enter__(self) -> "StagedFiles":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.discard()
+
+
+def _write_temporary(path: Path, data: bytes | bytearray | memoryview) -> Path:
+    """Write ``data`` to a fsynced temporary file beside ``path``; return its path.
+
+    On failure nothing is left behind and a full disk or an unwritable folder is said plainly.
+    """
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -80,17 +139,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memory
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException as error:
+        _discard_temporary(tmp, path, error)
+    return tmp
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
         os.replace(tmp, path)
     except BaseException as error:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        if isinstance(error, OSError) and error.errno in _FULL_DISK | _REFUSED:
-            raise _write_error(path, error) from error
-        raise
-    _fsync_folder(folder)
-    return path
+        _discard_temporary(tmp, path, error)
+
+
+def _discard_temporary(tmp: Path, path: Path, error: BaseException):
+    """Remove ``tmp`` and re-raise ``error`` (a full disk or refusal as a clear error)."""
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    if isinstance(error, OSError) and error.errno in _FULL_DISK | _REFUSED:
+        raise _write_error(path, error) from error
+    raise error
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -115,12 +184,25 @@ def atomic_write_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, buffer.getbuffer())
 
 
-def write_nifti(path: str | os.PathLike, data, affine, compresslevel: int = 1) -> Path:
+def write_nifti(path: str | os.PathLike, data, affine, compresslevel: int = 1, header=None) -> Path:
     """Write a NIfTI volume atomically (creating its folder; gzip for ``.gz``); returns the path.
 
     ``compresslevel`` (0-9) is gzip's for a ``.gz`` name. Level 0 still writes a valid gzip
     stream (stored blocks): worth it for noisy float images, which level 1 shrinks by only ~10 %
     at ~0.2 s per 10 MB (benchmarks/bench_batch.py); label maps shrink ~200x and stay at 1.
+    ``header``: see :func:`nifti_bytes`.
+    """
+    return atomic_write_bytes(path, nifti_bytes(path, data, affine, compresslevel, header))
+
+
+def nifti_bytes(path: str | os.PathLike, data, affine, compresslevel: int = 1, header=None) -> bytes:
+    """The bytes :func:`write_nifti` writes to ``path`` (gzip for a ``.gz`` name).
+
+    ``header``: the header of the volume the data was made from (e.g. an output's target): its
+    fields (qform/sform codes, units, description, intent...) are kept, so the output is
+    described as its input was; only the data type follows ``data``, and the display range
+    (cal_min/cal_max), which described the input's values, is cleared. Without a header,
+    nibabel's defaults (sform code 2, no units).
     """
     import gzip
 
@@ -129,11 +211,15 @@ def write_nifti(path: str | os.PathLike, data, affine, compresslevel: int = 1) -
     from singan_insert.checks import check_int
 
     compresslevel = check_int(compresslevel, "compresslevel", 0, 9)
-    path = Path(path)
-    payload = nib.Nifti1Image(np.asarray(data), np.asarray(affine, float)).to_bytes()
-    if path.name.endswith(".gz"):
+    data = np.asarray(data)
+    image = nib.Nifti1Image(data, np.asarray(affine, float), header)
+    if header is not None:
+        image.set_data_dtype(data.dtype)
+        image.header["cal_min"] = image.header["cal_max"] = 0
+    payload = image.to_bytes()
+    if Path(path).name.endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
-    return atomic_write_bytes(path, payload)
+    return payload
 
 
 def _write_error(path: Path, error: OSError) -> SinganInsertError:

@@ -373,6 +373,37 @@ def test_error_disk_full_during_training_checkpoint(tmp_path, monkeypatch, capsy
     assert_clean(out, {"checkpoint.safetensors", "harmonizer.safetensors", "training_log.json"})
 
 
+def test_correct_staged_files_touch_nothing_until_all_are_written(tmp_path, monkeypatch):
+    """A set of files that belong together: a failure while writing any of them keeps all the
+    previous ones; a commit removes what it is told and puts the new ones in place."""
+    for name in ("image", "label", "record"):
+        (tmp_path / name).write_bytes(b"old " + name.encode())
+    real_write = os.write
+
+    def full_on_label(fd, data):
+        if ".label." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to tell which file a descriptor writes")
+    monkeypatch.setattr(sio.os, "write", full_on_label)
+    with pytest.raises(SinganInsertError, match="disk .*full; the previous file was kept"):
+        with sio.StagedFiles() as staged:
+            for name in ("image", "label", "record"):
+                staged.write_bytes(tmp_path / name, b"new " + name.encode())
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
+        "image": b"old image", "label": b"old label", "record": b"old record"}
+    with sio.StagedFiles() as staged:
+        for name in ("image", "label"):
+            staged.write_bytes(tmp_path / name, b"new " + name.encode())
+        assert (tmp_path / "image").read_bytes() == b"old image"  # staged, not yet in place
+        staged.commit(remove_first=[tmp_path / "record"])
+    assert_clean(tmp_path, {"image", "label"})
+    assert (tmp_path / "label").read_bytes() == b"new label"
+
+
 def test_error_unwritable_folder(tmp_path, monkeypatch):
     """EACCES (simulated: the tests may run as root, who writes anywhere) is said plainly."""
     def refuse(path, *args, **kwargs):

@@ -3,7 +3,8 @@
 Every case asserts its outcome (a clear error naming what to fix, or the right result) and that
 nothing was written half (no temporary file, every record's image and label readable) or
 outside the output folder. The fault tests kill `singan-insert insert` (kill -9 of the parent
-with 1 and 2 workers, SIGTERM with 2 workers) and run two writers into one folder at once.
+with 1 and 2 workers, SIGTERM with 2 workers, Ctrl-C to the process group with 1 and 2 workers)
+and run two writers into one folder at once.
 """
 
 from __future__ import annotations
@@ -387,15 +388,21 @@ def test_demo_layout_inserts_into_the_translation_and_reports_incomplete_cases(m
         (folder / path.name).symlink_to(path)
     (folder / "case_1_hrT2_augmented.nii.gz").symlink_to(data / "case_1_hrT2.nii.gz")
     (folder / "case_1_hrT2_augmented_Label.nii.gz").symlink_to(data / "case_1_Label.nii.gz")
-    for suffix in ("ceT1", "Label", "hrT2"):  # a case with its own hrT2 only
-        (folder / f"case_9_{suffix}.nii.gz").symlink_to(data / f"case_2_{suffix}.nii.gz")
+    for case in ("case_9", "case_1_rescan"):  # cases with their own hrT2 only; one extends case_1's name
+        for suffix in ("ceT1", "Label", "hrT2"):
+            (folder / f"{case}_{suffix}.nii.gz").symlink_to(data / f"case_2_{suffix}.nii.gz")
     before = files_under(sandbox)
     out = sandbox / "out"
-    assert insert(model, "--data-root", str(folder), "--out", str(out)) == 0
+    # Incomplete cases make the exit status 1 (docs/cli.md), as refused CSV rows do.
+    assert insert(model, "--data-root", str(folder), "--out", str(out)) == 1
     printed = capsys.readouterr().out
     record = json.loads((out / "case_1_aug0.json").read_text())
     assert record["case"]["target"].endswith("case_1_hrT2_washed_out.nii.gz")
-    assert "incomplete case case_9: no translated target" in printed and "--target-suffix hrT2" in printed
+    for case in ("case_9", "case_1_rescan"):
+        # Listed before the progress bar and again after the summary, which counts them.
+        assert printed.count(f"incomplete case {case}: no translated target") == 2
+    summary = next(line for line in printed.splitlines() if line.startswith("Wrote "))
+    assert "--target-suffix hrT2" in printed and "2 case(s) incomplete" in summary
     assert "case_1_hrT2_augmented" not in printed  # the demo's own output is not a case
     assert sorted(p.name for p in out.glob("*.json")) == ["case_1_aug0.json"]
     assert_nothing_half_or_outside(sandbox, before, out)
@@ -406,17 +413,18 @@ def test_a_full_disk_stops_the_batch_keeps_finished_outputs_and_resumes(model, d
 
     import singan_insert.io as io
 
-    real, calls = io.atomic_write_bytes, []
+    real, calls = io._write_temporary, []
 
     def fill_up(path, payload):
         calls.append(path)
         if len(calls) > 4:  # the first output (image, label, record) fits, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, payload)
+            full = OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise io._write_error(Path(path), full) from full  # as the real writer reports it
+        return real(path, payload)
 
     out = sandbox / "out"
     before = files_under(sandbox)
-    monkeypatch.setattr(io, "atomic_write_bytes", fill_up)
+    monkeypatch.setattr(io, "_write_temporary", fill_up)
     assert insert(model, "--data-root", str(data), "--out", str(out)) == 1
     printed = capsys.readouterr().out
     assert "failed: case_2 aug 0: the disk is full" in printed and "case_3 aug 0: not run" in printed
@@ -424,7 +432,7 @@ def test_a_full_disk_stops_the_batch_keeps_finished_outputs_and_resumes(model, d
     assert not list(out.glob("case_2_*"))  # no half of case_2 is kept
     assert sorted(p.name for p in out.glob("*.json")) == ["case_1_aug0.json"]
     assert_nothing_half_or_outside(sandbox, before, out)
-    monkeypatch.setattr(io, "atomic_write_bytes", real)
+    monkeypatch.setattr(io, "_write_temporary", real)
     assert insert(model, "--data-root", str(data), "--out", str(out)) == 0
     assert "1 finished output(s) skipped, 0 redone" in capsys.readouterr().out
     assert len(list(out.glob("*.json"))) == 3
@@ -506,22 +514,34 @@ def _assert_same_outputs(out: Path, reference: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc and prctl")
-@pytest.mark.parametrize("workers, sig", [(1, signal.SIGKILL), (2, signal.SIGKILL), (2, signal.SIGTERM)],
-                         ids=["kill-9-1-worker", "kill-9-2-workers", "sigterm-2-workers"])
+@pytest.mark.parametrize("workers, sig", [(1, signal.SIGKILL), (2, signal.SIGKILL), (2, signal.SIGTERM),
+                                          (2, signal.SIGINT), (1, signal.SIGINT)],
+                         ids=["kill-9-1-worker", "kill-9-2-workers", "sigterm-2-workers",
+                              "ctrl-c-2-workers", "ctrl-c-1-worker"])
 def test_killed_insert_leaves_no_worker_and_resumes_exactly(model, data, reference, sandbox, workers, sig):
     out = sandbox / "out"
     before = files_under(sandbox)
+    # Ctrl-C in a terminal signals the whole process group: the run is its own group here.
     process = subprocess.Popen(_command(model, data, out, "--workers", str(workers)), env=_environment(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=sig == signal.SIGINT)
     try:
         _wait_for(lambda: list(out.glob("*.json")), 120, "a first finished output")
         workers_seen = _children(process.pid) if workers > 1 else []
-        process.send_signal(sig)
+        finished = len(list(out.glob("*.json")))
+        if sig == signal.SIGINT:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
         process.wait(30)
     finally:
         if process.poll() is None:
             process.kill()
     assert len(list(out.glob("*.json"))) < 9, "the run finished before it could be interrupted"
+    if sig == signal.SIGINT:
+        # The queue is cancelled: at most the outputs in flight when the signal came get finished.
+        assert process.returncode == 130
+        assert len(list(out.glob("*.json"))) <= finished + workers
     if workers > 1:
         assert workers_seen, "no worker process was found"
         _wait_for(lambda: not any(_alive(p) for p in workers_seen), 10, "the workers to die with their parent")
