@@ -19,7 +19,7 @@ from singan_insert.stages.cyclegan import (
     train_cyclegan,
 )
 from singan_insert.stages.networks import PatchDiscriminator, ResnetBlock, ResnetGenerator
-from singan_insert.stages.pix2pix import Pix2Pix, Pix2PixConfig
+from singan_insert.stages.pix2pix import Pix2Pix, Pix2PixConfig, train_pix2pix
 from singan_insert.stages.slices import SliceDataset
 
 AFFINE = np.diag([0.5, 0.5, 1.5, 1.0])
@@ -307,3 +307,22 @@ def test_bad_model_files_raise_model_file_error(tmp_path):
     with pytest.raises(ModelFileError, match="does not exist"):
         CycleGAN.load(tmp_path / "missing.safetensors")
     assert_same_weights(CycleGAN.load(path), model)
+
+
+def test_a_finished_run_or_a_resume_on_other_data_of_the_same_size_is_refused(domains, tmp_path):
+    folder_a, folder_b = domains
+    other_b = tmp_path / "other_b"
+    other_b.mkdir()
+    for i in range(2):  # same count and shape of slices, other content
+        nib.save(disk_volume(20 + i, inverted=True), other_b / f"b{i}.nii.gz")
+    train_cyclegan(folder_a, folder_b, tmp_path / "done", tiny())
+    with pytest.raises(SinganInsertError, match="other data"):
+        train_cyclegan(folder_a, other_b, tmp_path / "done", tiny())
+    train_cyclegan(folder_a, folder_b, tmp_path / "half", tiny(), stop_at=2)
+    with pytest.raises(SinganInsertError, match="other data"):
+        train_cyclegan(folder_a, other_b, tmp_path / "half", tiny())
+    pairs = [(folder_b / "b0.nii.gz", folder_a / "a0.nii.gz")]
+    train_pix2pix(pairs, tmp_path / "p2p", Pix2PixConfig.preset("tiny"), stop_at=2)
+    with pytest.raises(SinganInsertError, match="other data"):
+        train_pix2pix([(other_b / "b0.nii.gz", folder_a / "a0.nii.gz")], tmp_path / "p2p",
+                      Pix2PixConfig.preset("tiny"))

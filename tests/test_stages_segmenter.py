@@ -180,3 +180,11 @@ def test_bad_training_data_is_rejected():
             segmenter.fit(images, labels, iterations=1)
     with pytest.raises(SinganInsertError, match="num_threads"):
         Segmenter(num_threads=0)
+
+
+def test_device_errors_are_the_packages_messages():
+    with pytest.raises(SinganInsertError, match="Unknown device 'gpu'"):
+        Segmenter(SegmenterConfig.preset("tiny"), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SinganInsertError, match="CUDA was requested but is not available"):
+            Segmenter(SegmenterConfig.preset("tiny"), device="cuda")

@@ -1,4 +1,4 @@
-"""Run steps 1-7 in one go (each step skips what is already in the work folder).
+"""Run steps 1-7 in one go (each step redoes only what changed; see docs/crossmoda.md).
 
     python examples/crossmoda/run_all.py --synthetic --work work
     python examples/crossmoda/run_all.py --data-root /data/crossmoda --work work --profile gpu --slice 40 --case crossmoda2021_ldn_106

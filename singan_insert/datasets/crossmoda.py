@@ -141,6 +141,12 @@ class CrossModaData:
             raise SinganInsertError(f"No <name>_{SOURCE_MODALITY}.nii.gz file in {folder}.")
         return cases
 
+    def unpaired_labels(self) -> list[Path]:
+        """Source ``_Label`` files without their ``_ceT1`` scan (ignored, but worth a report)."""
+        folder = self._folder(self.source_dir, "labelled ceT1 scans (<name>_ceT1, <name>_Label)")
+        return [files[LABEL] for _, files in find_cases(folder, LABEL, (SOURCE_MODALITY,))
+                if files[SOURCE_MODALITY] is None]
+
     def _images(self, split: str, what: str) -> list[tuple[str, Path]]:
         folder = self._folder(split, what)
         items = [(name, files[TARGET_MODALITY]) for name, files in find_cases(folder, TARGET_MODALITY)]

@@ -387,6 +387,7 @@ class StageTrainer:
         self.context = context
         self.modules: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self._fingerprint: dict[str, Any] | None = None
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` ready to train in this context (DDP-wrapped when distributed)."""
@@ -414,6 +415,17 @@ class StageTrainer:
         return torch.optim.Adam(
             parameters, lr=self.config.learning_rate, betas=tuple(self.config.betas)
         )
+
+
+def slices_fingerprint(*tensors: torch.Tensor) -> dict[str, Any]:
+    """Count, shape and SHA-256 of training slices: a resume or a finished model is reused only
+    on the very same data (the count and shape alone miss other scans of the same size)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return {"slices": len(tensors[0]), "shape": list(tensors[0].shape[-2:]), "sha256": digest.hexdigest()}
 
 
 def rank_seed(seed: int, rank: int, stream: int = 0) -> int:

@@ -51,6 +51,7 @@ from singan_insert.stages._training import (
     check_gan_settings,
     rank_seed,
     seeded,
+    slices_fingerprint,
     set_requires_grad,
     train_stage,
 )
@@ -326,10 +327,10 @@ class _CycleGANTrainer(StageTrainer):
             )
 
     def data_fingerprint(self) -> dict[str, Any]:
-        return {
-            "domain_a": {"slices": len(self.data_a), "shape": list(self.data_a.slice_shape)},
-            "domain_b": {"slices": len(self.data_b), "shape": list(self.data_b.slice_shape)},
-        }
+        if self._fingerprint is None:  # hashing every slice once is enough
+            self._fingerprint = {"domain_a": slices_fingerprint(self.data_a.slices),
+                                 "domain_b": slices_fingerprint(self.data_b.slices)}
+        return self._fingerprint
 
 
 def train_cyclegan(

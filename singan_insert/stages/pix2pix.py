@@ -49,6 +49,7 @@ from singan_insert.stages._training import (
     check_gan_settings,
     rank_seed,
     seeded,
+    slices_fingerprint,
     set_requires_grad,
     train_stage,
 )
@@ -205,7 +206,9 @@ class _Pix2PixTrainer(StageTrainer):
         return {"G_gan": loss_gan.detach(), "L1": loss_l1.detach(), "D": loss_d.detach()}
 
     def data_fingerprint(self) -> dict[str, Any]:
-        return {"pairs": {"slices": len(self.data), "shape": list(self.data.slice_shape)}}
+        if self._fingerprint is None:  # hashing every slice once is enough
+            self._fingerprint = {"pairs": slices_fingerprint(self.data.sources, self.data.targets)}
+        return self._fingerprint
 
 
 def train_pix2pix(

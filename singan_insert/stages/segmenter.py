@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from singan_insert.devices import select_device
 from singan_insert.errors import SinganInsertError
 from singan_insert.harmonizer.normalization import PercentileNormalization
 from singan_insert.checks import check_finite
@@ -280,7 +281,7 @@ class Segmenter:
         self.config = config or SegmenterConfig()
         self.num_threads = num_threads
         self.seed = int(seed)
-        self.device = torch.device(device)
+        self.device = select_device(device)  # the package's messages for an unknown or absent device
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.network = UNet(
