@@ -63,6 +63,7 @@ import numpy as np
 
 from singan_insert.checks import MAX_SEED
 from singan_insert.errors import SinganInsertError
+from singan_insert.io import file_digest
 from singan_insert.insertion.intensity import INTENSITY_MODES, check_intensity_mode
 from singan_insert.insertion.sampling import (
     InsertionRanges,
@@ -393,15 +394,6 @@ def output_paths(out_dir: Path, case: Case, index: int) -> dict[str, Path]:
 def derived_seed(seed: int, name: str, index: int) -> int:
     digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def output_fingerprint(case: Case, index: int, settings: InsertSettings, model_sha256: str) -> str:

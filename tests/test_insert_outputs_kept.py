@@ -16,7 +16,7 @@ import pytest
 
 import singan_insert.insertion.insert as insertion
 import singan_insert.io as sio
-from singan_insert.batch import file_digest
+from singan_insert.io import file_digest
 from singan_insert.cli import main
 from singan_insert.datasets.phantom import simulate_subject, write_crossmoda
 

@@ -42,7 +42,7 @@ def fingerprint(value: Any) -> str:
 
 
 def _sha256(path: Path) -> str:
-    from singan_insert.batch import file_digest
+    from singan_insert.io import file_digest
 
     try:
         return file_digest(path)
