@@ -489,3 +489,9 @@ def test_an_image_too_large_for_float32_arithmetic_is_refused_clearly(tiny_harmo
     huge = subject.render_b_washed_out().astype(np.float32) * np.float32(1e34)  # finite, but near float32's limit
     with pytest.raises(SinganInsertError, match="Rescale"):
         insert_tumor(huge, subject.affine_b, source, tiny_harmonizer, InsertionParameters(seed=0))
+
+
+@pytest.mark.parametrize("kwargs", [dict(axis=True), dict(axis=1.0), dict(visibility_floor=False)])
+def test_insertion_parameters_refuse_booleans_and_floats_for_an_axis_or_a_floor(kwargs):
+    with pytest.raises(SinganInsertError, match="axis|visibility_floor"):
+        InsertionParameters(**kwargs)

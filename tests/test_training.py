@@ -110,3 +110,46 @@ def test_bad_training_input(image, message):
 def test_unknown_preset():
     with pytest.raises(SinganInsertError, match="Unknown preset"):
         TrainingConfig.preset("slow")
+
+
+def test_a_slice_too_small_for_the_harmonization_mode_warns():
+    from singan_insert.harmonizer.pyramid import PyramidGeometry
+    from singan_insert.harmonizer.training import SmallSliceWarning
+
+    config = TrainingConfig.preset("tiny", iterations=1)
+    small = textured_slice((16, 16), seed=0)
+    assert PyramidGeometry.from_shape((16, 16), config.scale_factor, config.min_size,
+                                      config.max_size).num_scales <= config.trained_scales
+    with pytest.warns(SmallSliceWarning, match="trained from noise"):
+        train_harmonizer(small, config, progress=False, sample_figures=False)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(augment="no"), "augment"),
+    (dict(crop_size=2), "crop_size"),
+    (dict(iterations=2.5), "iterations"),
+])
+def test_training_config_refuses_what_it_would_misread(overrides, message):
+    with pytest.raises(SinganInsertError, match=message):
+        TrainingConfig.preset("tiny", **overrides)
+
+
+def test_training_config_stores_integral_floats_as_ints_and_from_dict_names_unknown_keys():
+    config = TrainingConfig.preset("tiny", iterations=2.0)
+    assert config.iterations == 2 and isinstance(config.iterations, int)
+    assert config == TrainingConfig.preset("tiny", iterations=2)  # the same run: a resume finds its checkpoint
+    with pytest.raises(SinganInsertError, match="Unknown training setting"):
+        TrainingConfig.from_dict({**config.to_dict(), "iteration": 3})
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "3"])
+def test_stop_after_iterations_is_checked(value, tmp_path):
+    with pytest.raises(SinganInsertError, match="stop_after_iterations"):
+        train_harmonizer(textured_slice((64, 64), seed=0), TrainingConfig.preset("tiny", iterations=1),
+                         out_dir=tmp_path, stop_after_iterations=value, progress=False)
+
+
+def test_stop_after_iterations_needs_somewhere_to_keep_the_checkpoint():
+    with pytest.raises(SinganInsertError, match="out_dir"):
+        train_harmonizer(textured_slice((64, 64), seed=0), TrainingConfig.preset("tiny", iterations=1),
+                         stop_after_iterations=1, progress=False)

@@ -46,7 +46,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ from singan_insert.harmonizer.model_file import (
 from singan_insert.harmonizer.networks import ARCHITECTURES, GeneratorPyramid, PatchCritic, ScaleGenerator, build_generator
 from singan_insert.harmonizer.pyramid import PyramidGeometry, resize
 from singan_insert.io import atomic_write_png, atomic_write_text
+
+if TYPE_CHECKING:  # for the return annotation only: model imports this module's config
+    from singan_insert.harmonizer.model import Harmonizer
 
 CHECKPOINT_KIND = "singan-insert-checkpoint"
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -171,15 +174,21 @@ class TrainingConfig:
         # NaN, infinity, fractions and out-of-range values fail here, at construction, not as
         # NaN losses or a crash hours into training.
         check_real(self.scale_factor, "scale_factor", 0, 1, open_minimum=True, open_maximum=True)
+        # Integral floats (2.0 from a YAML file) are stored as ints: the config's fingerprint,
+        # which a resume compares, must not depend on how a number was written.
         for name, low in (("min_size", 4), ("max_size", self.min_size), ("iterations", 1), ("generator_steps", 1),
                           ("critic_steps", 1), ("gp_every", 1), ("width", 1), ("max_width", 1),
                           ("width_doubling_every", 0), ("finest_width_scales", 0), ("num_layers", 2),
                           ("checkpoint_every", 1)):
-            check_int(getattr(self, name), name, low)
+            object.__setattr__(self, name, check_int(getattr(self, name), name, low))
         check_int(self.max_size, "max_size", maximum=MAX_SIZE)
-        for name in ("finest_width", "trained_scales", "crop_size"):
+        # A crop smaller than the generators' receptive field (one pixel per 3x3 convolution on
+        # each side) shows them no patch of the slice whole.
+        for name, low in (("finest_width", 1), ("trained_scales", 1), ("crop_size", 2 * self.num_layers + 1)):
             if getattr(self, name) is not None:
-                check_int(getattr(self, name), name, 1)
+                object.__setattr__(self, name, check_int(getattr(self, name), name, low))
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise SinganInsertError(f"augment must be True or False, got {self.augment!r}.")
         check_real(self.learning_rate, "learning_rate", 0, 1, open_minimum=True, open_maximum=True)
         if len(self.betas) != 2:
             raise SinganInsertError(f"betas must be two numbers, got {self.betas!r}.")
@@ -206,7 +215,12 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingConfig":
         data = dict(data)
-        data["betas"] = tuple(data["betas"])
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise SinganInsertError(
+                f"Unknown training setting(s) {unknown}; valid ones are {sorted(cls.__dataclass_fields__)}.")
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
         return cls(**data)
 
 
@@ -244,7 +258,7 @@ def train_harmonizer(
     sample_figures: bool = True,
     stop_after_iterations: int | None = None,
     annotation: Any | None = None,
-):
+) -> "Harmonizer | None":
     """Train a harmonizer pyramid on one 2D slice and return a :class:`~singan_insert.Harmonizer`.
 
     Args:
@@ -263,8 +277,9 @@ def train_harmonizer(
             :func:`~singan_insert.harmonizer.training_slice.load_training_slice` records it.
         progress: show a tqdm bar per scale.
         sample_figures: write a PNG of the reconstruction and random samples per scale.
-        stop_after_iterations: stop (as if interrupted) after this many iterations in total;
-            the last checkpoint stays on disk for a later resume. For tests and time-boxing.
+        stop_after_iterations: stop (as if interrupted) after this many iterations (>= 1) in
+            this call, and return ``None``; the last checkpoint stays in ``out_dir`` (required)
+            for a later resume. For tests and time-boxing.
         annotation: optional 2D tumor mask of ``image`` (same grid): the automatic appearance
             then takes B's tumor look from it (see :meth:`~singan_insert.Harmonizer.annotate`).
             It does not change training, so adding one later needs no retraining.
@@ -274,6 +289,11 @@ def train_harmonizer(
 
     config = config or TrainingConfig.preset("fast")
     seed = check_seed(seed)
+    if stop_after_iterations is not None:
+        stop_after_iterations = check_int(stop_after_iterations, "stop_after_iterations", 1)
+        if out_dir is None:
+            raise SinganInsertError("stop_after_iterations stops a training to resume it later: pass out_dir, "
+                                    "where its checkpoint is kept (without one, the work would be lost).")
     device = select_device(device)
     slice_2d = validate_slice(image)
     if annotation is not None and tuple(np.shape(annotation)) != tuple(slice_2d.shape):
@@ -288,6 +308,16 @@ def train_harmonizer(
     )
     num_scales = geometry.num_scales
     first_scale = 0 if config.trained_scales is None else max(num_scales - config.trained_scales, 0)
+    if config.trained_scales is not None and first_scale == 0:
+        # Harmonization mode starts its coarsest trained scale from the real slice one scale
+        # coarser; a pyramid with no scale to spare is trained from noise (the paper's mode),
+        # and the augmentations, which act on that coarser real slice, are never used.
+        warnings.warn(
+            f"The {slice_2d.shape[0]}x{slice_2d.shape[1]} px slice gives a pyramid of {num_scales} scales, no more "
+            f"than the {config.trained_scales} the config trains (trained_scales): the whole pyramid is trained "
+            "from noise, as in the paper's mode, not from the real slice with augmentations. Use a larger "
+            f"slice (or crop), a smaller min_size, or trained_scales={num_scales - 1} for the harmonization mode.",
+            SmallSliceWarning, stacklevel=2)
     model_spacing = None
     if spacing is not None:
         spacing = check_spacing(spacing, 2)
@@ -626,6 +656,10 @@ class _ScaleTrainer:
             **scale_health(self.scale, rec_rmse, input_rmse),
             **{f"final_{k}_loss": v for k, v in self.last_losses.items()},
         }
+
+
+class SmallSliceWarning(UserWarning):
+    """The slice has too few scales for the harmonization mode: the pyramid is trained from noise."""
 
 
 class TrainingHealthWarning(UserWarning):

@@ -222,7 +222,8 @@ class InsertionParameters:
     def __post_init__(self) -> None:
         if self.appearance not in ("auto", "fixed"):
             raise SinganInsertError(f"appearance must be 'auto' or 'fixed', got {self.appearance!r}.")
-        if not (isinstance(self.visibility_floor, (int, float)) and 0 <= self.visibility_floor < 0.5):
+        if isinstance(self.visibility_floor, (bool, np.bool_)) or not (
+                isinstance(self.visibility_floor, (int, float)) and 0 <= self.visibility_floor < 0.5):
             raise SinganInsertError(
                 f"visibility_floor must be a number in [0, 0.5), got {self.visibility_floor!r}.")
         for name in ("texture", "rim", "harmonize_tumor"):
@@ -248,7 +249,8 @@ class InsertionParameters:
         sampling.check_integer(self.label_value, "label_value", 1)
         if not isinstance(self.clip_to_fov, (bool, np.bool_)):
             raise SinganInsertError(f"clip_to_fov must be True or False, got {self.clip_to_fov!r}.")
-        if self.axis is not None and self.axis not in (0, 1, 2):
+        if self.axis is not None and (isinstance(self.axis, (bool, np.bool_)) or not isinstance(self.axis, (int, np.integer))
+                                      or self.axis not in (0, 1, 2)):
             raise SinganInsertError(f"axis must be 0, 1, 2 or None, got {self.axis!r}.")
         if self.overlap not in ("replace", "keep", "error"):
             raise SinganInsertError(f"overlap must be 'replace', 'keep' or 'error', got {self.overlap!r}.")
