@@ -94,11 +94,13 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
 @pytest.mark.parametrize("bad, match", [
     ({"probability": 1.5}, "probability"), ({"placement": "brain"}, "placement"),
     ({"contrast": (0.8, 0.5), "appearance": "fixed"}, "contrast"), ({"overlap": "merge"}, "overlap"),
-    ({"label_value": 0}, "label_value"),
+    ({"label_value": 0}, "label_value"), ({"label_value": 1.5}, "label_value"), ({"channel": 1.7}, "channel"),
+    ({"channel": "1"}, "channel"), ({"model": "/nowhere/m.safetensors"}, "does not exist"),
 ])
-def test_bad_settings_are_rejected_up_front(bad, match):
+def test_bad_settings_are_rejected_up_front(bad, match, tiny_model_file):
+    # A missing model used to pass here and only skip every patch in nnU-Net's workers.
     with pytest.raises(SinganInsertError, match=match):
-        OnlineInsertionSettings(model="m.safetensors", **bad)
+        OnlineInsertionSettings(**{"model": tiny_model_file, **bad})
 
 
 def test_patch_affine_maps_each_array_axis_to_its_world_axis():
@@ -245,3 +247,26 @@ def test_missing_nnunet_gives_install_hint(monkeypatch):
     monkeypatch.delitem(sys.modules, "singan_insert.integrations.nnunet", raising=False)
     with pytest.raises(MissingExtraError, match=r"singan-insert\[nnunet\]"):
         importlib.import_module("singan_insert.integrations.nnunet")
+
+
+def test_the_trainer_checks_the_settings_against_the_dataset(tiny_model_file, tiny_harmonizer, tmp_path):
+    dataset = {"channel_names": {"0": "hrT2", "1": "T1"}, "labels": {"background": 0, "tumor": 1, "cochlea": 2}}
+    settings = OnlineInsertionSettings(model=tiny_model_file)
+    online.check_against_dataset(settings, dataset)  # fine: channel 0, tumor label 1
+    with pytest.raises(SinganInsertError, match="channel=5"):
+        online.check_against_dataset(OnlineInsertionSettings(model=tiny_model_file, channel=5), dataset)
+    # An undeclared label fails here, not as an index error in the loss deep into training.
+    with pytest.raises(SinganInsertError, match=r"label_value \[3\]"):
+        online.check_against_dataset(OnlineInsertionSettings(model=tiny_model_file, label_value=3), dataset)
+    with pytest.raises(SinganInsertError, match=r"placement \[4\]"):
+        online.check_against_dataset(OnlineInsertionSettings(model=tiny_model_file, placement=[4]), dataset)
+    with pytest.warns(UserWarning, match="differs from source_label"):
+        online.check_against_dataset(OnlineInsertionSettings(model=tiny_model_file, label_value=2), dataset)
+    assert tiny_harmonizer.modality == "hrT2"
+    with pytest.warns(UserWarning, match="channel 1 is 'T1'"):
+        online.check_against_dataset(OnlineInsertionSettings(model=tiny_model_file, channel=1), dataset)
+    # A model file that does not load is an error here, never a reason to skip every patch.
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(SinganInsertError):
+        online.check_against_dataset(OnlineInsertionSettings(model=str(broken)), dataset)

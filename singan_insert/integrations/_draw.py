@@ -8,8 +8,8 @@ alike), and the argument checks the TorchIO and MONAI transforms both make when 
 
 Every draw comes from the random source the caller passes: torch's global generator for the
 TorchIO transforms, MONAI's ``self.R`` (seeded by ``set_random_state`` / ``set_determinism``)
-or, inside nnU-Net's augmentation workers, numpy's global state (which batchgenerators seeds
-per worker, as for nnU-Net's own transforms).
+or, inside nnU-Net's augmentation workers, numpy's global state (as nnU-Net's own transforms;
+nnU-Net v2 does not seed its workers).
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ of label values puts it inside those labels (e.g. an organ, for tumors of that o
 
 nnU-Net's background workers: the transform holds the model's path and the compact source crops,
 pickles small and loads the harmonizer once per worker process; its random draws come from
-numpy's global state, which batchgenerators seeds per worker as for nnU-Net's own transforms. A
+numpy's global state, as nnU-Net's own transforms' do (nnU-Net v2 starts its workers without fixed
+seeds: draws differ between workers, and a run is not reproducible). A
 patch where the tumor does not fit (or the harmonizer cannot work at that size) is passed on
 unchanged and counted (:attr:`TumorInsertionTransform.failures`); the first such case is
 reported with a warning.
@@ -76,7 +77,8 @@ from singan_insert.insertion.orientation import in_model_frame
 from singan_insert.insertion.placement import SourceTumor
 from singan_insert.insertion.sampling import InsertionRanges
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
-from singan_insert.insertion.model_cache import load_harmonizer
+from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
+from singan_insert.checks import check_int
 
 __all__ = [
     "SETTINGS_FILE_NAME",
@@ -148,6 +150,9 @@ class OnlineInsertionSettings:
     _ranges: InsertionRanges = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # A missing model must fail here: in nnU-Net's workers its load error would only skip
+        # every patch, and the network would train with no insertion at all.
+        resolve_model_file(self.model)
         if not 0 <= float(self.probability) <= 1:
             raise SinganInsertError(f"probability must be in [0, 1], got {self.probability!r}.")
         if self.placement != "foreground":
@@ -162,10 +167,8 @@ class OnlineInsertionSettings:
             if getattr(self, name) is not None:  # JSON gives lists
                 object.__setattr__(self, name, tuple(kind(v) for v in getattr(self, name)))
         for name in ("source_label", "label_value"):
-            if int(getattr(self, name)) <= 0:
-                raise SinganInsertError(f"{name} must be a positive label value, got {getattr(self, name)!r}.")
-        if int(self.channel) < 0:
-            raise SinganInsertError(f"channel must be >= 0, got {self.channel!r}.")
+            object.__setattr__(self, name, check_int(getattr(self, name), name, 1))
+        object.__setattr__(self, "channel", check_int(self.channel, "channel", 0))
         # The fixed part and the ranges are validated now, not in an augmentation worker.
         object.__setattr__(self, "_ranges", patch_ranges(
             self.insertion_parameters(), self.contrast, self.start_scale, self.degrees, self.scale,
@@ -274,10 +277,11 @@ class TumorInsertionTransform(BasicTransform):
         placement = self.settings.placement
         region = label >= 0 if placement == "foreground" else np.isin(label, placement)
         source = self.sources[np.random.randint(len(self.sources))]
+        # Outside the try: a model that does not load is an error, not a patch to skip.
+        harmonizer = load_harmonizer(self.settings.model)
         try:
             if not region.any():
                 raise SinganInsertError("the patch holds no voxel of the placement region")
-            harmonizer = load_harmonizer(self.settings.model)
             affine = in_model_frame(self.affine, harmonizer.orientation)
             parameters = draw_parameters(np.random.mtrand._rand, source, affine, volume.shape,
                                          self.parameters, self.settings._ranges, region)
@@ -294,6 +298,41 @@ class TumorInsertionTransform(BasicTransform):
         data_dict["segmentation"] = torch.from_numpy(result.label[None]).to(segmentation.dtype)
         self.inserted += 1
         return data_dict
+
+
+def check_against_dataset(settings: OnlineInsertionSettings, dataset_json: dict) -> None:
+    """Refuse, when the trainer is built, what would fail (or silently mislabel) in a worker.
+
+    The model must load (its error would otherwise only skip patches); the channel must exist;
+    ``label_value`` and the placement values must be labels the dataset declares (an undeclared
+    value fails in the loss, deep in training); a model trained on another modality than the
+    channel's name is warned about (names in dataset.json are free text).
+    """
+    harmonizer = load_harmonizer(settings.model)
+    channels = {int(k): str(v) for k, v in dataset_json.get("channel_names", {}).items()}
+    if channels and settings.channel not in channels:
+        raise SinganInsertError(f"channel={settings.channel}, but the dataset has channels {sorted(channels)} "
+                                f"({channels}): choose the channel of the harmonizer's modality.")
+    name = channels.get(settings.channel)
+    if name is not None and harmonizer.modality is not None and name.lower() != str(harmonizer.modality).lower():
+        warnings.warn(f"The harmonizer was trained on {harmonizer.modality!r} but channel {settings.channel} is "
+                      f"{name!r}: the tumors go into that channel. If that is not the harmonizer's modality, "
+                      "set 'channel' (or train the harmonizer on that modality).", stacklevel=3)
+    if settings.sources == "training" and settings.label_value != settings.source_label:
+        warnings.warn(f"label_value={settings.label_value} differs from source_label={settings.source_label}, the "
+                      "tumor's value in the training cases the tumors come from: inserted tumors get another "
+                      "label than the dataset's own (another structure's, if that value is one).", stacklevel=3)
+    declared = {int(v) for v in dataset_json.get("labels", {}).values() if isinstance(v, (int, float))}
+    if declared:
+        wanted = {"label_value": [settings.label_value]}
+        if settings.placement != "foreground":
+            wanted["placement"] = list(settings.placement)
+        for field_name, values in wanted.items():
+            missing = sorted(set(values) - declared)
+            if missing:
+                raise SinganInsertError(
+                    f"{field_name} {missing} is not a label of the dataset (dataset.json labels: "
+                    f"{dataset_json['labels']}): use the tumor's own label value.")
 
 
 def sources_from_folder(settings: OnlineInsertionSettings) -> list[SourceTumor]:
@@ -331,6 +370,7 @@ class nnUNetTrainerTumorInsertion(nnUNetTrainer):  # noqa: N801 - nnU-Net's nami
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.insertion_settings = read_online_settings(self.preprocessed_dataset_folder_base)
+        check_against_dataset(self.insertion_settings, dataset_json)
         self.insertion_transform: TumorInsertionTransform | None = None
         self.cases_with_tumor: set[str] = set()
         self._tumor_patches = [0, 0, 0]  # patches, with the tumor label, of those from tumor-free cases
