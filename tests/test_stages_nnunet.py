@@ -99,8 +99,16 @@ def test_export_multichannel_naming_and_overwrite(tmp_path):
     }
     with pytest.raises(SinganInsertError, match="already exists"):
         ws.export_dataset(7, "Other", [case], channel_names=("ceT1", "hrT2"))
+    # What nnU-Net derived from the old cases (splits, a trained model) must not outlive them:
+    # its splits_final.json would leave the new cases out of training.
+    for tree in (ws.preprocessed, ws.results):
+        (tree / "Dataset007_Two").mkdir(parents=True)
+        (tree / "Dataset007_Two" / "splits_final.json").write_text("[]")
+    (ws.preprocessed / "Dataset008_Kept").mkdir()
     ws.export_dataset(7, "Other", [a], overwrite=True)
     assert [p.name for p in ws.raw.iterdir()] == ["Dataset007_Other"]
+    assert not (ws.preprocessed / "Dataset007_Two").exists() and not (ws.results / "Dataset007_Two").exists()
+    assert (ws.preprocessed / "Dataset008_Kept").is_dir()  # another dataset id is left alone
 
 
 @pytest.mark.parametrize(

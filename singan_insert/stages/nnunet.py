@@ -282,7 +282,9 @@ class NnUNetWorkspace:
                 values ``0..K`` (nnU-Net's rule); every label file may only use these values.
             channel_names: one name per input channel (e.g. ``("hrT2",)``; ``"CT"`` turns on
                 nnU-Net's CT normalisation); each case must have that many images.
-            overwrite: replace an existing folder of that dataset; otherwise it is an error.
+            overwrite: replace an existing dataset of that id, and with it what nnU-Net derived
+                from it (its preprocessed data, splits and trained models); otherwise an existing
+                one is an error.
 
         Raises:
             SinganInsertError: on a missing file, a missing label, a channel-count, shape or
@@ -304,8 +306,12 @@ class NnUNetWorkspace:
                 f"{existing[0]} already exists. Pass overwrite=True to replace it, or use "
                 "another dataset id."
             )
-        for folder in existing:
-            shutil.rmtree(folder)
+        # What nnU-Net derived from the old cases goes with them: its splits would leave new
+        # cases out of training, and its trained model would go on predicting for the new data.
+        for tree in (self.raw, self.preprocessed, self.results):
+            for folder in tree.glob(f"Dataset{dataset_id:03d}_*"):
+                if folder.is_dir():
+                    shutil.rmtree(folder)
         folder = self.raw / dataset.folder_name
         for sub in ("imagesTr", "labelsTr") + (("imagesTs",) if test else ()):
             (folder / sub).mkdir(parents=True, exist_ok=True)
