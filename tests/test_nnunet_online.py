@@ -151,8 +151,13 @@ def test_transform_places_inside_a_given_label_and_skips_by_probability(model, s
     assert np.linalg.norm(record_center - (10, 12, 12)) < 4  # centred in the label-2 ball
     never = TumorInsertionTransform(OnlineInsertionSettings(model=model, probability=0.0), [source],
                                     patch_affine(PATCH_SPACING, (0, 1, 2)))
+    np.random.seed(3)
     kept = never(image=image.clone(), segmentation=segmentation.clone())
     assert torch.equal(kept["image"], image) and torch.equal(kept["segmentation"], segmentation)
+    # ...and it draws nothing: nnU-Net's own augmentations see the stream they would without it.
+    after = np.random.random_sample()
+    np.random.seed(3)
+    assert after == np.random.random_sample()
 
 
 def test_a_patch_without_room_is_passed_on_and_counted(model, source):

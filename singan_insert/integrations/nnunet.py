@@ -265,7 +265,10 @@ class TumorInsertionTransform(BasicTransform):
 
     def apply(self, data_dict: dict, **params) -> dict:
         image, segmentation = data_dict.get("image"), data_dict.get("segmentation")
-        if image is None or segmentation is None or np.random.random_sample() >= self.settings.probability:
+        # probability 0 draws nothing, so that nnU-Net's own augmentations see the random stream
+        # they would see without this transform.
+        if image is None or segmentation is None or self.settings.probability == 0 \
+                or np.random.random_sample() >= self.settings.probability:
             return data_dict
         if image.ndim != 4:
             raise SinganInsertError(
