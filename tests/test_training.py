@@ -60,6 +60,10 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path, stop_after):
     assert ref_w.keys() == res_w.keys()
     assert all(torch.equal(ref_w[k], res_w[k]) for k in ref_w)
     assert resumed.pyramid.noise_amplitudes == reference.pyramid.noise_amplitudes
+    # The log too: each scale's starting point and health, as in the uninterrupted run.
+    keep = ("scale", "initial_reconstruction_rmse", "upsampled_input_rmse", "healthy")
+    logs = [[{k: e.get(k) for k in keep} for e in m.metadata["training"]["log"]] for m in (reference, resumed)]
+    assert logs[0] == logs[1]
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path):

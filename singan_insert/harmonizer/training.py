@@ -525,13 +525,6 @@ class _ScaleTrainer:
         self.generator, self.critic = generator, critic
         self.opt_g = torch.optim.Adam(generator.parameters(), lr=config.learning_rate, betas=config.betas)
         self.opt_d = torch.optim.Adam(critic.parameters(), lr=config.learning_rate, betas=config.betas)
-        pending = state._pending_optimizers
-        if pending is not None and state.iteration > 0:
-            critic.load_state_dict(tensors_to_state_dict("critic", pending["tensors"]))
-            generator.load_state_dict(tensors_to_state_dict("current_generator", pending["tensors"]))
-            tensors_to_optimizer("opt_g", self.opt_g, pending["tensors"], pending["json"]["generator"])
-            tensors_to_optimizer("opt_d", self.opt_d, pending["tensors"], pending["json"]["critic"])
-            state._pending_optimizers = None
         state.critic, state.generator_optimizer, state.critic_optimizer = critic, self.opt_g, self.opt_d
         state.current_generator = generator
 
@@ -545,7 +538,16 @@ class _ScaleTrainer:
         self.reconstruction_noise = state.reconstruction_noise if scale == 0 else None
         self.frozen = GeneratorPyramid(state.generators, state.amplitudes, state.first_scale)
         self.last_losses: dict[str, float] = {}
+        # Before a resumed scale's weights are loaded: the log's starting point is the scale's
+        # initial generator, as in an uninterrupted run.
         self.initial_rmse = self._reconstruction_rmse()
+        pending = state._pending_optimizers
+        if pending is not None and state.iteration > 0:
+            critic.load_state_dict(tensors_to_state_dict("critic", pending["tensors"]))
+            generator.load_state_dict(tensors_to_state_dict("current_generator", pending["tensors"]))
+            tensors_to_optimizer("opt_g", self.opt_g, pending["tensors"], pending["json"]["generator"])
+            tensors_to_optimizer("opt_d", self.opt_d, pending["tensors"], pending["json"]["critic"])
+            state._pending_optimizers = None
 
     def _reconstruction_rmse(self) -> float:
         with torch.no_grad():
