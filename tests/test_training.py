@@ -78,6 +78,13 @@ def test_outputs_written(tiny_model_dir):
     assert {"samples_scale03.png", "samples_scale04.png", "samples_scale05.png"} <= names
     log = json.loads((tiny_model_dir / "training_log.json").read_text())
     assert [entry["scale"] for entry in log] == [3, 4, 5]
+    # Five tiles (real | reconstruction | 3 samples), each wide enough for its label.
+    from PIL import Image
+
+    from singan_insert.harmonizer.training import LABELLED_TILE_WIDTH
+
+    width = Image.open(tiny_model_dir / "samples_scale03.png").size[0]
+    assert width >= 5 * LABELLED_TILE_WIDTH
 
 
 def test_reference_preset_is_the_official_schedule():

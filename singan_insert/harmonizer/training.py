@@ -815,6 +815,10 @@ def restoration_error(harmonizer, seed: int = 0, num: int = 20) -> float:
     return float(np.mean(errors))
 
 
+#: Narrowest tile of the per-scale figure, in pixels (smaller scales are enlarged to it).
+LABELLED_TILE_WIDTH = 96
+
+
 def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, scale: int) -> None:
     """Labelled PNG strip at ``scale``: real | reconstruction | 3 random samples."""
     first = state.first_scale
@@ -834,6 +838,11 @@ def _write_sample_figure(path: Path, state: _TrainingState, reals, geometry, sca
     row = torch.cat([t[0, 0].cpu() for t in tiles], dim=1)
     image = ((row.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     width = tiles[0].shape[-1]
+    # Coarse scales are a few dozen pixels wide: enlarged (pixels kept square and sharp) so that
+    # each tile holds its label ("reconstruction" is ~85 px in Pillow's default font).
+    zoom = max(1, -(-LABELLED_TILE_WIDTH // width))
+    image = np.kron(image, np.ones((zoom, zoom), dtype=image.dtype))
+    width *= zoom
     image = _labelled(image, [(0, "real"), (width, "reconstruction"), (2 * width, "samples")])
     atomic_write_png(path, image)
 
