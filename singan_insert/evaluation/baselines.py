@@ -58,7 +58,7 @@ from scipy.sparse.linalg import LinearOperator, cg, spsolve
 
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_spacing
 
 __all__ = [
     "blurred_paste",
@@ -139,9 +139,7 @@ def slice_blend_weight(
     feather_mm = defaults["feather_mm"].default if feather_mm is None else float(feather_mm)
     if not (dilation_mm >= 0 and feather_mm >= 0):
         raise SinganInsertError(f"dilation_mm and feather_mm must be >= 0, got {dilation_mm}, {feather_mm}.")
-    spacing = (1.0,) * mask.ndim if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != mask.ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise SinganInsertError(f"spacing must hold {mask.ndim} positive numbers, got {spacing}.")
+    spacing = (1.0,) * mask.ndim if spacing is None else check_spacing(spacing, mask.ndim)
     if mask.ndim == 2:
         return blend_weight(mask[None], spacing, dilation_mm, feather_mm)[0]
     if axis not in (0, 1, 2):
@@ -260,11 +258,7 @@ def poisson_blend(
     if not mask.any():
         return output
     ndim = mask.ndim
-    if spacing is None:
-        spacing = (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise SinganInsertError(f"spacing must hold {ndim} positive numbers, got {spacing}.")
+    spacing = (1.0,) * ndim if spacing is None else check_spacing(spacing, ndim)
     if ndim == 3 and slice_axis is not None:
         if slice_axis not in (0, 1, 2, -1, -2, -3):
             raise SinganInsertError(f"slice_axis must be 0, 1, 2 or None for a 3D volume, got {slice_axis}.")

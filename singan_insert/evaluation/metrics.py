@@ -67,7 +67,7 @@ from scipy import ndimage
 from scipy.stats import wasserstein_distance
 
 from singan_insert.errors import SinganInsertError
-from singan_insert.checks import check_finite
+from singan_insert.checks import check_finite, check_spacing
 
 __all__ = [
     "EMPTY_DISTANCE_MM",
@@ -489,12 +489,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def _spacing(spacing, ndim: int) -> tuple[float, ...]:
-    if spacing is None:
-        return (1.0,) * ndim
-    spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != ndim or not all(s > 0 and math.isfinite(s) for s in spacing):
-        raise SinganInsertError(f"spacing must hold {ndim} positive numbers (mm per voxel), got {spacing}.")
-    return spacing
+    return (1.0,) * ndim if spacing is None else check_spacing(spacing, ndim)
 
 
 def _sigma(sigma_px, ndim: int) -> tuple[float, ...]:
