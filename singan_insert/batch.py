@@ -63,7 +63,7 @@ import numpy as np
 
 from singan_insert.checks import MAX_SEED
 from singan_insert.errors import SinganInsertError
-from singan_insert.io import file_digest
+from singan_insert.io import file_digest, file_unchanged
 from singan_insert.insertion.intensity import INTENSITY_MODES, check_intensity_mode
 from singan_insert.insertion.sampling import (
     InsertionRanges,
@@ -407,7 +407,7 @@ def output_fingerprint(case: Case, index: int, settings: InsertSettings, model_s
         except OSError:
             inputs[key] = [str(path), None, None]
     settings_dict = settings.to_dict()
-    settings_dict.pop("panels")  # a missing panel is redone on its own (see _is_finished)
+    settings_dict.pop("panels")  # a missing panel is redone on its own (see _unfinished_reason)
     settings_dict.pop("num")  # output k does not depend on how many others there are
     settings_dict.pop("image_compression")  # the same voxels, however they are stored
     payload = {"version": FINGERPRINT_VERSION, "name": case.name, "augmentation": index,
@@ -438,8 +438,7 @@ def _unfinished_reason(paths: dict[str, Path], fingerprint: str, panels: bool) -
         expected = files.get(key)
         if not paths[key].is_file():
             return f"its {key} file is missing"
-        if not isinstance(expected, dict) or paths[key].stat().st_size != expected.get("size") \
-                or file_digest(paths[key]) != expected.get("sha256"):
+        if not isinstance(expected, dict) or not file_unchanged(paths[key], expected):
             return f"its {key} file differs from its record (size or SHA-256): damaged or changed since"
     return None
 
@@ -547,7 +546,7 @@ def write_case(job: PreparedCase, result, settings: InsertSettings, out_dir: Pat
                        for key, data in contents.items()}
     with StagedFiles() as staged:
         for key, data in contents.items():
-            staged.write_bytes(paths[key], data)
+            record["files"][key]["mtime_ns"] = staged.write_bytes(paths[key], data)
         staged.write_bytes(paths["record"], json.dumps(record, indent=2, default=str).encode())
         # The previous record first: it must not vouch for the files being replaced (nor a
         # previous panel stay beside an output it does not show).
@@ -748,7 +747,7 @@ def run_insert(args: argparse.Namespace) -> int:
     """``singan-insert insert``: augment every case, skipping finished outputs."""
     from tqdm.auto import tqdm
 
-    from singan_insert.harmonizer.model import Harmonizer
+    from singan_insert.insertion.model_cache import load_harmonizer
 
     from singan_insert.devices import select_device
 
@@ -772,7 +771,7 @@ def run_insert(args: argparse.Namespace) -> int:
     cases, refused, incomplete = _collect_cases(args)
     model_file = resolve_model(args.model)
     # Fail early, in the main process, on a bad model file or settings it cannot run with.
-    check_settings_against_model(settings, Harmonizer.load(model_file))
+    check_settings_against_model(settings, load_harmonizer(model_file, "cpu"))
     if settings.panels:
         from singan_insert.evaluation.figures import require_matplotlib
 
@@ -832,8 +831,10 @@ def _print_list(what: str, lines: Sequence[str], limit: int = 20) -> None:
 
 def _disk_full(error: BaseException | None) -> bool:
     # io's writers report a full disk as a SinganInsertError raised from the OSError.
+    from singan_insert.io import _FULL_DISK
+
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(error, OSError) and error.errno in _FULL_DISK:
             return True
         error = error.__cause__
     return False

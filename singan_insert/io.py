@@ -84,9 +84,13 @@ class StagedFiles:
     def __init__(self) -> None:
         self._staged: list[tuple[Path, Path]] = []
 
-    def write_bytes(self, path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
+    def write_bytes(self, path: str | os.PathLike, data: bytes | bytearray | memoryview) -> int:
+        """Stage ``data`` for ``path``; returns the file's modification time (ns), which the
+        rename into place keeps (see :func:`file_unchanged`)."""
         path = Path(path)
-        self._staged.append((_write_temporary(path, data), path))
+        tmp = _write_temporary(path, data)
+        self._staged.append((tmp, path))
+        return tmp.stat().st_mtime_ns
 
     def commit(self, remove_first: tuple[Path, ...] | list[Path] = ()) -> None:
         """Delete ``remove_first`` (e.g. a record that vouched for the files being replaced),
@@ -171,6 +175,19 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_unchanged(path: str | os.PathLike, entry: dict) -> bool:
+    """Whether ``path`` holds the file ``entry`` (``size``, ``sha256``, optional ``mtime_ns``)
+    describes: the same size and modification time are taken as proof without reading it (a
+    resume checks every finished output); otherwise the SHA-256 decides (e.g. after a copy)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return False
+    if stat.st_size != entry.get("size"):
+        return False
+    return stat.st_mtime_ns == entry.get("mtime_ns") or file_digest(path) == entry.get("sha256")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

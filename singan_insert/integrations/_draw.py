@@ -209,14 +209,15 @@ def _fitting_voxel(region, pick, bounds, shape, margin, inside) -> tuple[float, 
     stop = np.where(inside, np.minimum(shape - margin - high0, shape), shape)  # exclusive
     if np.any(stop <= start):
         return None
-    region = np.asarray(region)
-    inner = np.zeros(region.shape, dtype=bool)
-    inner[tuple(slice(int(a), int(b)) for a, b in zip(start, stop))] = True
-    candidates = np.flatnonzero((region > 0) & inner)
-    weights = region.ravel()[candidates].astype(np.float64)
+    # Only the box where the tumor fits is read (this runs per sample, in data-loader workers).
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+    within = np.asarray(region)[box]
+    candidates = np.flatnonzero(within > 0)
+    weights = within.ravel()[candidates].astype(np.float64)
     while candidates.size:
         index = int(pick(weights))
-        location = tuple(float(v) for v in np.unravel_index(candidates[index], region.shape))
+        offset = np.unravel_index(candidates[index], within.shape)
+        location = tuple(float(o + b.start) for o, b in zip(offset, box))
         if _fits(*bounds(location), shape, margin, inside):
             return location
         candidates, weights = np.delete(candidates, index), np.delete(weights, index)

@@ -60,7 +60,10 @@ class Stamps:
     # -- names ----------------------------------------------------------------------------
     def name(self, path: str | os.PathLike) -> str:
         """``path`` relative to the work folder when inside it, else absolute."""
-        resolved = Path(os.path.abspath(path))
+        # Resolved like the work folder: reached through a symbolic link (macOS's /tmp), an
+        # output inside it would otherwise not be seen as inside, and its stamp key would be
+        # an absolute path that lands beside the output, not under stamps/.
+        resolved = Path(path).resolve()
         try:
             return resolved.relative_to(self.work).as_posix()
         except ValueError:
