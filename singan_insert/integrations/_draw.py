@@ -19,8 +19,9 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
+# Re-exported: the transforms take all their argument checks from this module.
+from singan_insert.devices import check_device as check_device
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import InsertionParameters
 from singan_insert.insertion.placement import Placement, SourceTumor, placed_bounds
@@ -46,19 +47,6 @@ def check_key(value: Any, name: str, optional: bool = False) -> str | None:
         allowed = "a non-empty string or None" if optional else "a non-empty string"
         raise SinganInsertError(f"{name} must be {allowed}, got {value!r}.")
     return value
-
-
-def check_device(device: Any) -> str:
-    """The device's name, checked now: a typo fails when the transform is built, not in a worker."""
-    if not isinstance(device, (str, torch.device)):
-        raise SinganInsertError(f"device must be a string such as 'cpu' or 'cuda:0', got {device!r}.")
-    device = str(device)
-    if device != "auto":
-        try:  # the name only: whether CUDA is there is checked where the model loads
-            torch.device(device)
-        except RuntimeError:
-            raise SinganInsertError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda[:n]'.") from None
-    return device
 
 
 def check_placement(placement_key: Any, placement_values: Any,

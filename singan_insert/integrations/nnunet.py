@@ -79,6 +79,7 @@ from singan_insert.insertion.sampling import InsertionRanges
 from singan_insert.integrations._draw import draw_parameters, patch_ranges
 from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
 from singan_insert.checks import check_int
+from singan_insert.stages.nnunet_trainers import nnUNetTrainer_SinganInsertShort, nnUNetTrainer_SinganInsertSmoke
 
 __all__ = [
     "SETTINGS_FILE_NAME",
@@ -438,21 +439,14 @@ class nnUNetTrainerTumorInsertion(nnUNetTrainer):  # noqa: N801 - nnU-Net's nami
         return super().on_train_epoch_end(train_outputs)
 
 
-# The schedules of singan_insert.stages.nnunet_trainers' Smoke and Short trainers (integrations
-# do not import stages/, so the three numbers are repeated here).
-class nnUNetTrainerTumorInsertion_Smoke(nnUNetTrainerTumorInsertion):  # noqa: N801
+# The schedules are those of the shipped Smoke and Short trainers, whose __init__ sets them;
+# nnUNetTrainerTumorInsertion comes first in the MRO, so its methods (and __init__'s signature,
+# which nnU-Net records) are the ones used.
+class nnUNetTrainerTumorInsertion_Smoke(  # noqa: N801 - nnU-Net's naming scheme
+        nnUNetTrainerTumorInsertion, nnUNetTrainer_SinganInsertSmoke):
     """On-the-fly insertion, 1 epoch of 5 training and 2 validation iterations (smoke runs)."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # nnU-Net records these by name
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 5, 2
 
-
-class nnUNetTrainerTumorInsertion_Short(nnUNetTrainerTumorInsertion):  # noqa: N801
+class nnUNetTrainerTumorInsertion_Short(  # noqa: N801 - nnU-Net's naming scheme
+        nnUNetTrainerTumorInsertion, nnUNetTrainer_SinganInsertShort):
     """On-the-fly insertion, 20 epochs of 25 iterations (small CPU runs)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):  # nnU-Net records these by name
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 20, 25, 5

@@ -52,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
 import os
 import re
 import time
@@ -362,8 +361,7 @@ class CrossModaPipeline:
         if settings.segmenter == "nnunet":
             from singan_insert.stages.nnunet import NnUNetCase
 
-            # nnU-Net would resume the old data's fold: train from scratch.
-            shutil.rmtree(self._nnunet_fold(), ignore_errors=True)
+            # nnU-Net would resume the old data's fold: export_dataset(overwrite=True) removes it.
             workspace = self._nnunet_workspace()
             with self._timed("1_segmenter"):
                 dataset = workspace.export_dataset(

@@ -1,5 +1,5 @@
 """What the slice-wise GAN stages (CycleGAN, pix2pix) share: configs, schedule, data order,
-checkpoints with resume, progress, device selection and distributed (torchrun) training.
+checkpoints with resume, progress and distributed (torchrun) training.
 
 Training runs for :math:`T = T_c + T_d` iterations (``iterations + decay_iterations``) with the
 reference learning-rate schedule: constant for :math:`T_c` iterations, then linearly decayed,
@@ -40,6 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from singan_insert.devices import select_device
 from singan_insert.errors import ModelFileError, SinganInsertError
 from singan_insert.harmonizer.model_file import (
     load_tensors,
@@ -73,7 +74,6 @@ __all__ = [
     "run_training",
     "save_checkpoint",
     "seeded",
-    "select_device",
     "set_requires_grad",
     "train_stage",
 ]
@@ -297,14 +297,6 @@ class DistributedContext:
         return self.rank == 0
 
 
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """Resolve ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:<n>"`` (a bare ``"cuda"`` becomes
-    ``cuda:<local_rank>``); see :func:`singan_insert.devices.select_device`."""
-    from singan_insert.devices import select_device as resolve
-
-    return resolve(name, local_rank)
-
-
 @contextlib.contextmanager
 def distributed_context(device_name: str = "auto") -> Iterator[DistributedContext]:
     """Join the torchrun process group when there is one (``WORLD_SIZE > 1``).
@@ -376,7 +368,8 @@ class StageTrainer:
     * :meth:`train_step`: one iteration, returning the losses (detached scalar tensors);
     * :meth:`rank_state` / :meth:`load_rank_state`: per-process random state beyond the global
       torch generator (for example an image pool), for exact resume;
-    * :meth:`data_fingerprint`: what identifies the training data, checked on resume.
+    * :meth:`training_data`: the tensors of the training data, whose fingerprint
+      (:meth:`data_fingerprint`) is checked on resume.
     """
 
     checkpoint_kind: str = "singan-insert-stage-checkpoint"
@@ -408,8 +401,17 @@ class StageTrainer:
     def load_rank_state(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
-    def data_fingerprint(self) -> dict[str, Any]:
+    def training_data(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The training data by name, each entry the tensors of one :func:`slices_fingerprint`."""
         return {}
+
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What identifies the training data: the fingerprint of each :meth:`training_data` entry."""
+        if self._fingerprint is None:  # hashing every slice once is enough
+            self._fingerprint = {
+                name: slices_fingerprint(*tensors) for name, tensors in self.training_data().items()
+            }
+        return self._fingerprint
 
     def adam(self, parameters) -> torch.optim.Adam:
         return torch.optim.Adam(

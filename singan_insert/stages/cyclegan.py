@@ -51,7 +51,6 @@ from singan_insert.stages._training import (
     check_gan_settings,
     rank_seed,
     seeded,
-    slices_fingerprint,
     set_requires_grad,
     train_stage,
 )
@@ -326,11 +325,8 @@ class _CycleGANTrainer(StageTrainer):
                 self.context.device,
             )
 
-    def data_fingerprint(self) -> dict[str, Any]:
-        if self._fingerprint is None:  # hashing every slice once is enough
-            self._fingerprint = {"domain_a": slices_fingerprint(self.data_a.slices),
-                                 "domain_b": slices_fingerprint(self.data_b.slices)}
-        return self._fingerprint
+    def training_data(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {"domain_a": (self.data_a.slices,), "domain_b": (self.data_b.slices,)}
 
 
 def train_cyclegan(

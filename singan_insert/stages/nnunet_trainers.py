@@ -15,7 +15,9 @@ trainer                           epochs  iterations per epoch  validation itera
 They are meant to be used through :class:`singan_insert.stages.nnunet.NnUNetWorkspace`, which
 constructs trainers directly (see that module for why nnU-Net's by-name lookup is avoided);
 the class names follow nnU-Net's ``nnUNetTrainer_<variant>`` convention because nnU-Net names
-its result folders ``<trainer>__<plans>__<configuration>`` after them.
+its result folders ``<trainer>__<plans>__<configuration>`` after them. The on-the-fly
+insertion trainers ``nnUNetTrainerTumorInsertion_Smoke`` and ``_Short``
+(:mod:`singan_insert.integrations.nnunet`) take their schedules from these two.
 
 Importing this module needs the optional package ``nnunetv2`` (``pip install
 'singan-insert[nnunet]'``). Absolute imports are used on purpose: nnU-Net may import trainer

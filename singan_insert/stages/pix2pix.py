@@ -49,7 +49,6 @@ from singan_insert.stages._training import (
     check_gan_settings,
     rank_seed,
     seeded,
-    slices_fingerprint,
     set_requires_grad,
     train_stage,
 )
@@ -205,10 +204,8 @@ class _Pix2PixTrainer(StageTrainer):
         set_requires_grad([self.critic], True)
         return {"G_gan": loss_gan.detach(), "L1": loss_l1.detach(), "D": loss_d.detach()}
 
-    def data_fingerprint(self) -> dict[str, Any]:
-        if self._fingerprint is None:  # hashing every slice once is enough
-            self._fingerprint = {"pairs": slices_fingerprint(self.data.sources, self.data.targets)}
-        return self._fingerprint
+    def training_data(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {"pairs": (self.data.sources, self.data.targets)}
 
 
 def train_pix2pix(
