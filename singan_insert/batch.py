@@ -26,9 +26,10 @@ twice. The output folder is locked (``fcntl.flock`` on ``<out>/.singan-insert.lo
 concurrent ``insert`` into it stops with a clear error. One failing case (unreadable input, a
 tumor that cannot be placed, any exception) is recorded and the others go on; the command ends
 with a summary and exit status 1. A full disk stops the batch (every later output would fail
-too); finished outputs are kept and a failed one leaves no file behind. Workers (``--workers``)
-die with their parent, and Ctrl-C cancels the queue and stops them at once. With ``--target``,
-outputs of the same name made from other input files are not replaced (``--name``).
+too; with workers, the outputs already started end first); finished outputs are kept and a
+failed one leaves no file behind. Workers (``--workers``) die with their parent, and Ctrl-C
+cancels the queue and stops them at once. With ``--target``, outputs of the same name made from
+other input files are not replaced (``--name``).
 
 **Resume.** The JSON holds a *fingerprint* of everything that decides the output: the model
 file's SHA-256, the settings, the augmentation index and the input files (path, size,
@@ -52,7 +53,7 @@ import hashlib
 import json
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -829,12 +830,16 @@ def _print_list(what: str, lines: Sequence[str], limit: int = 20) -> None:
         print(f"  ... and {len(lines) - limit} more.")
 
 
+class _DiskFull(SinganInsertError):
+    """A full disk met in a worker process, as the parent receives it (see :func:`_in_worker`)."""
+
+
 def _disk_full(error: BaseException | None) -> bool:
     # io's writers report a full disk as a SinganInsertError raised from the OSError.
     from singan_insert.io import _FULL_DISK
 
     while error is not None:
-        if isinstance(error, OSError) and error.errno in _FULL_DISK:
+        if isinstance(error, _DiskFull) or (isinstance(error, OSError) and error.errno in _FULL_DISK):
             return True
         error = error.__cause__
     return False
@@ -851,9 +856,20 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _worker_init(parent_pid: int) -> None:
+#: In a worker process: set by the parent when the batch stops (the disk is full).
+_STOP = None
+#: What a worker returns for an output it did not start because the batch had stopped.
+_NOT_RUN = "not run"
+#: The failure message of an output the batch did not try because the disk is full.
+_NOT_RUN_DISK_FULL = "not run: the disk is full"
+
+
+def _worker_init(parent_pid: int, stop=None) -> None:
     """Tie a worker's life to its parent's (the kernel kills it when the parent dies)."""
     import signal
+
+    global _STOP
+    _STOP = stop
 
     # Ctrl-C reaches the whole process group. The parent alone handles it (cancels the queue,
     # stops the workers): a worker would catch it per job, report it as that job's result and
@@ -869,6 +885,21 @@ def _worker_init(parent_pid: int) -> None:
             pass
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
+
+
+def _in_worker(function, *args):
+    """``function(*args)`` in a worker, unless the batch has stopped (then :data:`_NOT_RUN`)."""
+    if _STOP is not None and _STOP.is_set():
+        return _NOT_RUN
+    try:
+        function(*args)
+    except Exception as error:
+        # An exception reaches the parent pickled, without its __cause__: the OSError that
+        # tells a full disk from another write error would be lost on the way.
+        if _disk_full(error):
+            raise _DiskFull(str(error)) from None
+        raise
+    return None
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
@@ -894,7 +925,7 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
             except Exception as error:  # one bad case must not stop the batch...
                 failures.append((job, _describe(error)))
                 if _disk_full(error):  # ...but a full disk fails every later one too
-                    failures += [(j, "not run: the disk is full") for j in jobs[position + 1:]]
+                    failures += [(j, _NOT_RUN_DISK_FULL) for j in jobs[position + 1:]]
                     break
             bar.update(1)
     else:
@@ -902,17 +933,32 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
 
         # spawn: safe with torch's thread pools (fork after torch has started threads can hang).
         context = multiprocessing.get_context("spawn")
+        stop = context.Event()
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                   initargs=(os.getpid(),))
+                                   initargs=(os.getpid(), stop))
         try:
-            futures = {pool.submit(augment_case, case, k, model, settings, out_dir, 1, fingerprint):
-                       (case, k, fingerprint) for case, k, fingerprint in jobs}
-            for future in as_completed(futures):
-                try:
-                    future.result()
-                except Exception as error:
-                    failures.append((futures[future], _describe(error)))
-                bar.update(1)
+            futures = {pool.submit(_in_worker, augment_case, case, k, model, settings, out_dir, 1, fingerprint):
+                       position for position, (case, k, fingerprint) in enumerate(jobs)}
+            messages: dict[int, str] = {}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        if future.result() == _NOT_RUN:
+                            messages[futures[future]] = _NOT_RUN_DISK_FULL
+                    except Exception as error:
+                        messages[futures[future]] = _describe(error)
+                        if _disk_full(error) and not stop.is_set():
+                            # As with one worker: the outputs already started end as they would
+                            # alone and no other one starts (those the workers' queue holds
+                            # return _NOT_RUN; wait() would not report the cancelled ones).
+                            stop.set()
+                            cancelled = {queued for queued in pending if queued.cancel()}
+                            messages.update((futures[queued], _NOT_RUN_DISK_FULL) for queued in cancelled)
+                            pending -= cancelled
+                    bar.update(1)
+            failures = [(jobs[position], message) for position, message in sorted(messages.items())]
         except BaseException:
             # Ctrl-C (or any error here): drop the queue and stop the workers now rather than
             # wait for every queued output. An output cut short leaves only a temporary file,

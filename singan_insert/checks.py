@@ -115,6 +115,30 @@ def check_seed(seed: object, name: str = "seed") -> int:
     return check_int(seed, name, 0, MAX_SEED)
 
 
+def check_placement_region(region: np.ndarray, values: tuple[int, ...] | None, key: object) -> np.ndarray:
+    """The voxels of the placement label map ``region`` (named ``key``) that may receive a tumor.
+
+    Those with a value in ``values``; with ``values=None``, the non-zero ones of a map that holds
+    ONE non-zero value: a map of several labels (a tumor and a cochlea, a tissue map) is refused
+    rather than taken whole, since which of its labels is meant cannot be guessed.
+    """
+    region = np.asarray(region)
+    if values is not None:
+        return np.isin(region, values)
+    inside = region != 0
+    present = region[inside]
+    if present.size and (present != present.flat[0]).any():
+        present = np.unique(present)
+        shown = ", ".join(f"{v:g}" for v in present[:10].astype(float))
+        fractional = np.issubdtype(present.dtype, np.floating) and (present != np.round(present)).any()
+        raise SinganInsertError(
+            f"The placement region {key!r} holds several labels ({shown}); choose the region with "
+            "placement_values=(...), e.g. (1,) (crossMoDA: 1 = schwannoma, 2 = cochlea)."
+            + (" Its values are not all integers: threshold it, or resample it with nearest-neighbour "
+               "interpolation." if fractional else ""))
+    return inside
+
+
 def _check_range(value, name, minimum, maximum, open_minimum=False, open_maximum=False) -> None:
     low_bad = minimum is not None and (value <= minimum if open_minimum else value < minimum)
     high_bad = maximum is not None and (value >= maximum if open_maximum else value > maximum)

@@ -259,6 +259,28 @@ def test_placement_draws_among_the_voxels_where_the_tumor_fits(model, source):
         random_transform(model, source, max_attempts=2)(data)
 
 
+def test_a_placement_map_of_several_labels_needs_placement_values_as_in_torchio(model, source):
+    data = sample()
+    region = np.zeros((1, *SHAPE), np.uint8)
+    region[0, 8:20, 8:32, 6:10] = 1
+    region[0, 20:32, 8:32, 6:10] = 2  # e.g. a schwannoma (1) beside a cochlea (2): which is meant?
+    data["brain"] = MetaTensor(torch.from_numpy(region), affine=torch.from_numpy(AFFINE))
+    transform = random_transform(model, source, degrees=0, scale=0, flip_axes=())
+    with pytest.raises(SinganInsertError, match=r"placement region 'brain' holds several labels \(1, 2\).*"
+                                                r"placement_values"):
+        transform(dict(data))
+    chosen = random_transform(model, source, degrees=0, scale=0, flip_axes=(), placement_values=(2,))
+    for seed in range(2):
+        record = json.loads(chosen.set_random_state(seed)(dict(data))["record"])
+        location = record["parameters"]["placement"]["location"]
+        assert region[(0, *np.round(location).astype(int))] == 2
+    data["brain"] = MetaTensor(torch.from_numpy(region.astype(np.float32) / 2), affine=torch.from_numpy(AFFINE))
+    with pytest.raises(SinganInsertError, match=r"\(0\.5, 1\).*not all integers.*nearest-neighbour"):
+        transform(dict(data))  # e.g. a mask resampled with linear interpolation
+    data["brain"] = MetaTensor(torch.from_numpy((region > 0).astype(np.float32)), affine=torch.from_numpy(AFFINE))
+    assert json.loads(transform.set_random_state(0)(dict(data))["record"])  # one value: any non-zero voxel
+
+
 def test_arguments_are_checked_at_construction_as_in_torchio(model, source):
     bad = [({"placement_values": (1.5,)}, "placement_values must be an integer"),
            ({"placement_values": ()}, "placement_values"),

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -60,7 +61,11 @@ from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.intensity import IntensityMode, map_tumor_intensities
 from singan_insert.checks import check_finite, check_spacing
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
+
 __all__ = [
+    "BlendWeight",
     "blurred_paste",
     "intensity_matched_paste",
     "naive_paste",
@@ -112,6 +117,18 @@ def intensity_matched_paste(
     return naive_paste(target, mapped, mask)
 
 
+class BlendWeight(TypedDict, total=False):
+    """The keyword arguments (``**blend``) of the blended baselines: what defines w besides the mask.
+
+    Those of :func:`slice_blend_weight`, each optional, with the default given there.
+    """
+
+    axis: int
+    spacing: Sequence[float] | None
+    dilation_mm: float | None
+    feather_mm: float | None
+
+
 def slice_blend_weight(
     mask: np.ndarray,
     *,
@@ -149,26 +166,19 @@ def slice_blend_weight(
     return np.moveaxis(blend_weight(slices, plane, dilation_mm, feather_mm), 0, axis)
 
 
-def weighted_blend(
-    target: np.ndarray,
-    image: np.ndarray,
-    mask: np.ndarray,
-    *,
-    axis: int = 2,
-    spacing: Sequence[float] | None = None,
-    dilation_mm: float | None = None,
-    feather_mm: float | None = None,
-) -> np.ndarray:
+def weighted_blend(target: np.ndarray, image: np.ndarray, mask: np.ndarray,
+                   **blend: Unpack[BlendWeight]) -> np.ndarray:
     """:math:`(1 - w)\\, t + w\\, g` with the harmonizer's blend weight (:func:`slice_blend_weight`).
 
     Args:
         target: the background t (modality B).
         image: what is blended in, g, on the same grid.
-        mask: the tumor; ``axis``, ``spacing``, ``dilation_mm``, ``feather_mm`` define w as in
-            :func:`slice_blend_weight`.
+        mask: the tumor.
+        **blend: ``axis``, ``spacing``, ``dilation_mm``, ``feather_mm``: define w as in
+            :func:`slice_blend_weight` (:class:`BlendWeight`).
     """
     target, image, mask = _check_inputs(target, image, mask)
-    weight = slice_blend_weight(mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm, feather_mm=feather_mm)
+    weight = slice_blend_weight(mask, **blend)
     output = target.astype(_output_dtype(target), copy=True)
     region = weight > 0  # beyond the weight's support the target is kept bit for bit
     w = weight[region].astype(np.float64)
@@ -176,17 +186,8 @@ def weighted_blend(
     return output
 
 
-def blurred_paste(
-    target: np.ndarray,
-    source: np.ndarray,
-    mask: np.ndarray,
-    sigma_px: float,
-    *,
-    axis: int = 2,
-    spacing: Sequence[float] | None = None,
-    dilation_mm: float | None = None,
-    feather_mm: float | None = None,
-) -> np.ndarray:
+def blurred_paste(target: np.ndarray, source: np.ndarray, mask: np.ndarray, sigma_px: float,
+                  **blend: Unpack[BlendWeight]) -> np.ndarray:
     """The paste of ``source`` inside ``mask``, blurred within slices, blended like the harmonizer.
 
     :math:`(1 - w)\\, t + w\\, G_\\sigma * p` where p is :func:`naive_paste` of ``source`` (pass
@@ -197,39 +198,30 @@ def blurred_paste(
     Args:
         target, source, mask: as in :func:`naive_paste`.
         sigma_px: blur sd in voxels (>= 0; 0 is the paste blended with w).
-        axis, spacing, dilation_mm, feather_mm: as in :func:`slice_blend_weight`.
+        **blend: ``axis``, ``spacing``, ``dilation_mm``, ``feather_mm``: as in
+            :func:`slice_blend_weight`; the blur is within the slices of ``axis``.
     """
     if not (np.isfinite(sigma_px) and sigma_px >= 0):
         raise SinganInsertError(f"sigma_px must be >= 0 (voxels), got {sigma_px}.")
     pasted = naive_paste(target, source, mask).astype(np.float64)
     sigma = [float(sigma_px)] * pasted.ndim
     if pasted.ndim == 3:
-        sigma[axis] = 0.0
+        sigma[blend.get("axis", inspect.signature(slice_blend_weight).parameters["axis"].default)] = 0.0
     blurred = ndimage.gaussian_filter(pasted, sigma) if sigma_px > 0 else pasted
-    return weighted_blend(target, blurred, mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm,
-                          feather_mm=feather_mm)
+    return weighted_blend(target, blurred, mask, **blend)
 
 
-def oracle_paste(
-    target: np.ndarray,
-    truth: np.ndarray,
-    mask: np.ndarray,
-    *,
-    axis: int = 2,
-    spacing: Sequence[float] | None = None,
-    dilation_mm: float | None = None,
-    feather_mm: float | None = None,
-) -> np.ndarray:
+def oracle_paste(target: np.ndarray, truth: np.ndarray, mask: np.ndarray,
+                 **blend: Unpack[BlendWeight]) -> np.ndarray:
     """The true image with the tumor, blended into ``target`` with the harmonizer's weight.
 
     Args:
         target: the image the tumor is inserted into (e.g. a washed-out or translated B).
         truth: the true modality-B image with this tumor at ``mask`` (e.g.
             ``SimulatedSubject.render_b(mask)``), on the same grid.
-        mask, axis, spacing, dilation_mm, feather_mm: as in :func:`weighted_blend`.
+        mask, **blend: as in :func:`weighted_blend`.
     """
-    return weighted_blend(target, truth, mask, axis=axis, spacing=spacing, dilation_mm=dilation_mm,
-                          feather_mm=feather_mm)
+    return weighted_blend(target, truth, mask, **blend)
 
 
 def poisson_blend(

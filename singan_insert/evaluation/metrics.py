@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TextIO
 
@@ -124,11 +124,8 @@ def assd(
     empty_distance_mm: float = EMPTY_DISTANCE_MM,
 ) -> float:
     """Average symmetric surface distance in mm (see the module docstring for empty masks)."""
-    empty = _empty_case(prediction, truth, empty_distance_mm)
-    if empty is not None:
-        return empty
-    to_truth, to_prediction = surface_distances(prediction, truth, spacing)
-    return float((to_truth.mean() + to_prediction.mean()) / 2)
+    return _surface_score(prediction, truth, spacing, empty_distance_mm,
+                          lambda to_truth, to_prediction: (to_truth.mean() + to_prediction.mean()) / 2)
 
 
 def hd95(
@@ -138,11 +135,8 @@ def hd95(
     empty_distance_mm: float = EMPTY_DISTANCE_MM,
 ) -> float:
     """95th percentile of the pooled symmetric surface distances in mm."""
-    empty = _empty_case(prediction, truth, empty_distance_mm)
-    if empty is not None:
-        return empty
-    to_truth, to_prediction = surface_distances(prediction, truth, spacing)
-    return float(np.percentile(np.concatenate([to_truth, to_prediction]), 95))
+    return _surface_score(prediction, truth, spacing, empty_distance_mm,
+                          lambda to_truth, to_prediction: np.percentile(np.concatenate([to_truth, to_prediction]), 95))
 
 
 def segmentation_scores(
@@ -475,12 +469,15 @@ def _binary_pair(prediction, truth) -> tuple[np.ndarray, np.ndarray]:
     return prediction, truth
 
 
-def _empty_case(prediction, truth, empty_distance_mm: float) -> float | None:
-    prediction, truth = _binary_pair(prediction, truth)
-    has_prediction, has_truth = bool(prediction.any()), bool(truth.any())
-    if has_prediction and has_truth:
-        return None
-    return 0.0 if not (has_prediction or has_truth) else float(empty_distance_mm)
+def _surface_score(prediction, truth, spacing, empty_distance_mm: float,
+                   reduce: Callable[[np.ndarray, np.ndarray], float]) -> float:
+    """``reduce(to_truth, to_prediction)`` of :func:`surface_distances`, or, when a mask is
+    empty, the convention of the module docstring (0 for two empty masks, else ``empty_distance_mm``)."""
+    binary_prediction, binary_truth = _binary_pair(prediction, truth)
+    has_prediction, has_truth = bool(binary_prediction.any()), bool(binary_truth.any())
+    if not (has_prediction and has_truth):
+        return 0.0 if not (has_prediction or has_truth) else float(empty_distance_mm)
+    return float(reduce(*surface_distances(prediction, truth, spacing)))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

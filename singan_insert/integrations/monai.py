@@ -58,6 +58,7 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise MissingExtraError("monai", "monai", "The MONAI transforms") from error
 
+from singan_insert.checks import check_placement_region
 from singan_insert.insertion.insert import InsertionParameters, default_label_dtype, insert_tumor
 from singan_insert.insertion.orientation import in_model_frame
 from singan_insert.insertion.placement import DEFAULT_MAX_ANISOTROPY, SourceTumor, check_affine, check_same_grid
@@ -284,12 +285,14 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
             or ``(image_path, label_path)`` pairs (one of those alone is one source).
         prob: probability of inserting, in [0, 1]. When skipped the label map is still created.
         placement_key: a label map of the dictionary, on the image's grid, whose voxels with a
-            value in ``placement_values`` (default: any non-zero) may receive the tumor's
-            centroid (e.g. the brain mask, or the CSF); ``None``: the tumor keeps its physical
-            position (a co-registered source).
-        placement_values: label values (integers) of the placement region. Required when
-            ``placement_key`` is ``label_key`` (the map that receives the tumor keeps all its
-            values: say which of its labels the tumor may go to, e.g. ``(1,)``).
+            value in ``placement_values`` may receive the tumor's centroid (e.g. the brain mask,
+            or the CSF); ``None``: the tumor keeps its physical position (a co-registered source).
+        placement_values: label values (integers) of the placement region; ``None``: any
+            non-zero voxel of a single-valued map (a map holding several non-zero values is
+            refused when the sample arrives, as in the TorchIO transform: say which of its
+            labels is meant). Required when ``placement_key`` is ``label_key`` (the map that
+            receives the tumor keeps all its values: say which of its labels the tumor may go
+            to, e.g. ``(1,)``).
         contrast: :math:`\lambda` for ``appearance="fixed"`` (in ``parameters``): a number,
             ``(a, b)`` for :math:`U(a, b)` or a set such as ``{0.5, 0.8, 1.5}``; ``None``:
             ``parameters``' value. The default appearance, ``"auto"``, chooses the level itself and
@@ -374,4 +377,4 @@ class RandTumorInsertiond(RandomizableTransform, _InsertionBase):
             raise SinganInsertError(
                 f"The placement region {self.placement_key!r} is not in the dictionary.")
         region = _on_same_grid(value, self.placement_key, d[self.image_key], self.image_key)
-        return region != 0 if self.placement_values is None else np.isin(region, self.placement_values)
+        return check_placement_region(region, self.placement_values, self.placement_key)

@@ -22,6 +22,7 @@ import torch
 import torchio as tio
 from torchio.transforms.transform import Transform
 
+from singan_insert.checks import check_placement_region
 from singan_insert.errors import SinganInsertError
 from singan_insert.insertion.insert import default_label_dtype
 from singan_insert.insertion.placement import SourceTumor, check_same_grid
@@ -173,17 +174,7 @@ def placement_weights(subject, key, values, target) -> np.ndarray:
         raise SinganInsertError(f"The placement region {key!r} must have one channel.")
     data = region.data[0].numpy()
     if isinstance(region, tio.LabelMap):
-        if values is None:
-            present = np.unique(data[data != 0])
-            if present.size > 1:
-                shown = ", ".join(f"{v:g}" for v in present[:10].astype(float))
-                raise SinganInsertError(
-                    f"The placement region {key!r} holds several labels ({shown}); choose the "
-                    "region with placement_values=(...), e.g. (1,) (crossMoDA: 1 = schwannoma, "
-                    "2 = cochlea).")
-            mask = data != 0
-        else:
-            mask = np.isin(data, values)
+        mask = check_placement_region(data, values, key)
         weights = mask.astype(np.float64)
     else:
         weights = data.astype(np.float64)

@@ -64,6 +64,7 @@ with ``--fresh``).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -149,6 +150,26 @@ def _write(paths: dict[str, Path], image: np.ndarray, label: np.ndarray, affine:
                                                    indent=2, default=str).encode())
 
 
+def _write_from_twins(
+    pipeline: CrossModaPipeline, variant: str,
+    make: Callable[[dict, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, dict]],
+) -> list[Path]:
+    """``variant`` of every harmonized twin whose variant is missing or stale: the image
+    ``make(twin_record, fake_b, affine, twin_label) -> (image, record_update)`` with the twin's
+    label map; the image paths of all twins."""
+    written = []
+    for record_path in _harmonized_records(pipeline):
+        paths = _outputs(pipeline, variant, record_path)
+        if not _is_current(paths["record"], record_path):
+            record = json.loads(record_path.read_text())
+            fake, affine = read_volume(record["case"]["target"])
+            label, _ = read_volume(paths["twin_label"])
+            image, update = make(record, fake, affine, label)
+            _write(paths, image, label, affine, {**record, "variant": variant, **update})
+        written.append(paths["image"])
+    return written
+
+
 def _digest(files: Sequence[Path]) -> str:
     """SHA-256 (first 16 hex digits) over ``files`` in the given order: a NIfTI file's voxels and
     affine (its gzip header holds a time stamp, so equal images rewritten would differ), the bytes
@@ -182,22 +203,16 @@ def write_oracle_bprime(pipeline: CrossModaPipeline) -> list[Path]:
     from singan_insert.evaluation.baselines import oracle_paste
     from singan_insert.insertion.placement import spacing_from_affine
 
-    written = []
-    for record_path in _harmonized_records(pipeline):
-        paths = _outputs(pipeline, "oracle", record_path)
-        if not _is_current(paths["record"], record_path):
-            record = json.loads(record_path.read_text())
-            fake, affine = read_volume(record["case"]["target"])
-            label, _ = read_volume(paths["twin_label"])
-            subject = simulated_subject(pipeline.data, record["case"]["name"])
-            truth = _in_units_of(resample_image(subject.image_b, subject.affine_b, affine, fake.shape), fake)
-            parameters = record["parameters"]
-            image = oracle_paste(fake.astype(np.float32), truth, label == TUMOR_LABEL, axis=int(parameters["axis"]),
-                                 spacing=spacing_from_affine(affine), dilation_mm=parameters["dilation_mm"],
-                                 feather_mm=parameters["feather_mm"])
-            _write(paths, image, label, affine, {**record, "variant": "oracle"})
-        written.append(paths["image"])
-    return written
+    def oracle(record: dict, fake: np.ndarray, affine: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, dict]:
+        subject = simulated_subject(pipeline.data, record["case"]["name"])
+        truth = _in_units_of(resample_image(subject.image_b, subject.affine_b, affine, fake.shape), fake)
+        parameters = record["parameters"]
+        image = oracle_paste(fake.astype(np.float32), truth, label == TUMOR_LABEL, axis=int(parameters["axis"]),
+                             spacing=spacing_from_affine(affine), dilation_mm=parameters["dilation_mm"],
+                             feather_mm=parameters["feather_mm"])
+        return image, {}
+
+    return _write_from_twins(pipeline, "oracle", oracle)
 
 
 def _in_units_of(image: np.ndarray, reference: np.ndarray, percentiles=(0.5, 99.5)) -> np.ndarray:
@@ -221,28 +236,23 @@ def write_gba_bprime(pipeline: CrossModaPipeline, contrasts: Sequence[float] = G
         raise SinganInsertError("GBA needs at least one contrast factor.")
     contrasts = [check_contrast(c, "GBA contrast factor") for c in contrasts]
     harmonizer = None
-    written = []
-    for record_path in _harmonized_records(pipeline):
-        paths = _outputs(pipeline, "gba", record_path)
-        if not _is_current(paths["record"], record_path):
-            record = json.loads(record_path.read_text())
-            fake, affine = read_volume(record["case"]["target"])
-            label, _ = read_volume(paths["twin_label"])
-            rng = np.random.default_rng(derived_seed(pipeline.settings.seed, record["case"]["name"],
-                                                     int(record.get("augmentation", 0))))
-            parameters = replace(InsertionParameters.from_dict(record["parameters"]),
-                                 contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
-                                 appearance="fixed", texture=None, rim=None, rim_scale=None, harmonize_tumor=None,
-                                 placement=None)
-            harmonizer = harmonizer or load_harmonizer(record["model_file"])
-            # The translated tumor is its own source, in place: the mapping only scales its contrast.
-            source = SourceTumor.from_arrays(fake.astype(np.float32), (label == TUMOR_LABEL).astype(np.uint8),
-                                             affine, label_value=1)
-            result = insert_tumor(fake.astype(np.float32), affine, source, harmonizer, parameters)
-            _write(paths, result.image, label, affine, {**record, "variant": "gba",
-                                                        "parameters": result.record["parameters"]})
-        written.append(paths["image"])
-    return written
+
+    def gba(record: dict, fake: np.ndarray, affine: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, dict]:
+        nonlocal harmonizer
+        rng = np.random.default_rng(derived_seed(pipeline.settings.seed, record["case"]["name"],
+                                                 int(record.get("augmentation", 0))))
+        parameters = replace(InsertionParameters.from_dict(record["parameters"]),
+                             contrast=float(rng.choice(list(contrasts))), intensity_mode="normalized",
+                             appearance="fixed", texture=None, rim=None, rim_scale=None, harmonize_tumor=None,
+                             placement=None)
+        harmonizer = harmonizer or load_harmonizer(record["model_file"])
+        # The translated tumor is its own source, in place: the mapping only scales its contrast.
+        source = SourceTumor.from_arrays(fake.astype(np.float32), (label == TUMOR_LABEL).astype(np.uint8),
+                                         affine, label_value=1)
+        result = insert_tumor(fake.astype(np.float32), affine, source, harmonizer, parameters)
+        return result.image, {"parameters": result.record["parameters"]}
+
+    return _write_from_twins(pipeline, "gba", gba)
 
 
 def write_unannotated_bprime(pipeline: CrossModaPipeline) -> list[Path]:
