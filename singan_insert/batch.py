@@ -26,10 +26,11 @@ twice. The output folder is locked (``fcntl.flock`` on ``<out>/.singan-insert.lo
 concurrent ``insert`` into it stops with a clear error. One failing case (unreadable input, a
 tumor that cannot be placed, any exception) is recorded and the others go on; the command ends
 with a summary and exit status 1. A full disk stops the batch (every later output would fail
-too; with workers, the outputs already started end first); finished outputs are kept and a
-failed one leaves no file behind. Workers (``--workers``) die with their parent, and Ctrl-C
-cancels the queue and stops them at once. With ``--target``, outputs of the same name made from
-other input files are not replaced (``--name``).
+too; with workers, or the background writers of ``--batch-cases``, the outputs already started
+end first); finished outputs are kept and a failed one leaves no file behind. Workers
+(``--workers``) die with their parent, and Ctrl-C cancels the queue and stops them at once.
+With ``--target``, outputs of the same name made from other input files are not replaced
+(``--name``).
 
 **Resume.** The JSON holds a *fingerprint* of everything that decides the output: the model
 file's SHA-256, the settings, the augmentation index and the input files (path, size,
@@ -561,16 +562,25 @@ def _run_jobs_batched(jobs: Sequence[tuple[Case, int, str]], model: str, setting
     forward pass (:func:`~singan_insert.insertion.multicase.insert_tumors`), reading and writing
     in background threads (:func:`~singan_insert.insertion.multicase.pipelined`).
 
-    Every failure is recorded per output, as in :func:`_run_jobs`.
+    Every failure is recorded per output, as in :func:`_run_jobs`, and a full disk stops the batch
+    alike: the writes already started end, nothing is read, inserted or written after them.
     """
+    import threading
+
     from singan_insert.insertion.insert import insert_tumor
     from singan_insert.insertion.model_cache import load_harmonizer, resolve_model_file
     from singan_insert.insertion.multicase import InsertionCase, insert_tumors, pipelined
 
     harmonizer = load_harmonizer(resolve_model_file(model), device)
     bar = tqdm(total=len(jobs), desc="insert", unit="volume")
+    # Set by the first output that meets a full disk. pipelined() reads ahead of the model and
+    # writes behind it: when a write fails, later outputs are already queued at every step, and
+    # each step looks first so that none of them is read, inserted or written for nothing.
+    stop = threading.Event()
 
     def read(job):
+        if stop.is_set():
+            return None
         try:
             return prepare_case(job[0], job[1], model, settings, job[2])
         except Exception as error:  # recorded for this output; the others go on
@@ -578,6 +588,8 @@ def _run_jobs_batched(jobs: Sequence[tuple[Case, int, str]], model: str, setting
 
     def process(prepared: list) -> list:
         """``[(prepared, result or error)]`` for a chunk: one batched call for the readable ones."""
+        if stop.is_set():
+            return [(None, None)] * len(prepared)
         ready = [p for p in prepared if isinstance(p, PreparedCase)]
         cases = [InsertionCase(p.target, p.affine, p.source, p.parameters) for p in ready]
         try:
@@ -588,20 +600,25 @@ def _run_jobs_batched(jobs: Sequence[tuple[Case, int, str]], model: str, setting
         return [(p, next(results)) if isinstance(p, PreparedCase) else (None, p) for p in prepared]
 
     def write(job, outcome) -> str | None:
+        if stop.is_set():
+            return _NOT_RUN
         prepared, result = outcome
         try:
-            if isinstance(result, BaseException):
-                return _describe(result)
-            write_case(prepared, result, settings, out_dir)
-            return None
-        except Exception as error:
-            return _describe(error)
+            if not isinstance(result, BaseException):
+                write_case(prepared, result, settings, out_dir)
+                return None
+            error = result  # reading or inserting failed
+        except Exception as caught:
+            error = caught
         finally:
             bar.update(1)
+        if _disk_full(error):  # every later output would fail too
+            stop.set()
+        return _describe(error)
 
     messages = pipelined(jobs, read, process, write, chunk_size=batch_cases)
     bar.close()
-    return [(job, message) for job, message in zip(jobs, messages) if message is not None]
+    return _failures(jobs, dict(enumerate(messages)))
 
 
 def _attempt(function, *args):
@@ -858,10 +875,21 @@ def _describe(error: BaseException) -> str:
 
 #: In a worker process: set by the parent when the batch stops (the disk is full).
 _STOP = None
-#: What a worker returns for an output it did not start because the batch had stopped.
+#: What a worker or writer returns for an output it did not start because the batch had stopped.
 _NOT_RUN = "not run"
 #: The failure message of an output the batch did not try because the disk is full.
 _NOT_RUN_DISK_FULL = "not run: the disk is full"
+
+
+def _failures(jobs: Sequence[tuple[Case, int, str]], messages: dict[int, str | None]
+              ) -> list[tuple[Any, str]]:
+    """``[(job, message)]`` in job order for the outputs that were not written, from each job's
+    message by position (``None``: written; :data:`_NOT_RUN`: not tried, the disk being full).
+
+    Every path reports the batch alike through it, however its outputs finished.
+    """
+    return [(jobs[position], _NOT_RUN_DISK_FULL if message == _NOT_RUN else message)
+            for position, message in sorted(messages.items()) if message is not None]
 
 
 def _worker_init(parent_pid: int, stop=None) -> None:
@@ -915,17 +943,16 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 
 def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, workers, tqdm):
     """Run every job; return ``[(job, message)]`` for those that failed (any exception)."""
-    failures = []
+    messages: dict[int, str | None] = {}
     bar = tqdm(total=len(jobs), desc="insert", unit="volume")
     if workers == 1 or len(jobs) <= 1:
-        for position, job in enumerate(jobs):
-            case, k, fingerprint = job
+        for position, (case, k, fingerprint) in enumerate(jobs):
             try:
                 augment_case(case, k, model, settings, out_dir, fingerprint=fingerprint)
             except Exception as error:  # one bad case must not stop the batch...
-                failures.append((job, _describe(error)))
+                messages[position] = _describe(error)
                 if _disk_full(error):  # ...but a full disk fails every later one too
-                    failures += [(j, _NOT_RUN_DISK_FULL) for j in jobs[position + 1:]]
+                    messages.update(dict.fromkeys(range(position + 1, len(jobs)), _NOT_RUN))
                     break
             bar.update(1)
     else:
@@ -939,14 +966,12 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
         try:
             futures = {pool.submit(_in_worker, augment_case, case, k, model, settings, out_dir, 1, fingerprint):
                        position for position, (case, k, fingerprint) in enumerate(jobs)}
-            messages: dict[int, str] = {}
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     try:
-                        if future.result() == _NOT_RUN:
-                            messages[futures[future]] = _NOT_RUN_DISK_FULL
+                        messages[futures[future]] = future.result()  # None or _NOT_RUN
                     except Exception as error:
                         messages[futures[future]] = _describe(error)
                         if _disk_full(error) and not stop.is_set():
@@ -955,10 +980,9 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
                             # return _NOT_RUN; wait() would not report the cancelled ones).
                             stop.set()
                             cancelled = {queued for queued in pending if queued.cancel()}
-                            messages.update((futures[queued], _NOT_RUN_DISK_FULL) for queued in cancelled)
+                            messages.update((futures[queued], _NOT_RUN) for queued in cancelled)
                             pending -= cancelled
                     bar.update(1)
-            failures = [(jobs[position], message) for position, message in sorted(messages.items())]
         except BaseException:
             # Ctrl-C (or any error here): drop the queue and stop the workers now rather than
             # wait for every queued output. An output cut short leaves only a temporary file,
@@ -967,4 +991,4 @@ def _run_jobs(jobs: Sequence[tuple[Case, int, str]], model, settings, out_dir, w
             raise
         pool.shutdown(wait=True)
     bar.close()
-    return failures
+    return _failures(jobs, messages)
