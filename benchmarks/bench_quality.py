@@ -1,4 +1,5 @@
-"""Harmonization quality against ground truth (the simulator's true hrT2 rendering of each tumor).
+"""Harmonization quality against ground truth (the simulator's true hrT2 rendering of each tumor;
+with ``--target ceT1`` the other way round: hrT2 tumors into ceT1, against its true ceT1 rendering).
 
 Over a fixed, seeded set of simulated subjects (seeds 100, 101, ...): ONE harmonizer is trained
 on ONE modality-B slice of a separate training subject (seed 0); a third subject (seed 99) is
@@ -73,6 +74,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-annotation", action="store_true",
                         help="leave out the 'annotated' row (the default insertion with the training slice's "
                              "tumor annotated)")
+    parser.add_argument("--target", choices=("hrT2", "ceT1"), default="hrT2",
+                        help="the modality inserted into (default hrT2, the crossMoDA direction; ceT1: the other "
+                             "way round, an hrT2 tumor into ceT1, with the model trained on one ceT1 slice)")
     parser.add_argument("--quick", action="store_true",
                         help="2 subjects, 'tiny' training, inputs 0.5 and raw, short grids: plumbing only")
     args = parser.parse_args(argv)
@@ -92,23 +96,26 @@ def main(argv=None) -> None:
         lambda_grid, blur_sigmas = (0.5, 1.0), (0.0, 1.0)
     started = time.perf_counter()
     training_subject = simulate_subject(TRAINING_SEED)
-    image, spacing, index = ex.training_slice_from_subject(training_subject)
+    image, spacing, index = ex.training_slice_from_subject(training_subject, modality=args.target)
+    source_modality = "ceT1" if args.target == "hrT2" else "hrT2"
     config = TrainingConfig.preset(args.preset)
     if args.iterations:
         config = replace(config, iterations=args.iterations)
     reused = bool(args.model_dir) and (Path(args.model_dir) / "harmonizer.safetensors").is_file()
     model = train_harmonizer(image, config, out_dir=args.model_dir, seed=0, spacing=spacing, device="cpu",
-                             progress=False, provenance={"axis": 2, "slice_index": index, "modality": "hrT2"})
+                             progress=False, provenance={"axis": 2, "slice_index": index, "modality": args.target})
     train_seconds = time.perf_counter() - started
     print(f"harmonizer: {args.preset} preset, {model.num_scales} scales, {train_seconds:.0f} s", flush=True)
 
     annotated = None
     if not args.no_annotation:  # the training subject's own tumor label on that slice: the one-slice annotation
-        annotated = model.copy().annotate(np.take(training_subject.label_b, index, axis=2) == 1)
+        label = training_subject.label_b if args.target == "hrT2" else training_subject.label_a
+        annotated = model.copy().annotate(np.take(label, index, axis=2) == 1)
     seeds = [args.first_seed + i for i in range(args.subjects)]
-    subjects = [ex.QualitySubject.prepare(f"subject {seed}", simulate_subject(seed), model) for seed in seeds]
+    subjects = [ex.QualitySubject.prepare(f"subject {seed}", simulate_subject(seed), model, args.target)
+                for seed in seeds]
     validation = ex.QualitySubject.prepare(f"subject {VALIDATION_SEED} (validation)",
-                                           simulate_subject(VALIDATION_SEED), model)
+                                           simulate_subject(VALIDATION_SEED), model, args.target)
     figure_input = "raw" if "raw" in args.inputs else args.inputs[0]
     report = ex.run_quality(subjects, validation, model, inputs=args.inputs, lambda_grid=lambda_grid,
                             blur_sigmas=blur_sigmas, start_scale=args.start_scale, figure_input=figure_input,
@@ -116,18 +123,19 @@ def main(argv=None) -> None:
                                                         flush=True), annotated=annotated)
 
     results = Path(args.results)
-    columns = ["A source (ceT1)", "B washed out", "naive", "mapped", "blurred", "harmonized", "default",
-               *(["annotated"] if annotated is not None else []), "oracle", "truth (hrT2)"]
+    columns = ["source", "washed out", "naive", "mapped", "blurred", "harmonized", "default",
+               *(["annotated"] if annotated is not None else []), "oracle", "truth"]
     shown = subjects[:4]
     figure = figure_grid(
         [[case.panels[c] for c in columns] for case in shown], results / f"{args.name}_fig2.png",
-        [*columns[:5], f"harmonized (paper, s{report['start_scale']})", *columns[6:-2], "oracle (truth, blended)",
-         "truth (hrT2)"],
+        [f"source ({source_modality})", f"{args.target} washed out", *columns[2:5],
+         f"harmonized (paper, s{report['start_scale']})", *columns[6:-2], "oracle (truth, blended)",
+         f"truth ({args.target})"],
         row_titles=[f"{case.name}, input {ex.input_key(figure_input)}" for case in shown],
         contours=[[None] * (len(columns) - 1) + [case.panels["mask"]] for case in shown])
     info = machine()
     report.update(
-        quick=args.quick, preset=args.preset, iterations=config.iterations, num_scales=model.num_scales,
+        quick=args.quick, target=args.target, preset=args.preset, iterations=config.iterations, num_scales=model.num_scales,
         training_seconds=None if reused else train_seconds, model_reused=reused, seconds=time.perf_counter() - started, threads=args.threads,
         test_seeds=seeds, training_seed=TRAINING_SEED, validation_seed=VALIDATION_SEED,
         lambda_grid=list(lambda_grid), blur_sigmas=list(blur_sigmas), figure=str(figure),
@@ -137,7 +145,8 @@ def main(argv=None) -> None:
         f"{report['seconds'] / 60:.1f} min in all"
         f"{' (QUICK: plumbing only, the numbers mean nothing)' if args.quick else ''}.",
         f"Harmonizer: {args.preset!r} preset ({config.iterations} iterations per scale), {model.num_scales} scales, "
-        f"trained on one hrT2 slice of subject {TRAINING_SEED} "
+        f"trained on one {args.target} slice of subject {TRAINING_SEED} (tumors from {source_modality} inserted into "
+        f"{args.target}) "
         f"{'earlier (loaded from --model-dir; see bench_train for training times)' if reused else f'in {train_seconds:.0f} s'}"
         f". Test subjects: seeds "
         f"{seeds[0]}..{seeds[-1]} ({len(seeds)}); metrics are means over them (texture: within slices, "

@@ -93,6 +93,9 @@ class _CurveBank:
         levels = images[:, 0, 20, 20]  # the candidates' tumor level (a pixel inside the mask)
         return torch.tensor([self.curve(float(v)) for v in levels])
 
+    def visibility(self, images, region, reference):  # equal: the side is the score's
+        return torch.ones(images.shape[0])
+
 
 @pytest.mark.parametrize("curve, ambiguous", [
     (lambda v: 3.0 + (v + 0.3) ** 2, False),                               # one minimum, darker
@@ -106,6 +109,28 @@ def test_level_choice_flags_a_near_tie_between_darker_and_brighter(curve, ambigu
     choice = choose_level(_CurveBank(curve), background, mask, torch.ones(1, 40, 40), shell=0.1)
     assert choice.ambiguous is ambiguous and choice.to_dict()["ambiguous"] is ambiguous
     assert choice.other_side_margin is not None and (choice.other_side_margin < 0.02) is ambiguous
+
+
+class _HidingBank(_CurveBank):
+    """A realism score lowest where the tumor nearly hides (just past the floor, dark side), and
+    visibility that grows with the distance from the surroundings, as real patches' does."""
+
+    def visibility(self, images, region, reference):
+        return (images[:, 0, 20, 20] - reference[0, 20, 20]).abs()
+
+
+def test_the_side_is_chosen_by_realism_per_visibility_and_the_level_by_realism():
+    background = torch.full((1, 40, 40), -0.6)
+    mask = torch.zeros(1, 40, 40)
+    mask[0, 15:25, 15:25] = 1
+    # Realism alone: best at -0.75 (hiding in dark surroundings), 2.0; on the bright side at +0.75, 3.0.
+    curve = lambda v: 2.0 + 4 * (v + 0.75) ** 2 if v < -0.6 else 3.0 + 4 * (v - 0.75) ** 2  # noqa: E731
+    choice = choose_level(_HidingBank(curve), background, mask, torch.ones(1, 40, 40), shell=-0.6,
+                          visibility_floor=0.05)
+    assert choice.level > -0.6  # per unit of visibility the bright side wins: 3.0 / 1.35 < 2.0 / 0.15
+    assert choice.level == pytest.approx(0.75, abs=0.05)  # ...and realism alone sets the level there
+    assert choice.per_visibility is not None and not choice.ambiguous
+    assert choice.to_dict()["per_visibility"] == [round(v, 4) for v in choice.per_visibility]
 
 
 def test_an_ambiguous_level_choice_warns_and_is_recorded(simulated_model, monkeypatch):
@@ -125,6 +150,26 @@ def test_an_ambiguous_level_choice_warns_and_is_recorded(simulated_model, monkey
     with pytest.warns(AmbiguousLevelWarning, match="brighter.*Annotate the tumor"):
         result = insert_tumor(washed, subject.affine_b, source, simulated_model, InsertionParameters(seed=0))
     assert result.record["appearance"]["choice"]["ambiguous"] is True
+
+
+def test_an_unannotated_model_warns_once_that_its_level_is_realisms_guess(simulated_model):
+    from singan_insert.insertion import UnannotatedModelWarning
+
+    subject = simulate_subject(1)
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    washed = subject.render_b_washed_out()
+    model = simulated_model.copy()  # a model object of its own: the warning is once per model
+    with pytest.warns(UnannotatedModelWarning, match="hrT2 is chosen by realism.*Annotate the tumor"):
+        first = insert_tumor(washed, subject.affine_b, source, model, InsertionParameters(seed=0))
+    assert first.record["appearance"]["by"] == "realism"
+    _, _, index = training_slice_from_subject(simulate_subject(0))
+    annotated = simulated_model.copy().annotate(np.take(simulate_subject(0).label_b, index, axis=2) == 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnannotatedModelWarning)
+        insert_tumor(washed, subject.affine_b, source, model, InsertionParameters(seed=1))  # said once
+        insert_tumor(washed, subject.affine_b, source, annotated, InsertionParameters(seed=0))
+        insert_tumor(washed, subject.affine_b, source, simulated_model.copy(),  # no level chosen here
+                     InsertionParameters(seed=0, appearance="fixed", contrast=0.5))
 
 
 def test_texture_seeds_differ_with_the_same_mean(simulated_model):

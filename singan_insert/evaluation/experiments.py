@@ -70,7 +70,7 @@ from singan_insert.harmonizer.model import Harmonizer
 from singan_insert.insertion.intensity import map_tumor_intensities
 from singan_insert.evaluation.metrics import harmonization_fidelity, seed_difference
 from singan_insert.insertion.placement import SourceTumor
-from singan_insert.datasets.phantom import SimulatedSubject
+from singan_insert.datasets.phantom import MODALITY_A, MODALITY_B, SimulatedSubject
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor, through_plane_axis
 
 #: Blur sd (px, within slices) of the ``blurred_mapped`` rival in :func:`run_case`: the sd of the
@@ -119,12 +119,24 @@ class InsertionCase:
                 *[pick(self.outputs[m]) for m in methods], pick(self.truth)]
 
 
-def training_slice_from_subject(subject: SimulatedSubject, axis: int = 2) -> tuple[np.ndarray, tuple[float, float], int]:
-    """The modality-B slice with the largest tumor area (every crossMoDA hrT2 shows its tumor)."""
-    areas = (subject.label_b == 1).sum(axis=tuple(a for a in range(3) if a != axis))
+def training_slice_from_subject(subject: SimulatedSubject, axis: int = 2,
+                                modality: str = MODALITY_B) -> tuple[np.ndarray, tuple[float, float], int]:
+    """The slice of ``modality`` (the simulator's ``"hrT2"``, default, or ``"ceT1"``) with the
+    largest tumor area (every crossMoDA scan shows its tumor): ``(slice, in-plane spacing, index)``."""
+    image, label, spacing3d = _modality_arrays(subject, modality)
+    areas = (label == 1).sum(axis=tuple(a for a in range(3) if a != axis))
     index = int(np.argmax(areas))
-    spacing = tuple(s for a, s in enumerate(subject.spacing_b) if a != axis)
-    return np.take(subject.image_b, index, axis=axis).astype(np.float32), (float(spacing[0]), float(spacing[1])), index
+    spacing = tuple(s for a, s in enumerate(spacing3d) if a != axis)
+    return np.take(image, index, axis=axis).astype(np.float32), (float(spacing[0]), float(spacing[1])), index
+
+
+def _modality_arrays(subject: SimulatedSubject, modality: str):
+    """``(image, label, spacing)`` of one of the simulator's two modalities."""
+    if modality == MODALITY_B:
+        return subject.image_b, subject.label_b, subject.spacing_b
+    if modality == MODALITY_A:
+        return subject.image_a, subject.label_a, subject.spacing_a
+    raise SinganInsertError(f"modality must be {MODALITY_B!r} or {MODALITY_A!r}, got {modality!r}.")
 
 
 def run_case(
@@ -275,7 +287,7 @@ def paper_parameters(value: InputPaste, start_scale: int, seed: int) -> Insertio
 
 @dataclass
 class QualitySubject:
-    """One test (or validation) subject of :func:`run_quality`, on the modality-B grid."""
+    """One test (or validation) subject of :func:`run_quality`, on its target modality's grid (hrT2 by default)."""
 
     name: str
     subject: SimulatedSubject
@@ -288,29 +300,41 @@ class QualitySubject:
     axis: int
     value_range: float
     box: tuple[slice, ...]
+    affine: np.ndarray
     panels: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def prepare(cls, name: str, subject: SimulatedSubject, harmonizer: Harmonizer) -> "QualitySubject":
-        """Paste ``subject``'s A tumor at its own place in its washed-out B; truth = ``render_b(mask)``."""
+    def prepare(cls, name: str, subject: SimulatedSubject, harmonizer: Harmonizer,
+                target: str = MODALITY_B) -> "QualitySubject":
+        """Paste ``subject``'s tumor of the other modality at its own place in its washed-out
+        ``target`` volume (default hrT2, the crossMoDA direction; ``"ceT1"`` the other way round);
+        truth = the simulator's ``target`` render of that tumor."""
         from scipy.ndimage import affine_transform
 
-        washed = subject.render_b_washed_out()
-        source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
-        spacing = tuple(float(s) for s in subject.spacing_b)
+        if target == MODALITY_B:
+            washed, affine, render = subject.render_b_washed_out(), subject.affine_b, subject.render_b
+            source_image, source_label, source_affine = subject.image_a, subject.label_a, subject.affine_a
+        elif target == MODALITY_A:
+            washed, affine, render = subject.render_a(np.zeros(subject.label_a.shape, bool)), subject.affine_a, \
+                subject.render_a
+            source_image, source_label, source_affine = subject.image_b, subject.label_b, subject.affine_b
+        else:
+            raise SinganInsertError(f"target must be {MODALITY_B!r} or {MODALITY_A!r}, got {target!r}.")
+        source = SourceTumor.from_arrays(source_image, source_label, source_affine, label_value=1)
+        spacing = tuple(float(s) for s in (subject.spacing_b if target == MODALITY_B else subject.spacing_a))
         axis = through_plane_axis(spacing)
-        a_to_b = np.linalg.inv(subject.affine_a) @ subject.affine_b
-        source_on_target = affine_transform(subject.image_a, a_to_b[:3, :3], a_to_b[:3, 3],
+        source_to_target = np.linalg.inv(source_affine) @ affine
+        source_on_target = affine_transform(source_image, source_to_target[:3, :3], source_to_target[:3, 3],
                                             output_shape=washed.shape, order=1).astype(np.float32)
         finest = harmonizer.valid_start_scales[-1]
-        mask = insert_tumor(washed, subject.affine_b, source, harmonizer,
+        mask = insert_tumor(washed, affine, source, harmonizer,
                             InsertionParameters(seed=0, start_scale=finest)).mask
-        truth = subject.render_b(mask)
+        truth = render(mask)
         low, high = np.percentile(truth, (0.5, 99.5))
         box = tuple(slice(max(int(i.min()) - METRIC_MARGIN, 0), min(int(i.max()) + METRIC_MARGIN + 1, n))
                     for i, n in zip(np.nonzero(mask), mask.shape))
         return cls(name, subject, washed, source, source_on_target, mask, truth, spacing, axis,
-                   float(high - low), box)
+                   float(high - low), box, affine)
 
     @property
     def sigma_px(self) -> tuple[float, ...]:
@@ -320,7 +344,7 @@ class QualitySubject:
         """The harmonized volume (or, with ``composite``, the paste handed to the harmonizer)."""
         if composite:  # the finest start scale is the cheapest; only the composite is kept
             parameters = replace(parameters, start_scale=harmonizer.valid_start_scales[-1])
-        result = insert_tumor(self.washed_out, self.subject.affine_b, self.source, harmonizer, parameters,
+        result = insert_tumor(self.washed_out, self.affine, self.source, harmonizer, parameters,
                               return_composite=composite)
         if not np.array_equal(result.mask, self.mask):
             raise SinganInsertError(f"{self.name}: the insertion placed the tumor elsewhere than expected.")
@@ -464,9 +488,9 @@ def run_quality(
                 center = int(np.argmax(case.mask.sum(axis=tuple(a for a in range(3) if a != case.axis))))
                 plane = [b for a, b in enumerate(case.box) if a != case.axis]  # the tumor and its surroundings
                 pick = lambda volume: np.take(volume, center, axis=case.axis)[tuple(plane)]  # noqa: E731
-                case.panels = {"A source (ceT1)": pick(case.source_on_target), "B washed out": pick(case.washed_out),
+                case.panels = {"source": pick(case.source_on_target), "washed out": pick(case.washed_out),
                                **{row: pick(image) for row, image in outputs.items()},
-                               "truth (hrT2)": pick(case.truth), "mask": pick(case.mask)}
+                               "truth": pick(case.truth), "mask": pick(case.mask)}
             for row in row_names:
                 per_row[row].append(scores[row])
         rows = {row: _aggregate(values) for row, values in per_row.items()}

@@ -6,8 +6,9 @@
   write the label and a replayable record).
 """
 
-from singan_insert.insertion.appearance import AmbiguousLevelWarning
+from singan_insert.insertion.appearance import AmbiguousLevelWarning, UnannotatedModelWarning
 from singan_insert.insertion.insert import InsertionParameters, InsertionResult, insert_tumor
 from singan_insert.insertion.placement import Placement, SourceTumor
 
-__all__ = ["AmbiguousLevelWarning", "InsertionParameters", "InsertionResult", "Placement", "SourceTumor", "insert_tumor"]
+__all__ = ["AmbiguousLevelWarning", "InsertionParameters", "InsertionResult", "Placement", "SourceTumor",
+           "UnannotatedModelWarning", "insert_tumor"]

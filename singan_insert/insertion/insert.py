@@ -86,6 +86,7 @@ from singan_insert.insertion.appearance import (
     AMBIGUOUS_MARGIN,
     DEFAULT_VISIBILITY_FLOOR,
     AmbiguousLevelWarning,
+    UnannotatedModelWarning,
     PatchBank,
     TextureBank,
     inplane_distance,
@@ -797,6 +798,7 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
         choice = choose_level(bank, bg, m, rg, shell_model, params.visibility_floor)
         level_model, gain = choice.level, None
         record.update(by="realism", choice=choice.to_dict())
+        _warn_unannotated(harmonizer)
         if choice.ambiguous:
             side = "brighter" if choice.level > shell_model else "darker"
             warnings.warn(
@@ -820,6 +822,25 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
     factor = None if not math.isfinite(factor) else factor
     record.update({"lambda": factor, "structure_gain": gain, "level": level, "surroundings": surroundings})
     return out.astype(np.float32), record
+
+
+def _warn_unannotated(harmonizer: Harmonizer) -> None:
+    """:class:`UnannotatedModelWarning`, once per model object (a batch or a data loader inserts
+    thousands of tumors with one model)."""
+    if harmonizer.__dict__.get("_warned_unannotated"):
+        return
+    harmonizer.__dict__["_warned_unannotated"] = True
+    modality = harmonizer.modality or "the target modality"
+    warnings.warn(
+        f"This model has no tumor annotation, so each tumor's level in {modality} is chosen by realism "
+        "alone against its training slice. That finds the tumor's level where the modality's tumors look "
+        "like one of its tissues (simulated hrT2), not where they are brighter or darker than every tissue "
+        "around them: there it gives a tissue's level (simulated enhancing tumors in ceT1: the right side "
+        "of their surroundings, but about a quarter of the true contrast, less than a fixed contrast "
+        "factor gives; benchmarks/results/bench_quality_cet1.md). Annotate the tumor on the model's "
+        "training slice (a rough mask: Harmonizer.annotate, singan-insert annotate, or train with "
+        "--label) so that the level comes from a real tumor of that modality. Shown once per model.",
+        UnannotatedModelWarning, stacklevel=5)
 
 
 def _map_intensities(values, source_quantiles, target_quantiles, mode, contrast) -> np.ndarray:
