@@ -172,6 +172,29 @@ def test_an_unannotated_model_warns_once_that_its_level_is_realisms_guess(simula
                      InsertionParameters(seed=0, appearance="fixed", contrast=0.5))
 
 
+def test_the_default_makes_an_enhancing_tumor_brighter_than_its_surroundings_in_cet1():
+    """The other way round: hrT2 tumors into ceT1, with a model of one ceT1 slice. Realism alone
+    made them darker than their CSF (subjects 2 and 3 here: contrast -40 and -77)."""
+    from singan_insert.insertion import UnannotatedModelWarning
+
+    train = simulate_subject(0)
+    k = int((train.label_a == 1).sum(axis=(0, 1)).argmax())
+    config = TrainingConfig.preset("tiny", max_size=128, min_size=24, iterations=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingHealthWarning)
+        model = train_harmonizer(np.take(train.image_a, k, axis=2), config, seed=0, spacing=train.spacing_a[:2],
+                                 progress=False, sample_figures=False, provenance={"axis": 2, "modality": "ceT1"})
+    for seed in (2, 3):
+        subject = simulate_subject(seed)
+        washed = subject.render_a(np.zeros(subject.label_a.shape, bool))
+        source = SourceTumor.from_arrays(subject.image_b, subject.label_b, subject.affine_b, label_value=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnannotatedModelWarning)
+            result = insert_tumor(washed, subject.affine_a, source, model, InsertionParameters(seed=0))
+        assert tumor_contrast(result.image, result.mask, subject.spacing_a) > 0
+        assert tumor_contrast(subject.render_a(result.mask), result.mask, subject.spacing_a) > 0  # as the truth
+
+
 def test_texture_seeds_differ_with_the_same_mean(simulated_model):
     subject = simulate_subject(1)
     washed = subject.render_b_washed_out()
