@@ -198,7 +198,10 @@ def _train(args: argparse.Namespace) -> int:
                              annotation=annotation)
     model_file = out / MODEL_FILE_NAME
     state = (f", with the tumor on its training slice annotated ({int(annotation.sum())} px)"
-             if annotation is not None else " (no tumor annotation)")
+             if annotation is not None else
+             " (no tumor annotation: each tumor's level will be guessed by realism, which gives a tissue's "
+             "level; annotate the slice's tumor (--label, or singan-insert annotate) wherever tumors are "
+             "brighter or darker than every tissue around them, e.g. enhancing tumors in ceT1)")
     if previous is not None:
         old_bytes, old = previous
         same_run = old.metadata.get("training", {}).get("fingerprint") == model.metadata["training"]["fingerprint"]
