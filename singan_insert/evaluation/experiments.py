@@ -69,7 +69,7 @@ from singan_insert.evaluation.baselines import blurred_paste, naive_paste, oracl
 from singan_insert.harmonizer.model import Harmonizer
 from singan_insert.insertion.intensity import map_tumor_intensities
 from singan_insert.evaluation.metrics import harmonization_fidelity, seed_difference
-from singan_insert.insertion.placement import SourceTumor
+from singan_insert.insertion.placement import Placement, SourceTumor
 from singan_insert.datasets.phantom import MODALITY_A, MODALITY_B, SimulatedSubject
 from singan_insert.insertion.insert import InsertionParameters, insert_tumor, through_plane_axis
 
@@ -301,14 +301,15 @@ class QualitySubject:
     value_range: float
     box: tuple[slice, ...]
     affine: np.ndarray
+    placement: Placement | None = None
     panels: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def prepare(cls, name: str, subject: SimulatedSubject, harmonizer: Harmonizer,
-                target: str = MODALITY_B) -> "QualitySubject":
-        """Paste ``subject``'s tumor of the other modality at its own place in its washed-out
-        ``target`` volume (default hrT2, the crossMoDA direction; ``"ceT1"`` the other way round);
-        truth = the simulator's ``target`` render of that tumor."""
+                target: str = MODALITY_B, placement: Placement | None = None) -> "QualitySubject":
+        """Paste ``subject``'s tumor of the other modality at its own place (or at ``placement``)
+        in its washed-out ``target`` volume (default hrT2, the crossMoDA direction; ``"ceT1"`` the
+        other way round); truth = the simulator's ``target`` render of that tumor there."""
         from scipy.ndimage import affine_transform
 
         if target == MODALITY_B:
@@ -328,13 +329,13 @@ class QualitySubject:
                                             output_shape=washed.shape, order=1).astype(np.float32)
         finest = harmonizer.valid_start_scales[-1]
         mask = insert_tumor(washed, affine, source, harmonizer,
-                            InsertionParameters(seed=0, start_scale=finest)).mask
+                            InsertionParameters(seed=0, start_scale=finest, placement=placement)).mask
         truth = render(mask)
         low, high = np.percentile(truth, (0.5, 99.5))
         box = tuple(slice(max(int(i.min()) - METRIC_MARGIN, 0), min(int(i.max()) + METRIC_MARGIN + 1, n))
                     for i, n in zip(np.nonzero(mask), mask.shape))
         return cls(name, subject, washed, source, source_on_target, mask, truth, spacing, axis,
-                   float(high - low), box, affine)
+                   float(high - low), box, affine, placement)
 
     @property
     def sigma_px(self) -> tuple[float, ...]:
@@ -344,6 +345,8 @@ class QualitySubject:
         """The harmonized volume (or, with ``composite``, the paste handed to the harmonizer)."""
         if composite:  # the finest start scale is the cheapest; only the composite is kept
             parameters = replace(parameters, start_scale=harmonizer.valid_start_scales[-1])
+        if self.placement is not None:
+            parameters = replace(parameters, placement=self.placement)
         result = insert_tumor(self.washed_out, self.affine, self.source, harmonizer, parameters,
                               return_composite=composite)
         if not np.array_equal(result.mask, self.mask):
