@@ -34,7 +34,13 @@ almost hide: a level just past the floor in dark surroundings matches the traini
 plentiful dark regions (air, bone, CSF) nearly exactly, whatever B's tumors look like. So the
 side (darker or brighter than :math:`\\bar s`) is that of the eligible level with the least
 realism cost per unit of visibility, :math:`S(L) / V(L)`, where :math:`V(L)` is the mean distance
-of the scored patches from the same patches without the tumor (:meth:`PatchBank.visibility`);
+of the scored patches from the same patches :math:`q(\\varnothing)` without the tumor
+(:meth:`PatchBank.visibility`),
+
+.. math::
+
+    V(L) = \\sum_f \\frac{1}{|Q_f|} \\sum_{q \\in Q_f} \\lVert q(L) - q(\\varnothing) \\rVert_2 ;
+
 the level is then the one with the lowest :math:`S` on that side, refined by a parabola through
 its neighbours. (Measured with models trained on one hrT2 and on one ceT1 slice of the simulator,
 hrT2 tumors inserted into ceT1 the other way round: :math:`S` alone put an enhancing ceT1 tumor
