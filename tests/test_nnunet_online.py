@@ -78,10 +78,12 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
     with pytest.raises(SinganInsertError, match="write_online_settings"):
         read_online_settings(tmp_path)
     settings = OnlineInsertionSettings(model=model, probability=0.3, placement=[2], contrast=(0.5, 1.5),
-                                       appearance="fixed")
+                                       appearance="fixed", rim=False)
     path = write_online_settings(tmp_path, settings)
     assert path.name == "singan_insert_online.json"
     assert read_online_settings(tmp_path) == settings
+    assert settings.insertion_parameters().rim is False
+    assert OnlineInsertionSettings(model=model).insertion_parameters().rim is None  # the default: on
     other = tmp_path / "elsewhere.json"
     other.write_text(json.dumps({"model": model, "sources": "/data/ceT1_cases"}))
     monkeypatch.setenv(online.SETTINGS_VARIABLE, str(other))
@@ -96,6 +98,7 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
     ({"contrast": (0.8, 0.5), "appearance": "fixed"}, "contrast"), ({"overlap": "merge"}, "overlap"),
     ({"label_value": 0}, "label_value"), ({"label_value": 1.5}, "label_value"), ({"channel": 1.7}, "channel"),
     ({"channel": "1"}, "channel"), ({"model": "/nowhere/m.safetensors"}, "does not exist"),
+    ({"rim": "no"}, "rim"),
 ])
 def test_bad_settings_are_rejected_up_front(bad, match, tiny_model_file):
     # A missing model used to pass here and only skip every patch in nnU-Net's workers.

@@ -128,6 +128,11 @@ class OnlineInsertionSettings:
         context_mm: in-plane context around the tumor given to the harmonizer (mm).
         overlap: ``"replace"``, ``"keep"`` or ``"error"`` (see :mod:`singan_insert.insertion.insert`).
         border_margin: voxels between the tumor and the patch border (>= 0).
+        rim: with an annotated model, whether the new tumor gets the annotated tumor's rim (its
+            fluid cleft; see :class:`~singan_insert.insertion.insert.InsertionParameters`);
+            ``None``: the default (on). With ``placement="foreground"`` tumors also land inside
+            tissue, where no such cleft exists: ``false`` there (``docs/torchio.md``, "Where the
+            region puts tumors").
     """
 
     model: str
@@ -148,6 +153,7 @@ class OnlineInsertionSettings:
     context_mm: float = 20.0
     overlap: str = "replace"
     border_margin: int = 1
+    rim: bool | None = None
     _ranges: InsertionRanges = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -180,7 +186,7 @@ class OnlineInsertionSettings:
         return InsertionParameters(
             intensity_mode=self.intensity_mode, appearance=self.appearance, label_value=int(self.label_value),
             context_mm=float(self.context_mm), overlap=self.overlap,
-            border_margin=int(self.border_margin))
+            border_margin=int(self.border_margin), rim=self.rim)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
