@@ -600,9 +600,9 @@ def _run_jobs_batched(jobs: Sequence[tuple[Case, int, str]], model: str, setting
         return [(p, next(results)) if isinstance(p, PreparedCase) else (None, p) for p in prepared]
 
     def write(job, outcome) -> str | None:
-        if stop.is_set():
-            return _NOT_RUN
         prepared, result = outcome
+        if stop.is_set() and not isinstance(result, BaseException):  # a failure keeps its own message
+            return _NOT_RUN
         try:
             if not isinstance(result, BaseException):
                 write_case(prepared, result, settings, out_dir)

@@ -129,8 +129,20 @@ def test_the_side_is_chosen_by_realism_per_visibility_and_the_level_by_realism()
                           visibility_floor=0.05)
     assert choice.level > -0.6  # per unit of visibility the bright side wins: 3.0 / 1.35 < 2.0 / 0.15
     assert choice.level == pytest.approx(0.75, abs=0.05)  # ...and realism alone sets the level there
-    assert choice.per_visibility is not None and not choice.ambiguous
     assert choice.to_dict()["per_visibility"] == [round(v, 4) for v in choice.per_visibility]
+    # Realism alone prefers the other side (2.0 against 3.0): the choice is not confirmed.
+    assert choice.other_side_margin == pytest.approx((2.0 - 3.0) / 3.0, abs=0.02) and choice.ambiguous
+
+
+def test_a_near_tie_of_realism_is_ambiguous_whatever_the_room_on_each_side():
+    """With visibility growing with the distance from the surroundings, as real patches', S / V
+    favours the side with more room; a near-tie of realism alone must still be flagged."""
+    background = torch.full((1, 40, 40), 0.1)
+    mask = torch.zeros(1, 40, 40)
+    mask[0, 15:25, 15:25] = 1
+    near_tie = lambda v: 3.84 + min((v + 0.25) ** 2, (v - 0.55) ** 2 - 0.01)  # noqa: E731
+    choice = choose_level(_HidingBank(near_tie), background, mask, torch.ones(1, 40, 40), shell=0.1)
+    assert abs(choice.other_side_margin) < 0.02 and choice.ambiguous
 
 
 def test_an_ambiguous_level_choice_warns_and_is_recorded(simulated_model, monkeypatch):
@@ -170,6 +182,13 @@ def test_an_unannotated_model_warns_once_that_its_level_is_realisms_guess(simula
         insert_tumor(washed, subject.affine_b, source, annotated, InsertionParameters(seed=0))
         insert_tumor(washed, subject.affine_b, source, simulated_model.copy(),  # no level chosen here
                      InsertionParameters(seed=0, appearance="fixed", contrast=0.5))
+    # Turned into an error, it stops every insertion, not only the first.
+    strict = simulated_model.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnannotatedModelWarning)
+        for _ in range(2):
+            with pytest.raises(UnannotatedModelWarning):
+                insert_tumor(washed, subject.affine_b, source, strict, InsertionParameters(seed=0))
 
 
 def test_the_default_makes_an_enhancing_tumor_brighter_than_its_surroundings_in_cet1():

@@ -83,7 +83,10 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
     assert path.name == "singan_insert_online.json"
     assert read_online_settings(tmp_path) == settings
     assert settings.insertion_parameters().rim is False
-    assert OnlineInsertionSettings(model=model).insertion_parameters().rim is None  # the default: on
+    # By default no fluid cleft where tumors land anywhere in the foreground; the default with labels.
+    assert OnlineInsertionSettings(model=model).insertion_parameters().rim is False
+    assert OnlineInsertionSettings(model=model, placement=[2]).insertion_parameters().rim is None
+    assert OnlineInsertionSettings(model=model, rim=True).insertion_parameters().rim is True
     other = tmp_path / "elsewhere.json"
     other.write_text(json.dumps({"model": model, "sources": "/data/ceT1_cases"}))
     monkeypatch.setenv(online.SETTINGS_VARIABLE, str(other))

@@ -47,10 +47,11 @@ hrT2 tumors inserted into ceT1 the other way round: :math:`S` alone put an enhan
 on the dark side for 51 of 52 subjects and an hrT2 one on the wrong side for 1 of 44;
 :math:`S / V` for the side put all 96 on the right one, and for hrT2 left the chosen level
 unchanged on the other 43. :math:`S / V` alone is no level chooser: it prefers the extremes.)
-Where the best eligible levels darker and brighter than :math:`\\bar s` are within
-:data:`AMBIGUOUS_MARGIN` of each other in :math:`S / V`, the choice is flagged as ambiguous (the
-insertion warns: the side may be wrong, and an annotation of the training slice's tumor decides
-it).
+The choice is flagged as ambiguous (the insertion warns: the side may be wrong, and an annotation
+of the training slice's tumor decides it) unless realism alone confirms the side: unless the
+chosen side's best level scores at least :data:`AMBIGUOUS_MARGIN` better in :math:`S` than the
+other side's best. (:math:`S / V`'s own margin between the sides mostly measures the room each
+side has, so it is not the measure of doubt.)
 
 **Mapping.** The tumor's mapped intensities :math:`v_1` (``"normalized"`` or ``"matched"`` at
 :math:`\\lambda = 1`) keep their internal structure (ranks and relative contrasts); their mean
@@ -222,7 +223,8 @@ class PatchBank:
 
 
 class AmbiguousLevelWarning(UserWarning):
-    """The realism score could hardly tell a darker tumor from a brighter one (:attr:`LevelChoice.ambiguous`)."""
+    """Realism alone does not confirm the side of the surroundings the tumor was put on
+    (:attr:`LevelChoice.ambiguous`)."""
 
 
 class UnannotatedModelWarning(UserWarning):
@@ -237,11 +239,12 @@ class UnannotatedModelWarning(UserWarning):
     """
 
 
-#: A level choice whose best candidates darker and brighter than the surroundings are within this
-#: fraction of each other in realism per unit of visibility is ambiguous
-#: (:attr:`LevelChoice.ambiguous`). On the simulator's subjects the two sides were 75 % or more
-#: apart on every one of 44 hrT2 and 52 ceT1 insertions (seeds 100-107, 200-219, 300-315; a
-#: one-off probe, 2026-12-07).
+#: A level choice is ambiguous (:attr:`LevelChoice.ambiguous`) unless the best level on the chosen
+#: side scores at least this fraction better in realism alone than the best on the other side.
+#: On 44 simulated hrT2 insertions (seeds 100-107, 200-219, 300-315) realism alone confirmed the
+#: side by 4.4 % or more on 43 and flagged subject 107 (-0.8 %: it preferred the bright side); on
+#: the 52 ceT1 insertions the other way round it flagged all 52 (down to -29 %), where the side
+#: rule was right and realism alone wrong (a one-off probe, 2026-12-07).
 AMBIGUOUS_MARGIN = 0.02
 
 
@@ -251,8 +254,8 @@ class LevelChoice:
 
     ``scores``: the realism score :math:`S` per candidate level; ``per_visibility``:
     :math:`S / V`, which chose the side. ``other_side_margin``: how much worse (relative) the best
-    eligible level on the other side of the surroundings' level does in :math:`S / V` than the
-    chosen side's best; ``None`` when that side has none.
+    eligible level on the other side of the surroundings' level scores in :math:`S` than the chosen
+    side's best (negative: realism alone prefers the other side); ``None`` when that side has none.
     """
 
     level: float
@@ -265,7 +268,7 @@ class LevelChoice:
 
     @property
     def ambiguous(self) -> bool:
-        """The realism score can hardly tell a darker tumor from a brighter one here."""
+        """Realism alone does not confirm the chosen side (see :data:`AMBIGUOUS_MARGIN`)."""
         return self.other_side_margin is not None and self.other_side_margin < AMBIGUOUS_MARGIN
 
     def to_dict(self) -> dict[str, Any]:
@@ -326,8 +329,8 @@ def choose_level(
     other_side = eligible & ~side
     margin = None
     if bool(other_side.any()):
-        chosen = float(per_visibility[side_best])
-        margin = (float(per_visibility[other_side].min()) - chosen) / max(abs(chosen), 1e-12)
+        chosen = float(scores[best])
+        margin = (float(scores[other_side].min()) - chosen) / max(abs(chosen), 1e-12)
     return LevelChoice(level, float(shell), levels.tolist(), scores.tolist(), eligible.tolist(), margin,
                        per_visibility.tolist())
 

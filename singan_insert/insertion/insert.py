@@ -803,10 +803,10 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
             side = "brighter" if choice.level > shell_model else "darker"
             warnings.warn(
                 f"The model could hardly tell whether this tumor should be darker or brighter than its "
-                f"surroundings in the target modality (the best levels on either side score within "
-                f"{100 * choice.other_side_margin:.1f} % of each other, under the {100 * AMBIGUOUS_MARGIN:g} % it "
-                f"takes to tell); it made it {side}, which may be "
-                "the wrong side. Annotate the tumor on the model's training slice (a rough mask: "
+                f"surroundings in the target modality: it made it {side}, but realism alone rates that "
+                f"side's best level only {100 * choice.other_side_margin:+.1f} % against the other side's "
+                f"(it takes {100 * AMBIGUOUS_MARGIN:g} % to confirm a side; below 0, realism alone prefers the "
+                "other side), so it may be the wrong side. Annotate the tumor on the model's training slice (a rough mask: "
                 "Harmonizer.annotate, or singan-insert annotate) so that the level comes from a real "
                 "tumor of that modality, or pass InsertionParameters(appearance='fixed', contrast=...).",
                 AmbiguousLevelWarning, stacklevel=4)
@@ -829,7 +829,6 @@ def _warn_unannotated(harmonizer: Harmonizer) -> None:
     thousands of tumors with one model)."""
     if harmonizer.__dict__.get("_warned_unannotated"):
         return
-    harmonizer.__dict__["_warned_unannotated"] = True
     modality = harmonizer.modality or "the target modality"
     warnings.warn(
         f"This model has no tumor annotation, so each tumor's level in {modality} is chosen by realism "
@@ -841,6 +840,8 @@ def _warn_unannotated(harmonizer: Harmonizer) -> None:
         "training slice (a rough mask: Harmonizer.annotate, singan-insert annotate, or train with "
         "--label) so that the level comes from a real tumor of that modality. Shown once per model.",
         UnannotatedModelWarning, stacklevel=5)
+    # Only once said: a warning turned into an error must stop every insertion, not the first.
+    harmonizer.__dict__["_warned_unannotated"] = True
 
 
 def _map_intensities(values, source_quantiles, target_quantiles, mode, contrast) -> np.ndarray:

@@ -9,8 +9,9 @@
 * :mod:`~singan_insert.stages.slices`: slice datasets and ``translate_volume``.
 
 CycleGAN and pix2pix share one training loop (``stages/_training.py``: schedule, checkpoints
-with exact resume, torchrun). The stages depend on the core, never the other way round, and only
-:mod:`singan_insert.pipeline` imports them.
+with exact resume, torchrun). The stages depend on the core, never the other way round; only
+:mod:`singan_insert.pipeline` imports them, and :mod:`singan_insert.integrations.nnunet` the
+shipped nnU-Net trainers' schedules (:mod:`~singan_insert.stages.nnunet_trainers`).
 """
 
 from singan_insert.stages.cyclegan import CycleGAN, CycleGANConfig, train_cyclegan
