@@ -21,7 +21,9 @@ Conditions (everything else as :func:`~singan_insert.datasets.phantom.simulate_s
 
 Rows: ``default`` (unannotated model), ``annotated``, ``annotated, no rim`` (``rim=False``: without
 the annotated slice's fluid cleft around the tumor) and, as the simplest alternative, the mapped
-paste at a fixed contrast factor of 0.5 (the best fixed lambda of ``bench_quality``), harmonized.
+paste at a fixed contrast factor of 0.5 (the best fixed lambda of ``bench_quality``), harmonized;
+and the oracle bound ``truth level`` (a flat tumor at the truth's own mean level, as in
+``bench_quality``'s ``oracle_level``).
 Columns: tumors with a contrast ratio >= 0.6 (target 2's "visible"), the median contrast ratio,
 and the mean low-pass tumor error (target 3's measure).
 
@@ -95,13 +97,14 @@ def main(argv=None) -> None:
     seeds = list(range(args.first_seed, args.first_seed + args.subjects))
     rows, per_subject = [], {}
     for condition, (settings, tissue) in CONDITIONS.items():
-        scores: dict[str, list[dict]] = {name: [] for name in methods}
+        scores: dict[str, list[dict]] = {name: [] for name in (*methods, "truth level")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnannotatedModelWarning)  # the unannotated row is meant
             for seed in seeds:
                 case = prepare(f"subject {seed}", simulate_subject(seed, **settings), model, tissue, seed)
                 for name, (harmonizer, parameters) in methods.items():
                     scores[name].append(case.score(case.insert(harmonizer, parameters)))
+                scores["truth level"].append(case.score(case.flat_at_truth_level()))
         for name, values in scores.items():
             ratios = [v["contrast_ratio"] for v in values if np.isfinite(v["contrast_ratio"])]
             rows.append({"condition": condition, "method": name,

@@ -93,8 +93,8 @@ class _CurveBank:
         levels = images[:, 0, 20, 20]  # the candidates' tumor level (a pixel inside the mask)
         return torch.tensor([self.curve(float(v)) for v in levels])
 
-    def visibility(self, images, region, reference):  # equal: the side is the score's
-        return torch.ones(images.shape[0])
+    def score_and_visibility(self, images, region, reference):  # equal visibility: the side is the score's
+        return self.score(images, region), torch.ones(images.shape[0])
 
 
 @pytest.mark.parametrize("curve, ambiguous", [
@@ -115,8 +115,8 @@ class _HidingBank(_CurveBank):
     """A realism score lowest where the tumor nearly hides (just past the floor, dark side), and
     visibility that grows with the distance from the surroundings, as real patches' does."""
 
-    def visibility(self, images, region, reference):
-        return (images[:, 0, 20, 20] - reference[0, 20, 20]).abs()
+    def score_and_visibility(self, images, region, reference):
+        return self.score(images, region), (images[:, 0, 20, 20] - reference[0, 20, 20]).abs()
 
 
 def test_the_side_is_chosen_by_realism_per_visibility_and_the_level_by_realism():

@@ -123,7 +123,7 @@ def training_slice_from_subject(subject: SimulatedSubject, axis: int = 2,
                                 modality: str = MODALITY_B) -> tuple[np.ndarray, tuple[float, float], int]:
     """The slice of ``modality`` (the simulator's ``"hrT2"``, default, or ``"ceT1"``) with the
     largest tumor area (every crossMoDA scan shows its tumor): ``(slice, in-plane spacing, index)``."""
-    image, label, spacing3d = _modality_arrays(subject, modality)
+    image, label, _, spacing3d = _modality_arrays(subject, modality)
     areas = (label == 1).sum(axis=tuple(a for a in range(3) if a != axis))
     index = int(np.argmax(areas))
     spacing = tuple(s for a, s in enumerate(spacing3d) if a != axis)
@@ -131,11 +131,11 @@ def training_slice_from_subject(subject: SimulatedSubject, axis: int = 2,
 
 
 def _modality_arrays(subject: SimulatedSubject, modality: str):
-    """``(image, label, spacing)`` of one of the simulator's two modalities."""
+    """``(image, label, affine, spacing)`` of one of the simulator's two modalities."""
     if modality == MODALITY_B:
-        return subject.image_b, subject.label_b, subject.spacing_b
+        return subject.image_b, subject.label_b, subject.affine_b, subject.spacing_b
     if modality == MODALITY_A:
-        return subject.image_a, subject.label_a, subject.spacing_a
+        return subject.image_a, subject.label_a, subject.affine_a, subject.spacing_a
     raise SinganInsertError(f"modality must be {MODALITY_B!r} or {MODALITY_A!r}, got {modality!r}.")
 
 
@@ -312,17 +312,13 @@ class QualitySubject:
         other way round); truth = the simulator's ``target`` render of that tumor there."""
         from scipy.ndimage import affine_transform
 
-        if target == MODALITY_B:
-            washed, affine, render = subject.render_b_washed_out(), subject.affine_b, subject.render_b
-            source_image, source_label, source_affine = subject.image_a, subject.label_a, subject.affine_a
-        elif target == MODALITY_A:
-            washed, affine, render = subject.render_a(np.zeros(subject.label_a.shape, bool)), subject.affine_a, \
-                subject.render_a
-            source_image, source_label, source_affine = subject.image_b, subject.label_b, subject.affine_b
-        else:
-            raise SinganInsertError(f"target must be {MODALITY_B!r} or {MODALITY_A!r}, got {target!r}.")
+        _, label, affine, target_spacing = _modality_arrays(subject, target)
+        other = MODALITY_A if target == MODALITY_B else MODALITY_B
+        source_image, source_label, source_affine, _ = _modality_arrays(subject, other)
+        render = subject.render_b if target == MODALITY_B else subject.render_a
+        washed = render(np.zeros(label.shape, bool))  # the tumor-free target (render_b_washed_out)
         source = SourceTumor.from_arrays(source_image, source_label, source_affine, label_value=1)
-        spacing = tuple(float(s) for s in (subject.spacing_b if target == MODALITY_B else subject.spacing_a))
+        spacing = tuple(float(s) for s in target_spacing)
         axis = through_plane_axis(spacing)
         source_to_target = np.linalg.inv(source_affine) @ affine
         source_on_target = affine_transform(source_image, source_to_target[:3, :3], source_to_target[:3, 3],

@@ -35,7 +35,7 @@ plentiful dark regions (air, bone, CSF) nearly exactly, whatever B's tumors look
 side (darker or brighter than :math:`\\bar s`) is that of the eligible level with the least
 realism cost per unit of visibility, :math:`S(L) / V(L)`, where :math:`V(L)` is the mean distance
 of the scored patches from the same patches :math:`q(\\varnothing)` without the tumor
-(:meth:`PatchBank.visibility`),
+(:meth:`PatchBank.score_and_visibility`),
 
 .. math::
 
@@ -182,15 +182,20 @@ class PatchBank:
             total += distance.min(dim=2).values.mean(dim=1)
         return total
 
-    def visibility(self, images: torch.Tensor, region: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """:math:`V` per candidate: the mean distance of its patches (those :meth:`score` compares)
-        from the same patches of ``reference`` ``(S, H, W)`` (the slices without the tumor), summed
-        over the factors: how much the candidate tumor shows."""
+    def score_and_visibility(self, images: torch.Tensor, region: torch.Tensor,
+                             reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:math:`S` and :math:`V` per candidate, from one cut of the patches: :math:`V` is the mean
+        distance of a candidate's patches (those :math:`S` compares) from the same patches of
+        ``reference`` ``(S, H, W)`` (the slices without the tumor), summed over the factors: how
+        much the candidate tumor shows."""
         stacked = torch.cat([images, reference[None].to(images.dtype)])
-        total = torch.zeros(images.shape[0])
-        for _, patches in self._query_patches(stacked, region):
-            total += (patches[:-1] - patches[-1:]).norm(dim=2).mean(dim=1)
-        return total
+        score, visibility = torch.zeros(images.shape[0]), torch.zeros(images.shape[0])
+        for bank, patches in self._query_patches(stacked, region):
+            candidates, without = patches[:-1], patches[-1:]
+            distance = torch.cdist(candidates, bank[None].expand(candidates.shape[0], -1, -1))
+            score += distance.min(dim=2).values.mean(dim=1)
+            visibility += (candidates - without).norm(dim=2).mean(dim=1)
+        return score, visibility
 
     def _query_patches(self, images: torch.Tensor, region: torch.Tensor):
         """Per factor: ``(bank patches, (K, Q, P) patches of the K images centred in the region)``."""
@@ -306,12 +311,12 @@ def choose_level(
     # Flat candidates: rendering the source's internal structure at each level chose levels
     # farther from the truth on the development subjects (median contrast ratio 1.39 vs 1.20).
     composites = background[None] * (1 - mask[None]) + levels.view(-1, 1, 1, 1) * mask[None]
-    scores = bank.score(composites, region)
+    scores, visibility = bank.score_and_visibility(composites, region, background)
     eligible = (levels - shell).abs() >= 2 * visibility_floor
     if not bool(eligible.any()):  # only when the floor exceeds the room on both sides
         eligible = (levels - shell).abs() == (levels - shell).abs().max()
     # The side: realism per unit of visibility (see the module docstring).
-    per_visibility = scores / bank.visibility(composites, region, background).clamp_min(1e-12)
+    per_visibility = scores / visibility.clamp_min(1e-12)
     unseen = torch.full_like(scores, float("inf"))
     side_best = int(torch.argmin(torch.where(eligible, per_visibility, unseen)))
     brighter = levels > shell
