@@ -19,8 +19,10 @@ Conditions (everything else as :func:`~singan_insert.datasets.phantom.simulate_s
                          placement region does; the truth is the simulator's render of the tumor
                          there (a schwannoma's tissue inside the brain: no fluid cleft around it).
 
-Rows: ``default`` (unannotated model), ``annotated``, ``annotated, no rim`` (``rim=False``: without
-the annotated slice's fluid cleft around the tumor) and, as the simplest alternative, the mapped
+Rows: ``default`` (unannotated model), ``annotated`` (its defaults: since 2026-12-07 the rim is
+off for a tumor moved to a location, i.e. in the two placed conditions), ``annotated, rim``
+(``rim=True``: with the annotated slice's fluid cleft around the tumor, the default everywhere
+before), ``annotated, no rim`` (``rim=False``) and, as the simplest alternative, the mapped
 paste at a fixed contrast factor of 0.5 (the best fixed lambda of ``bench_quality``), harmonized;
 and the oracle bound ``truth level`` (a flat tumor at the truth's own mean level, as in
 ``bench_quality``'s ``oracle_level``).
@@ -91,6 +93,7 @@ def main(argv=None) -> None:
     methods = {
         "default": (model, InsertionParameters(seed=0)),
         "annotated": (annotated, InsertionParameters(seed=0)),
+        "annotated, rim": (annotated, InsertionParameters(seed=0, rim=True)),
         "annotated, no rim": (annotated, InsertionParameters(seed=0, rim=False)),
         "fixed 0.5": (model, InsertionParameters(seed=0, appearance="fixed", contrast=0.5)),
     }

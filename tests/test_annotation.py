@@ -350,6 +350,35 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
     assert np.array_equal(replayed.image, with_rim.image)
 
 
+
+def test_a_tumor_moved_to_a_location_gets_no_rim_unless_asked(annotated_model):
+    """Where the tumor grew (no location), the annotated rim; moved to a location, whose
+    surroundings need not be the fluid space it comes from, none unless ``rim=True``."""
+    from singan_insert.insertion.placement import Placement
+
+    subject = simulate_subject(3)
+    target = subject.render_b_washed_out()
+    source = SourceTumor.from_arrays(subject.image_a, subject.label_a, subject.affine_a, label_value=1)
+    # A location inside the head, a few voxels from where the tumor grew.
+    location = tuple(float(c) + d for c, d in zip(np.argwhere(subject.label_b == 1).mean(axis=0), (6, -4, 0)))
+
+    def inserted(**fields):
+        return insert_tumor(target, subject.affine_b, source, annotated_model, InsertionParameters(seed=0, **fields))
+
+    assert inserted().record["parameters"]["rim"] is True
+    moved = inserted(placement=Placement(location=location))
+    assert moved.record["parameters"]["rim"] is False
+    unmoved_pose = inserted(placement=Placement(flips=(True, False, False)))  # turned in place: not moved
+    assert unmoved_pose.record["parameters"]["rim"] is True
+    without = inserted(placement=Placement(location=location), rim=False)
+    forced = inserted(placement=Placement(location=location), rim=True)
+    assert np.array_equal(moved.image, without.image)
+    assert forced.record["parameters"]["rim"] is True and not np.array_equal(forced.image, moved.image)
+    # The record replays as made, whatever the default becomes.
+    replayed = insert_tumor(target, subject.affine_b, source, annotated_model,
+                            InsertionParameters.from_dict(forced.record["parameters"]))
+    assert np.array_equal(replayed.image, forced.image)
+
 def test_rim_scale_follows_the_tumor_size():
     profile = TumorProfile(0.0, 0.0, 0.0, 0.0, 0.0, 1, rim_levels=(0.5, 0.1, 0.0), radius_mm=4.0)
     spacing = (0.5, 0.5)

@@ -83,8 +83,9 @@ def test_settings_round_trip_through_the_dataset_file_and_the_variable(tmp_path,
     assert path.name == "singan_insert_online.json"
     assert read_online_settings(tmp_path) == settings
     assert settings.insertion_parameters().rim is False
-    # By default no fluid cleft where tumors land anywhere in the foreground; the default with labels.
-    assert OnlineInsertionSettings(model=model).insertion_parameters().rim is False
+    # The insertion's own default, which leaves the rim off for every tumor moved to a location
+    # (each placement here; test_annotation.py, test_a_tumor_moved_to_a_location_gets_no_rim_unless_asked).
+    assert OnlineInsertionSettings(model=model).insertion_parameters().rim is None
     assert OnlineInsertionSettings(model=model, placement=[2]).insertion_parameters().rim is None
     assert OnlineInsertionSettings(model=model, rim=True).insertion_parameters().rim is True
     other = tmp_path / "elsewhere.json"

@@ -299,6 +299,38 @@ def test_intensity_quantiles_keep_extremes_and_bound_cost():
     assert np.allclose(exact, approx, atol=0.02)
 
 
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_quantile_table_read_off_the_sorted_sample_is_numpys_to_the_last_bit(dtype):
+    from singan_insert.insertion.placement import _sorted_quantiles
+
+    rng = np.random.default_rng(1)
+    for size in (1, 2, 7, 1390, 80247):
+        for ordered in (np.sort(rng.normal(scale=300, size=size).astype(dtype)),
+                        np.sort(rng.integers(0, 50, size).astype(dtype))):  # ties
+            expected = np.quantile(ordered, np.linspace(0.0, 1.0, 8193)).astype(np.float64)
+            assert np.array_equal(_sorted_quantiles(ordered, 8193), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint16, np.uint8])
+def test_whole_volume_extremes_by_either_path(dtype):
+    from singan_insert.insertion.placement import _min_max
+
+    values = (np.random.default_rng(2).random((20, 30, 8)) * 200).astype(dtype)
+    assert _min_max(values) == (float(values.min()), float(values.max()))
+    read_only = values.copy()
+    read_only.flags.writeable = False  # numpy's path: torch would warn on it
+    assert _min_max(read_only) == (float(values.min()), float(values.max()))
+    assert _min_max(values[:, ::-1]) == (float(values.min()), float(values.max()))
+    if np.issubdtype(dtype, np.floating):
+        for bad in (np.nan, np.inf, -np.inf):
+            spoilt = values.copy()
+            spoilt[3, 4, 5] = bad
+            assert not all(np.isfinite(_min_max(spoilt)))
+            with pytest.raises(SinganInsertError, match="NaN|infinite|finite"):
+                intensity_quantiles(spoilt)
+
+
 # ---------------------------------------------------------------- 2D targets and margins
 def test_a_two_dimensional_target_receives_the_tumor_section_through_its_plane(source):
     tumor, _, mask, affine = source

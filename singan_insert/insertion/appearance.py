@@ -130,6 +130,8 @@ MAX_QUERY_PATCHES = 256
 MAX_SCORED_SLICES = 4
 #: Texture: side of the low-pass patches matched against the training slice's (model pixels).
 TEXTURE_PATCH_SIZE = 5
+#: Largest correlation width (px) :func:`correlation_width` gives a texture.
+MAX_TEXTURE_WIDTH_PX = 3.0
 
 
 class PatchBank:
@@ -478,7 +480,18 @@ def inject_texture(
     """
     from scipy.ndimage import gaussian_filter
 
-    inside = mask_slices > 0
+    full_shape = np.shape(harmonized)
+    inside = np.asarray(mask_slices) > 0
+    surroundings = np.asarray(surroundings, dtype=bool)
+    # Drawn over the whole crop, as before the box below: the same noise, so the same outputs.
+    white = np.random.default_rng(seed).standard_normal(full_shape)
+    # Everything below reads the tumor and its rim only: work on their in-plane bounding box with
+    # a margin of every filter's reach, which gives the same values there as the whole crop (a
+    # clinical crop is several times the box) and keeps the crop's own edges where they reach.
+    widest = MAX_TEXTURE_WIDTH_PX if in_plane_width is None else max(float(in_plane_width), MAX_TEXTURE_WIDTH_PX)
+    box = support_box(inside | surroundings, _filter_reach(highpass_sigma) + _filter_reach(widest))
+    full, harmonized = harmonized, np.asarray(harmonized)[box]
+    background, inside, surroundings, white = (np.asarray(a)[box] for a in (background, inside, surroundings, white))
     texture = highpass(background, highpass_sigma)
     if target_std is None:
         target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
@@ -497,19 +510,34 @@ def inject_texture(
     added = math.sqrt(max(target_std ** 2 - tumor_std ** 2, 0.0))
     widths = (correlation_width(texture, surroundings, 0),
               correlation_width(texture, surroundings, 1, 2) if in_plane_width is None else float(in_plane_width))
-    out = np.array(harmonized, copy=True)
+    out = np.array(full, copy=True)
     info: dict[str, Any] = {"target_std": target_std, "tumor_std": tumor_std, "highpass_sigma_px": highpass_sigma,
                             "width_through_plane_px": widths[0], "width_in_plane_px": widths[1]}
     if added > 0:
-        white = np.random.default_rng(seed).standard_normal(harmonized.shape)
         noise = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"), highpass_sigma)
-        # Scaled to unit sd over the tumor, but never by more than twice the noise field's own sd:
-        # over a few voxels (a tumor of one voxel: sd 0) the sample sd says nothing of the
-        # field's, and dividing by it would multiply the noise without bound.
+        # Scaled to unit sd over the tumor, but never by more than twice the noise field's own sd
+        # (over the box): over a few voxels (a tumor of one voxel: sd 0) the sample sd says
+        # nothing of the field's, and dividing by it would multiply the noise without bound.
         noise /= max(float(noise[inside].std()), 0.5 * float(noise.std()), 1e-12)
-        out[inside] = (out[inside] + added * noise[inside]).astype(out.dtype)
+        tumor = out[box]  # a view: basic slicing
+        tumor[inside] = (tumor[inside] + added * noise[inside]).astype(out.dtype)
     info["added_std"] = added
     return out, info
+
+
+def _filter_reach(sigma_px: float) -> int:
+    """How far (px) scipy's Gaussian filter of sd ``sigma_px`` reads (its default truncation, 4 sd)."""
+    return int(4.0 * float(sigma_px) + 0.5)
+
+
+def support_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Every slice, and the in-plane bounding box of ``region`` (``(S, H, W)``) grown by ``margin``
+    px and cut to the array."""
+    rows, columns = np.nonzero(region.any(axis=(0, 2)))[0], np.nonzero(region.any(axis=(0, 1)))[0]
+    if rows.size == 0:
+        return (slice(None),) * 3
+    return (slice(None), slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
+            slice(max(int(columns[0]) - margin, 0), int(columns[-1]) + margin + 1))
 
 
 class TextureBank:
@@ -549,8 +577,12 @@ class TextureBank:
         """B's texture sd (model units) for ``(S, H, W)`` model-unit ``slices``, patches centred in ``region``."""
         from scipy.ndimage import gaussian_filter
 
-        low = gaussian_filter(np.asarray(slices, dtype=np.float64), (0, 1.0, 1.0), mode="reflect")
         half = self.patch_size // 2
+        # Only the region's bounding box is read (with the patch's and the filter's reach: the
+        # same patches as from the whole slices).
+        box = support_box(np.asarray(region, bool), half + _filter_reach(1.0))
+        slices, region = np.asarray(slices)[box], np.asarray(region)[box]
+        low = gaussian_filter(np.asarray(slices, dtype=np.float64), (0, 1.0, 1.0), mode="reflect")
         patches = F.unfold(torch.from_numpy(low.astype(np.float32))[:, None], self.patch_size)
         patches = patches.permute(0, 2, 1).reshape(-1, patches.shape[1])
         centre = np.asarray(region, bool)[:, half:region.shape[1] - half, half:region.shape[2] - half]
@@ -583,7 +615,7 @@ def correlation_width(texture: np.ndarray, region: np.ndarray, *axes: int) -> fl
     rho = float(np.mean(correlations)) if correlations else 0.0
     if rho <= 0.05:
         return 0.0
-    return float(min(math.sqrt(-1 / (4 * math.log(min(rho, 0.99)))), 3.0))
+    return float(min(math.sqrt(-1 / (4 * math.log(min(rho, 0.99)))), MAX_TEXTURE_WIDTH_PX))
 
 
 def robust_std(values: np.ndarray) -> float:

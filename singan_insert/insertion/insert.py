@@ -92,6 +92,7 @@ from singan_insert.insertion.appearance import (
     inplane_distance,
     partial_volume,
     spread_outward,
+    support_box,
     choose_level,
     inject_texture,
     masked_lowpass,
@@ -185,7 +186,12 @@ class InsertionParameters:
         rim: with a model whose training slice's tumor is annotated, give the new tumor the
             annotated tumor's rim, B's mean level in each band of
             :data:`~singan_insert.insertion.annotation.RIM_EDGES_MM` outside it (see
-            :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with ``appearance="auto"`` and an annotated model.
+            :func:`~singan_insert.insertion.annotation.render_rim`); ``None``: on with
+            ``appearance="auto"`` and an annotated model for a tumor left where it physically is
+            (``placement`` without a ``location``: its own site, as in the cross-modal pipeline),
+            off for a tumor moved to a ``location``, whose new surroundings need not be the fluid
+            space the annotated rim comes from (placed in white matter or at a CSF voxel, 0 of 7
+            tumors stay visible with the rim, 7 of 7 without, ``benchmarks/dev_target_conditions.py``).
             Without an annotation there is no rim to copy and this has no effect (the realism
             score cannot choose one: it prefers the tissue's level, ``benchmarks/dev_rim_realism.py``).
         rim_scale: factor on the rim's band widths; ``None``: the new tumor's size over the
@@ -576,13 +582,18 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     # 4. composite, and every tumor slice along `axis` harmonized in one call
     composite_crop, composite = composite_of(mapped)
     if appearance == "auto":
-        composite = background + fraction * (spread_outward(composite, crop_mask) - background)
+        # The tumor's values spread only where its edge reaches (a clinical crop is mostly context).
+        near = support_box(fraction > 0, 0)
+        spread = composite.copy()
+        spread[near] = spread_outward(composite[near], crop_mask[near])
+        composite = background + fraction * (spread - background)
         np.moveaxis(composite_crop, axis, 0)[slice_indices] = composite  # the returned composite
     profile = TumorProfile.of(harmonizer, SHELL_MM) if appearance_record.get("by") == "annotation" else None
     if params.rim and profile is None:
         warnings.warn("rim=True has no effect: the model's training slice has no tumor annotation "
                       "(Harmonizer.annotate) or the appearance is not 'auto'.", stacklevel=2)
-    rim = (profile is not None) if params.rim is None else (params.rim and profile is not None)
+    moved = params.placement is not None and params.placement.location is not None
+    rim = (profile is not None and not moved) if params.rim is None else (params.rim and profile is not None)
     # Default: kept where the appearance is B's own (annotated); without an annotation the
     # pyramid's pull still corrects a realism-chosen level (bench_quality: W1 and seam worse when
     # kept, and no gain downstream, bench_pipeline's ours_unannotated, one-off runs 2026-12-02).

