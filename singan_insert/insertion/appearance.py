@@ -242,7 +242,9 @@ class UnannotatedModelWarning(UserWarning):
     where they are brighter or darker than every tissue around them (an enhancing tumor in ceT1)
     it is a tissue's level, on the right side of the surroundings but with too little contrast
     (``benchmarks/results/bench_quality_cet1.md``), and only an annotation of the training slice's
-    tumor gives the right level.
+    tumor gives the right level. The same holds for a tumor moved away from where such tumors grow:
+    placed in brain tissue, realism mostly makes it darker than the tissue (a flow void's or bone's
+    level), where a schwannoma is brighter (``benchmarks/results/dev_target_conditions.md``).
     """
 
 

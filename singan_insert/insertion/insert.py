@@ -847,7 +847,10 @@ def _warn_unannotated(harmonizer: Harmonizer) -> None:
         "like one of its tissues (simulated hrT2), not where they are brighter or darker than every tissue "
         "around them: there it gives a tissue's level (simulated enhancing tumors in ceT1: the right side "
         "of their surroundings, but about a quarter of the true contrast, less than a fixed contrast "
-        "factor gives; benchmarks/results/bench_quality_cet1.md). Annotate the tumor on the model's "
+        "factor gives; benchmarks/results/bench_quality_cet1.md), nor for a tumor moved away from where such "
+        "tumors grow (simulated hrT2 tumors centred in white matter or on a random CSF voxel: 4 and 2 of 7 "
+        "visible, most of the others darker than the tissue around them where the truth is brighter; "
+        "annotated: 7 of 7; benchmarks/results/dev_target_conditions.md). Annotate the tumor on the model's "
         "training slice (a rough mask: Harmonizer.annotate, singan-insert annotate, or train with "
         "--label) so that the level comes from a real tumor of that modality. Shown once per model.",
         UnannotatedModelWarning, stacklevel=5)
