@@ -39,7 +39,10 @@ output only when its record's fingerprint matches and its files are those; an ou
 parameters or inputs changed, or whose files were deleted or damaged, is redone. A redo
 writes its files in full (temporary files) before the previous ones are touched, then removes
 the previous record, renames the files into place and the record last: a redo that fails keeps
-the previous output with its record. Options no case could run with (a start scale out of the
+the previous output with its record. Outputs of a case beyond this run's ``num`` that an earlier
+run left are checked too: those this run would not make as they are (other settings, inputs or
+model) are listed, left in place, and make the exit status 1, as a folder read as one dataset
+would mix them in. Options no case could run with (a start scale out of the
 model's range) are refused before any output is touched. The random parameters of each
 output are drawn from a seed derived from (``--seed``, name, k) only, so the result does not
 depend on the number of workers or on the order in which cases finish.
@@ -738,14 +741,8 @@ def check_same_inputs(out_dir: Path, case: Case) -> None:
     another subject (``subj1/target.nii.gz``, ``subj2/target.nii.gz``) whose outputs would
     silently replace the first one's.
     """
-    import glob
-    import re
-
-    pattern = re.compile(rf"{re.escape(case.name)}_aug\d+\.json")
     wanted = _input_paths(case)
-    for path in sorted(Path(out_dir).glob(f"{glob.escape(case.name)}_aug*.json")):
-        if not pattern.fullmatch(path.name):
-            continue
+    for _, path in _case_records(out_dir, case):
         try:
             record = json.loads(path.read_text())
             made_from = record.get("input_paths") or {
@@ -759,6 +756,17 @@ def check_same_inputs(out_dir: Path, case: Case) -> None:
                 f"{path} was made from other input files ({shown}), not from this case's. These "
                 f"outputs would be replaced: give this case's outputs another name with --name, or "
                 f"write to another --out (delete {Path(out_dir) / case.name}_aug* to replace them).")
+
+
+def _case_records(out_dir: Path, case: Case) -> list[tuple[int, Path]]:
+    """``(k, path)`` of every record ``<name>_aug<k>.json`` of ``case`` in ``out_dir``, by path."""
+    import glob
+    import re
+
+    pattern = re.compile(rf"{re.escape(case.name)}_aug(\d+)\.json")
+    found = ((pattern.fullmatch(path.name), path)
+             for path in sorted(Path(out_dir).glob(f"{glob.escape(case.name)}_aug*.json")))
+    return [(int(match.group(1)), path) for match, path in found if match is not None]
 
 
 def run_insert(args: argparse.Namespace) -> int:
@@ -820,6 +828,8 @@ def run_insert(args: argparse.Namespace) -> int:
                   f"({changed} with changed parameters, inputs or model; {len(damaged)} whose files "
                   "are missing or differ from their record).")
             _print_list("redone:", damaged)
+        stale = _stale_beyond_num(out_dir, cases, settings, model_sha256)
+        _report_stale(stale, settings.num)
         _print_list("incomplete case", [f"{p.name}: {p.message}" for p in incomplete])
         if batched:
             failures = _run_jobs_batched(jobs, str(model_file), settings, out_dir, str(device),
@@ -837,7 +847,35 @@ def run_insert(args: argparse.Namespace) -> int:
         print(f"  refused: {problem.name}: {problem.message}")
     # Again after the progress bar, which scrolls the first list out of view on a big dataset.
     _print_list("incomplete case", [f"{p.name}: {p.message}" for p in incomplete])
-    return 1 if failures or refused or incomplete else 0
+    _report_stale(stale, settings.num)
+    return 1 if failures or refused or incomplete or stale else 0
+
+
+def _stale_beyond_num(out_dir: Path, cases: Sequence[Case], settings: InsertSettings,
+                      model_sha256: str) -> list[str]:
+    """The outputs ``<name>_aug<k>`` with ``k >= num`` of this run's cases that an earlier run
+    left and that this run would not make as they are (other settings, inputs or model, or
+    damaged files): a folder read as one dataset would mix them in unnoticed. Those this run
+    would make identically are fine and not listed."""
+    stale = []
+    for case in cases:
+        for k, _ in _case_records(out_dir, case):
+            if k < settings.num:
+                continue
+            reason = _unfinished_reason(output_paths(out_dir, case, k),
+                                        output_fingerprint(case, k, settings, model_sha256), settings.panels)
+            if reason is not None:
+                stale.append(f"{case.name} aug {k}: " + ("made with other settings, inputs or model"
+                                                         if reason == "changed" else reason))
+    return stale
+
+
+def _report_stale(stale: Sequence[str], num: int) -> None:
+    if stale:
+        print(f"{len(stale)} output(s) beyond --num {num} were left by an earlier run and do not match "
+              "this one: delete them, or re-run with a --num that covers them to redo them. "
+              "They make the exit status 1.")
+        _print_list("left over:", list(stale))
 
 
 def _print_list(what: str, lines: Sequence[str], limit: int = 20) -> None:

@@ -184,6 +184,22 @@ def test_damaged_outputs_are_redone(model, data, tmp_path, capsys):
     assert outputs(out) == reference
 
 
+
+def test_outputs_beyond_a_smaller_num_made_otherwise_are_reported(model, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert insert(model, "--data-root", str(data), "--out", str(out), "--num", "2") == 0
+    capsys.readouterr()
+    # Fewer outputs, same settings: the second is still this run's output, nothing to say.
+    assert insert(model, "--data-root", str(data), "--out", str(out), "--num", "1") == 0
+    assert "beyond --num" not in capsys.readouterr().out
+    # Fewer outputs with other settings: aug1 of each case is left from the other run.
+    assert insert(model, "--data-root", str(data), "--out", str(out), "--num", "1", "--label-value", "5") == 1
+    printed = capsys.readouterr().out
+    assert "2 output(s) beyond --num 1 were left by an earlier run and do not match this one" in printed
+    assert "left over: case_1 aug 1: made with other settings, inputs or model." in printed
+    assert "left over: case_2 aug 1: made with other settings, inputs or model." in printed
+    assert (out / "case_1_aug1_label.nii.gz").exists()  # reported, never deleted
+
 def test_outputs_keep_the_target_header(model, data, tmp_path):
     out = tmp_path / "out"
     assert insert(model, "--data-root", str(data), "--out", str(out)) == 0

@@ -195,6 +195,17 @@ def test_overlap_policies(tiny_harmonizer, source, target):
     assert np.all(kept.label[existing == 2] == 2)
     assert np.array_equal(kept.mask, tumor & (existing == 0))  # image and label agree
     assert np.array_equal(kept.label == 3, kept.mask)
+    # ... in the image too: the labelled structure keeps its values, also where the tumor's edge
+    # and the blend reach (they changed them before), while the unlabelled surroundings blend.
+    assert np.array_equal(kept.image[existing == 2], target[existing == 2])
+    assert not np.array_equal(replaced.image[(existing == 2) & ~tumor], target[(existing == 2) & ~tumor])
+    overlapped = int(np.count_nonzero(tumor & (existing == 2)))
+    assert overlapped > 0
+    assert replaced.record["overlap"] == {"policy": "replace", "labelled_voxels": overlapped,
+                                          "by_label": {"2": overlapped}}
+    assert kept.record["overlap"]["policy"] == "keep" and kept.record["overlap"]["labelled_voxels"] == overlapped
+    plain = insert_tumor(target, AFFINE, source, tiny_harmonizer, InsertionParameters(label_value=3))
+    assert plain.record["overlap"] is None
     with pytest.raises(SinganInsertError, match="overlaps"):
         insert_tumor(target, AFFINE, source, tiny_harmonizer, InsertionParameters(overlap="error"),
                      target_label=existing)
@@ -216,6 +227,24 @@ def test_model_provenance_is_checked_when_declared(tiny_harmonizer, source, targ
                           modality="HRT2")
     assert result.record["parameters"]["axis"] == 2
 
+
+
+def test_an_insertion_across_another_plane_than_the_model_replays_from_its_record(tiny_harmonizer, source, target):
+    """The default cuts the target's thickest axis with a warning when the model was trained on
+    another; the record holds that axis, and must replay, while an axis that is neither stays refused."""
+    assert tiny_harmonizer.axis == 2 and tiny_harmonizer.orientation is None
+    turned = np.ascontiguousarray(np.transpose(target, (2, 1, 0)))  # thickest axis now 0
+    affine = np.zeros((4, 4))
+    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = SPACING[0], SPACING[1], SPACING[2], 1.0
+    with pytest.warns(UserWarning, match="thickest voxel axis is 0 but the model was trained on slices cut along axis 2"):
+        first = insert_tumor(turned, affine, source, tiny_harmonizer, InsertionParameters(seed=0))
+    assert first.record["parameters"]["axis"] == 0 and first.mask.sum() > 0
+    replay = InsertionParameters.from_dict(json.loads(json.dumps(first.record["parameters"])))
+    with pytest.warns(UserWarning, match="thickest voxel axis is 0"):
+        again = insert_tumor(turned, affine, source, tiny_harmonizer, replay)
+    assert np.array_equal(again.image, first.image) and np.array_equal(again.label, first.label)
+    with pytest.raises(SinganInsertError, match="along axis 2 but slices along axis 1"):
+        insert_tumor(turned, affine, source, tiny_harmonizer, InsertionParameters(axis=1))
 
 def test_default_axis_is_the_through_plane_axis():
     assert through_plane_axis((0.5, 0.5, 1.5)) == 2

@@ -59,9 +59,14 @@ Overlap with existing labels (``overlap``):
 
 ``"replace"`` (default)
     the tumor's voxels take ``label_value`` whatever they held: the image shows tumor there now.
+    Labelled voxels next to the tumor keep their label while the blend reaches into them, as it
+    reaches all of the tumor's surroundings. The record counts, per label value, the labelled
+    voxels the tumor took (``record["overlap"]``; ``None`` without a target label map).
 ``"keep"``
     existing non-zero labels win; the tumor is restricted to unlabelled voxels, in the image
-    and in the label alike (so the two always agree). An error is raised if nothing is left.
+    and in the label alike (so the two always agree): every labelled voxel keeps its image
+    value, also where the tumor's edge and the blend would reach it. An error is raised if
+    nothing is left.
 ``"error"``
     any overlap with a non-zero label raises :class:`~singan_insert.errors.SinganInsertError`.
 
@@ -471,10 +476,14 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
                 f"The target label has shape {target_label.shape} but the image {image.shape}; "
                 "they must be on the same voxel grid.")
         _check_target_label(target_label, params.label_value)
-    check_model_provenance(harmonizer, params.axis, modality)
     spacing = spacing_from_affine(affine)
-    axis = through_plane_axis(spacing) if params.axis is None else int(params.axis)
-    if params.axis is None and harmonizer.axis is not None and axis != int(harmonizer.axis):
+    natural_axis = through_plane_axis(spacing)
+    # An axis other than the model's is refused when asked for, except the target's own
+    # through-plane axis: the default takes that one with a warning, and a record of such an
+    # insertion, which holds the axis resolved, must replay (InsertionParameters.from_dict).
+    check_model_provenance(harmonizer, None if params.axis == natural_axis else params.axis, modality)
+    axis = natural_axis if params.axis is None else int(params.axis)
+    if axis == natural_axis and harmonizer.axis is not None and axis != int(harmonizer.axis):
         codes = orientation_codes(affine) if harmonizer.orientation else None  # here the model's, when known
         warnings.warn(_plane_mismatch(axis, int(harmonizer.axis), codes), stacklevel=3)
     seed = int(torch.randint(0, 2**31 - 1, ()).item()) if params.seed is None else int(params.seed)
@@ -493,9 +502,14 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     )
     box = pasted.slices
     mask_box = pasted.mask.copy()
+    overlap_record = None
     if target_label is not None:
         labelled = target_label[box] != 0
         overlapping = int(np.count_nonzero(labelled & mask_box))
+        values, counts = np.unique(target_label[box][labelled & mask_box], return_counts=True)
+        # What the tumor met of the existing labels: taken under "replace", left under "keep".
+        overlap_record = {"policy": params.overlap, "labelled_voxels": overlapping,
+                          "by_label": {str(v.item()): int(c) for v, c in zip(values, counts)}}
         if overlapping and params.overlap == "error":
             raise SinganInsertError(
                 f"The tumor overlaps {overlapping} labelled voxel(s) of the target label map "
@@ -647,6 +661,11 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     harmonized, clipped = _within_target_range(harmonized, crop_mask, target_quantiles[0], target_quantiles[-1])
     out = image.astype(work_dtype, copy=True)
     np.moveaxis(out[crop], axis, 0)[slice_indices] = harmonized  # basic slicing: views of `out`
+    if target_label is not None and params.overlap == "keep":
+        # The labelled structures keep their image too: the tumor's partial-volume edge and the
+        # blend reach past the mask, and would paint tumor over voxels still labelled as before.
+        kept = target_label[crop] != 0
+        out[crop][kept] = image[crop][kept]
     label_dtype = target_label.dtype if target_label is not None else default_label_dtype(params.label_value)
     new_label = np.zeros(image.shape, dtype=label_dtype) if target_label is None \
         else target_label.copy()
@@ -681,6 +700,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
             "clipped_to_target_range": clipped,
         },
         "appearance": appearance_record,
+        "overlap": overlap_record,
     }
     composite_volume = None
     if return_composite:
