@@ -2,7 +2,7 @@
 
 The main entry points::
 
-    from singan_insert import train_harmonizer, TrainingConfig, Harmonizer, insert_tumor
+    from singan_insert import train_harmonizer, TrainingConfig, Harmonizer, insert_tumor, Placement
     from singan_insert.integrations.torchio import RandomTumorInsertion
 
 The package is organised by concept (see the documentation's architecture page):
@@ -17,7 +17,7 @@ from singan_insert._version import __version__
 from singan_insert import _compat
 from singan_insert.errors import ModelFileError, SinganInsertError
 from singan_insert.harmonizer import Harmonizer, PercentileNormalization, PyramidGeometry, TrainingConfig, train_harmonizer
-from singan_insert.insertion import InsertionParameters, SourceTumor, insert_tumor
+from singan_insert.insertion import InsertionParameters, Placement, SourceTumor, insert_tumor
 
 _compat.install()
 
@@ -26,6 +26,7 @@ __all__ = [
     "InsertionParameters",
     "ModelFileError",
     "PercentileNormalization",
+    "Placement",
     "PyramidGeometry",
     "SinganInsertError",
     "SourceTumor",

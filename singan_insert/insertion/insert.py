@@ -393,7 +393,14 @@ def insert_tumor(
         placement = replace(placement, location=turn.point(placement.location))
     turned = replace(params, placement=placement, axis=None if params.axis is None else turn.axis(params.axis))
     arguments["target_label"] = None if target_label is None else turn.array(np.asarray(target_label))
-    result = _insert_tumor(turn.array(image), turn.affine(affine), source, harmonizer, turned, **arguments)
+    try:
+        result = _insert_tumor(turn.array(image), turn.affine(affine), source, harmonizer, turned, **arguments)
+    except SinganInsertError as error:
+        # Voxel indices, axes and shapes in the message are those of the reoriented target.
+        raise SinganInsertError(
+            f"{error} (Voxel indices, axes and shapes here are in the model's orientation, "
+            f"{codes}, in which the target was inserted: your target of shape {image.shape} is "
+            f"{orientation_codes(affine)}.)") from error
     return _turned_back(result, turn.inverse(), params.placement, orientation_codes(affine), codes)
 
 
