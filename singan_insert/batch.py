@@ -759,14 +759,14 @@ def check_same_inputs(out_dir: Path, case: Case) -> None:
 
 
 def _case_records(out_dir: Path, case: Case) -> list[tuple[int, Path]]:
-    """``(k, path)`` of every record ``<name>_aug<k>.json`` of ``case`` in ``out_dir``, by path."""
+    """``(k, path)`` of every record ``<name>_aug<k>.json`` of ``case`` in ``out_dir``, by ``k``."""
     import glob
     import re
 
     pattern = re.compile(rf"{re.escape(case.name)}_aug(\d+)\.json")
     found = ((pattern.fullmatch(path.name), path)
              for path in sorted(Path(out_dir).glob(f"{glob.escape(case.name)}_aug*.json")))
-    return [(int(match.group(1)), path) for match, path in found if match is not None]
+    return sorted((int(match.group(1)), path) for match, path in found if match is not None)
 
 
 def run_insert(args: argparse.Namespace) -> int:

@@ -350,7 +350,6 @@ def test_annotated_insertion_gives_the_tumor_b_rim(annotated_model):
     assert np.array_equal(replayed.image, with_rim.image)
 
 
-
 def test_a_tumor_moved_to_a_location_gets_no_rim_unless_asked(annotated_model):
     """Where the tumor grew (no location), the annotated rim; moved to a location, whose
     surroundings need not be the fluid space it comes from, none unless ``rim=True``."""
@@ -378,6 +377,7 @@ def test_a_tumor_moved_to_a_location_gets_no_rim_unless_asked(annotated_model):
     replayed = insert_tumor(target, subject.affine_b, source, annotated_model,
                             InsertionParameters.from_dict(forced.record["parameters"]))
     assert np.array_equal(replayed.image, forced.image)
+
 
 def test_rim_scale_follows_the_tumor_size():
     profile = TumorProfile(0.0, 0.0, 0.0, 0.0, 0.0, 1, rim_levels=(0.5, 0.1, 0.0), radius_mm=4.0)

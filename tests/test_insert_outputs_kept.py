@@ -184,7 +184,6 @@ def test_damaged_outputs_are_redone(model, data, tmp_path, capsys):
     assert outputs(out) == reference
 
 
-
 def test_outputs_beyond_a_smaller_num_made_otherwise_are_reported(model, data, tmp_path, capsys):
     out = tmp_path / "out"
     assert insert(model, "--data-root", str(data), "--out", str(out), "--num", "2") == 0
@@ -199,6 +198,7 @@ def test_outputs_beyond_a_smaller_num_made_otherwise_are_reported(model, data, t
     assert "left over: case_1 aug 1: made with other settings, inputs or model." in printed
     assert "left over: case_2 aug 1: made with other settings, inputs or model." in printed
     assert (out / "case_1_aug1_label.nii.gz").exists()  # reported, never deleted
+
 
 def test_outputs_keep_the_target_header(model, data, tmp_path):
     out = tmp_path / "out"

@@ -122,7 +122,6 @@ def test_the_same_anatomy_stored_otherwise_gets_the_same_tumor(oriented_model, c
     assert np.array_equal(replayed.image, result.image)
 
 
-
 def test_an_error_inside_a_reoriented_insertion_says_whose_voxels_it_names(oriented_model, case):
     source, target, _ = case
     stored, stored_affine, _ = stored_otherwise(target, AFFINE, (2, 0, 1), (False, True, True))
@@ -132,6 +131,7 @@ def test_an_error_inside_a_reoriented_insertion_says_whose_voxels_it_names(orien
     message = str(caught.value)
     assert "in the model's orientation, RAS" in message
     assert f"your target of shape {stored.shape} is {orientation_codes(stored_affine)}" in message
+
 
 def test_a_model_without_a_recorded_orientation_inserts_as_stored(tiny_harmonizer, case):
     source, target, _ = case

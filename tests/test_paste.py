@@ -299,7 +299,6 @@ def test_intensity_quantiles_keep_extremes_and_bound_cost():
     assert np.allclose(exact, approx, atol=0.02)
 
 
-
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_quantile_table_read_off_the_sorted_sample_is_numpys_to_the_last_bit(dtype):
     from singan_insert.insertion.placement import _sorted_quantiles
@@ -322,6 +321,7 @@ def test_whole_volume_extremes_by_either_path(dtype):
     read_only.flags.writeable = False  # numpy's path: torch would warn on it
     assert _min_max(read_only) == (float(values.min()), float(values.max()))
     assert _min_max(values[:, ::-1]) == (float(values.min()), float(values.max()))
+    assert _min_max(np.asfortranarray(values)) == (float(values.min()), float(values.max()))  # nibabel's order
     if np.issubdtype(dtype, np.floating):
         for bad in (np.nan, np.inf, -np.inf):
             spoilt = values.copy()

@@ -206,6 +206,8 @@ def test_overlap_policies(tiny_harmonizer, source, target):
     assert kept.record["overlap"]["policy"] == "keep" and kept.record["overlap"]["labelled_voxels"] == overlapped
     plain = insert_tumor(target, AFFINE, source, tiny_harmonizer, InsertionParameters(label_value=3))
     assert plain.record["overlap"] is None
+    boolean = insert_tumor(target, AFFINE, source, tiny_harmonizer, target_label=existing == 2)
+    assert boolean.record["overlap"]["by_label"] == {"1": overlapped}  # the value, not "True"
     with pytest.raises(SinganInsertError, match="overlaps"):
         insert_tumor(target, AFFINE, source, tiny_harmonizer, InsertionParameters(overlap="error"),
                      target_label=existing)
@@ -228,7 +230,6 @@ def test_model_provenance_is_checked_when_declared(tiny_harmonizer, source, targ
     assert result.record["parameters"]["axis"] == 2
 
 
-
 def test_an_insertion_across_another_plane_than_the_model_replays_from_its_record(tiny_harmonizer, source, target):
     """The default cuts the target's thickest axis with a warning when the model was trained on
     another; the record holds that axis, and must replay, while an axis that is neither stays refused."""
@@ -245,6 +246,7 @@ def test_an_insertion_across_another_plane_than_the_model_replays_from_its_recor
     assert np.array_equal(again.image, first.image) and np.array_equal(again.label, first.label)
     with pytest.raises(SinganInsertError, match="along axis 2 but slices along axis 1"):
         insert_tumor(turned, affine, source, tiny_harmonizer, InsertionParameters(axis=1))
+
 
 def test_default_axis_is_the_through_plane_axis():
     assert through_plane_axis((0.5, 0.5, 1.5)) == 2

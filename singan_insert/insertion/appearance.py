@@ -485,15 +485,14 @@ def inject_texture(
     full_shape = np.shape(harmonized)
     inside = np.asarray(mask_slices) > 0
     surroundings = np.asarray(surroundings, dtype=bool)
-    # Drawn over the whole crop, as before the box below: the same noise, so the same outputs.
+    # Drawn (and filtered, below) over the whole crop, as before the box: the same noise.
     white = np.random.default_rng(seed).standard_normal(full_shape)
-    # Everything below reads the tumor and its rim only: work on their in-plane bounding box with
-    # a margin of every filter's reach, which gives the same values there as the whole crop (a
-    # clinical crop is several times the box) and keeps the crop's own edges where they reach.
-    widest = MAX_TEXTURE_WIDTH_PX if in_plane_width is None else max(float(in_plane_width), MAX_TEXTURE_WIDTH_PX)
-    box = support_box(inside | surroundings, _filter_reach(highpass_sigma) + _filter_reach(widest))
+    # The measurements below read the tumor and its rim only: on their in-plane bounding box with
+    # the high-pass filter's reach they give the same values as on the whole crop (a clinical
+    # crop is several times the box), keeping the crop's own edges where they reach.
+    box = inplane_box(inside | surroundings, _filter_reach(highpass_sigma))
     full, harmonized = harmonized, np.asarray(harmonized)[box]
-    background, inside, surroundings, white = (np.asarray(a)[box] for a in (background, inside, surroundings, white))
+    background, inside, surroundings = (np.asarray(a)[box] for a in (background, inside, surroundings))
     texture = highpass(background, highpass_sigma)
     if target_std is None:
         target_std = robust_std(texture[surroundings]) if surroundings.any() else 0.0
@@ -516,11 +515,13 @@ def inject_texture(
     info: dict[str, Any] = {"target_std": target_std, "tumor_std": tumor_std, "highpass_sigma_px": highpass_sigma,
                             "width_through_plane_px": widths[0], "width_in_plane_px": widths[1]}
     if added > 0:
-        noise = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"), highpass_sigma)
-        # Scaled to unit sd over the tumor, but never by more than twice the noise field's own sd
-        # (over the box): over a few voxels (a tumor of one voxel: sd 0) the sample sd says
-        # nothing of the field's, and dividing by it would multiply the noise without bound.
-        noise /= max(float(noise[inside].std()), 0.5 * float(noise.std()), 1e-12)
+        # Filtered over the whole crop: the field's own sd below is the crop's, as before the box.
+        field = highpass(gaussian_filter(white, (widths[0], widths[1], widths[1]), mode="reflect"), highpass_sigma)
+        noise = field[box]
+        # Scaled to unit sd over the tumor, but never by more than twice the noise field's own sd:
+        # over a few voxels (a tumor of one voxel: sd 0) the sample sd says nothing of the
+        # field's, and dividing by it would multiply the noise without bound.
+        noise /= max(float(noise[inside].std()), 0.5 * float(field.std()), 1e-12)
         tumor = out[box]  # a view: basic slicing
         tumor[inside] = (tumor[inside] + added * noise[inside]).astype(out.dtype)
     info["added_std"] = added
@@ -532,14 +533,17 @@ def _filter_reach(sigma_px: float) -> int:
     return int(4.0 * float(sigma_px) + 0.5)
 
 
-def support_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Every slice, and the in-plane bounding box of ``region`` (``(S, H, W)``) grown by ``margin``
-    px and cut to the array."""
-    rows, columns = np.nonzero(region.any(axis=(0, 2)))[0], np.nonzero(region.any(axis=(0, 1)))[0]
-    if rows.size == 0:
+def inplane_box(region: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Every slice, and the in-plane bounding box of ``region`` (``(S, H, W)``,
+    :func:`~singan_insert.harmonizer.model.support_box`) grown by ``margin`` px and cut to the
+    array; everything when ``region`` is empty."""
+    from singan_insert.harmonizer.model import support_box
+
+    box = support_box(np.asarray(region, dtype=bool))
+    if box is None:
         return (slice(None),) * 3
-    return (slice(None), slice(max(int(rows[0]) - margin, 0), int(rows[-1]) + margin + 1),
-            slice(max(int(columns[0]) - margin, 0), int(columns[-1]) + margin + 1))
+    top, bottom, left, right = box
+    return (slice(None), slice(max(top - margin, 0), bottom + margin), slice(max(left - margin, 0), right + margin))
 
 
 class TextureBank:
@@ -582,7 +586,7 @@ class TextureBank:
         half = self.patch_size // 2
         # Only the region's bounding box is read (with the patch's and the filter's reach: the
         # same patches as from the whole slices).
-        box = support_box(np.asarray(region, bool), half + _filter_reach(1.0))
+        box = inplane_box(np.asarray(region, bool), half + _filter_reach(1.0))
         slices, region = np.asarray(slices)[box], np.asarray(region)[box]
         low = gaussian_filter(np.asarray(slices, dtype=np.float64), (0, 1.0, 1.0), mode="reflect")
         patches = F.unfold(torch.from_numpy(low.astype(np.float32))[:, None], self.patch_size)

@@ -97,7 +97,7 @@ from singan_insert.insertion.appearance import (
     inplane_distance,
     partial_volume,
     spread_outward,
-    support_box,
+    inplane_box,
     choose_level,
     inject_texture,
     masked_lowpass,
@@ -365,7 +365,8 @@ def insert_tumor(
         parameters: see :class:`InsertionParameters` (default: all defaults).
         target_label: existing label map on the target grid, or ``None`` for an empty one.
         modality: the target's modality, checked against the model's when both are known.
-            The axis is checked likewise when ``parameters.axis`` is given.
+            The axis is checked likewise when ``parameters.axis`` is given (the target's own
+            through-plane axis, which the default takes, only warns: a record replays).
         normalization: intensity normalisation of the target; default: fitted on the volume.
         return_composite: also return the naive paste (the composite before harmonization).
 
@@ -396,11 +397,16 @@ def insert_tumor(
     try:
         result = _insert_tumor(turn.array(image), turn.affine(affine), source, harmonizer, turned, **arguments)
     except SinganInsertError as error:
+        if not any(word in str(error) for word in ("voxel", "shape", "axis")):
+            raise
         # Voxel indices, axes and shapes in the message are those of the reoriented target.
-        raise SinganInsertError(
-            f"{error} (Voxel indices, axes and shapes here are in the model's orientation, "
-            f"{codes}, in which the target was inserted: your target of shape {image.shape} is "
-            f"{orientation_codes(affine)}.)") from error
+        note = (f" (Voxel indices, axes and shapes here are in the model's orientation, {codes}, in which "
+                f"the target was inserted: your target of shape {image.shape} is {orientation_codes(affine)}.)")
+        try:
+            noted = type(error)(f"{error}{note}")
+        except TypeError:  # a subclass with another constructor
+            noted = SinganInsertError(f"{error}{note}")
+        raise noted from error
     return _turned_back(result, turn.inverse(), params.placement, orientation_codes(affine), codes)
 
 
@@ -516,7 +522,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
         values, counts = np.unique(target_label[box][labelled & mask_box], return_counts=True)
         # What the tumor met of the existing labels: taken under "replace", left under "keep".
         overlap_record = {"policy": params.overlap, "labelled_voxels": overlapping,
-                          "by_label": {str(v.item()): int(c) for v, c in zip(values, counts)}}
+                          "by_label": {_label_name(v): int(c) for v, c in zip(values, counts)}}
         if overlapping and params.overlap == "error":
             raise SinganInsertError(
                 f"The tumor overlaps {overlapping} labelled voxel(s) of the target label map "
@@ -604,7 +610,7 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     composite_crop, composite = composite_of(mapped)
     if appearance == "auto":
         # The tumor's values spread only where its edge reaches (a clinical crop is mostly context).
-        near = support_box(fraction > 0, 0)
+        near = inplane_box(fraction > 0, 0)
         spread = composite.copy()
         spread[near] = spread_outward(composite[near], crop_mask[near])
         composite = background + fraction * (spread - background)
@@ -713,6 +719,8 @@ def _insert_tumor(target_image, target_affine, source, harmonizer, parameters, *
     if return_composite:
         composite_volume = image.astype(work_dtype, copy=True)
         composite_volume[crop] = composite_crop
+        if target_label is not None and params.overlap == "keep":
+            composite_volume[crop][kept] = image[crop][kept]  # as in the image
     return InsertionResult(image=out, label=new_label, mask=full_mask, record=record,
                            composite=composite_volume)
 
@@ -860,6 +868,12 @@ def _automatic_level(mapped, composite_of, smoothed, background, mask, shell, pl
     factor = None if not math.isfinite(factor) else factor
     record.update({"lambda": factor, "structure_gain": gain, "level": level, "surroundings": surroundings})
     return out.astype(np.float32), record
+
+
+def _label_name(value: np.generic) -> str:
+    """A label value as the record's key: ``"2"`` whether the map holds integers, floats or bools."""
+    number = float(value)
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def _warn_unannotated(harmonizer: Harmonizer) -> None:

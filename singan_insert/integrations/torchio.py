@@ -220,9 +220,12 @@ class TumorInsertion(Transform):
             other than 1 is then refused, as it would do nothing) or ``"fixed"`` (the paper's method: the given :math:`\lambda`).
         texture, rim, rim_scale, harmonize_tumor: the automatic appearance's parts
             (:class:`~singan_insert.insertion.insert.InsertionParameters`); ``None``: their
-            defaults (with an annotated model: B's texture, B's rim scaled to the tumor's size,
-            the tumor kept through harmonization). ``rim=False`` keeps the target's own
-            surroundings, e.g. when it already shows B's cleft around the site.
+            defaults (with an annotated model: B's texture, B's rim scaled to the tumor's size
+            for a tumor left where it is but none for one moved to a ``location`` or a region's
+            voxel, the tumor kept through harmonization). ``rim=True`` gives a moved tumor the
+            rim where the region holds only the fluid spaces such tumors grow in; ``rim=False``
+            keeps the target's own surroundings, e.g. when it already shows B's cleft around
+            the site.
         intensity_mode: ``"normalized"`` or ``"matched"``.
         label_key: name of the label map that receives the tumor (see above).
         label_value: value written for the tumor, an integer >= 1.
