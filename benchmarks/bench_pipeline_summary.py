@@ -4,7 +4,7 @@ One ``bench_pipeline`` run (a pipeline seed and a pix2pix seed) moves each metho
 0.03-0.05 from another (benchmarks page), so a per-run verdict ("ours closes half the naive ->
 oracle gap, with the CI of ours - naive above 0") is as much the run's noise as the method's.
 This script reads the results JSON of several runs (default: the final code's
-``bench_pipeline_final_seed0/1/2/3``) and reports, without training anything:
+``bench_pipeline_final_seed0/1/2/3/4``) and reports, without training anything:
 
 * per run (pipeline seed x pix2pix seed): every row's mean Dice, ours - naive and ours - GBA
   with the run's own 95 % paired bootstrap CI, the oracle's gain, the share of the gap closed,
@@ -33,7 +33,7 @@ from _common import RESULTS, machine, table, write_results  # noqa: E402
 from bench_pipeline import BASELINE_MARGIN_TARGET, GAP_FRACTION_TARGET  # noqa: E402
 
 DEFAULT_RUNS = ("bench_pipeline_final_seed0", "bench_pipeline_final_seed1", "bench_pipeline_final_seed2",
-                "bench_pipeline_final_seed3")
+                "bench_pipeline_final_seed3", "bench_pipeline_final_seed4")
 RESAMPLES = 10000
 METHODS = ("baseline", "naive", "ours", "oracle", "gba")
 #: The pooled differences: name -> (a, b) for a - b.
