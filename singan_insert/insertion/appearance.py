@@ -180,8 +180,7 @@ class PatchBank:
         """:math:`S` per candidate: ``images`` ``(K, S, H, W)`` at the model's pixel size, ``region`` ``(S, H, W)``."""
         total = torch.zeros(images.shape[0])
         for bank, patches in self._query_patches(images, region):
-            distance = torch.cdist(patches, bank[None].expand(patches.shape[0], -1, -1))
-            total += distance.min(dim=2).values.mean(dim=1)
+            total += _nearest_distance(patches, bank)
         return total
 
     def score_and_visibility(self, images: torch.Tensor, region: torch.Tensor,
@@ -194,8 +193,7 @@ class PatchBank:
         score, visibility = torch.zeros(images.shape[0]), torch.zeros(images.shape[0])
         for bank, patches in self._query_patches(stacked, region):
             candidates, without = patches[:-1], patches[-1:]
-            distance = torch.cdist(candidates, bank[None].expand(candidates.shape[0], -1, -1))
-            score += distance.min(dim=2).values.mean(dim=1)
+            score += _nearest_distance(candidates, bank)
             visibility += (candidates - without).norm(dim=2).mean(dim=1)
         return score, visibility
 
@@ -227,6 +225,12 @@ class PatchBank:
             patches = F.unfold(shrunk, self.patch_size)  # (K*S, P, L)
             patches = patches.reshape(candidates, slices, patches.shape[1], -1)
             yield bank, patches.permute(0, 1, 3, 2).reshape(candidates, -1, patches.shape[2])[:, index]
+
+
+def _nearest_distance(patches: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Per candidate, the mean over its ``(K, Q, P)`` patches of the distance to the nearest bank patch."""
+    distance = torch.cdist(patches, bank[None].expand(patches.shape[0], -1, -1))
+    return distance.min(dim=2).values.mean(dim=1)
 
 
 class AmbiguousLevelWarning(UserWarning):

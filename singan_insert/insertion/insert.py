@@ -397,9 +397,7 @@ def insert_tumor(
     try:
         result = _insert_tumor(turn.array(image), turn.affine(affine), source, harmonizer, turned, **arguments)
     except SinganInsertError as error:
-        if not any(word in str(error) for word in ("voxel", "shape", "axis")):
-            raise
-        # Voxel indices, axes and shapes in the message are those of the reoriented target.
+        # Any voxel indices, axes and shapes in the message are those of the reoriented target.
         note = (f" (Voxel indices, axes and shapes here are in the model's orientation, {codes}, in which "
                 f"the target was inserted: your target of shape {image.shape} is {orientation_codes(affine)}.)")
         try:

@@ -188,8 +188,7 @@ class OnlineInsertionSettings:
         return InsertionParameters(
             intensity_mode=self.intensity_mode, appearance=self.appearance, label_value=int(self.label_value),
             context_mm=float(self.context_mm), overlap=self.overlap,
-            border_margin=int(self.border_margin),
-            rim=self.rim)
+            border_margin=int(self.border_margin), rim=self.rim)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
